@@ -1,0 +1,350 @@
+"""One frozen settings tree for the whole worker (pydantic-settings).
+
+Environment variables are prefixed ``SPACE_`` and nest with ``__``:
+``SPACE_KAFKA__BOOTSTRAP_SERVERS``, ``SPACE_BATCHING__MAX_WAIT_MS``. Secrets are ``SecretStr`` and
+can come from files (``SPACE_SECRETS_DIR`` or ``/run/secrets/space``), an optional TOML/JSON config
+file is read from ``SPACE_CONFIG_FILE``. Every knob has a default that works against the embedded
+stack (``space stack up``). :func:`load_settings` turns a validation error into one line naming the
+variable, so a bad value stops the program before anything connects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from worker.errors import ConfigError
+
+ENV_PREFIX = "SPACE_"
+ENV_NESTED_DELIMITER = "__"
+DEFAULT_SECRETS_DIR = "/run/secrets/space"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class KafkaSettings(_Section):
+    """Broker connection, topics, consumer-group behavior and client security."""
+
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Comma-separated host:port list.")
+    client_id: str = Field("space-worker", description="Kafka client id prefix.")
+    group_id: str = Field("space-workers", description="Consumer group shared by all worker pods.")
+    requests_topic: str = Field("inspection.requests", description="Input topic (key = camera id).")
+    results_topic: str = Field("inspection.results", description="One result per request.")
+    alerts_topic: str = Field("inspection.alerts", description="Copy of anomalous results.")
+    dlq_topic: str = Field("inspection.dlq", description="Dead letters with error-* headers.")
+    auto_offset_reset: Literal["earliest", "latest"] = Field(
+        "earliest", description="Where a new group starts; earliest never skips images."
+    )
+    session_timeout_ms: int = Field(10_000, ge=1_000, le=300_000, description="Group session timeout.")
+    heartbeat_interval_ms: int = Field(1_000, ge=100, le=60_000, description="Group heartbeat interval.")
+    max_poll_interval_ms: int = Field(300_000, ge=5_000, description="Eviction deadline between polls.")
+    max_poll_records: int = Field(256, ge=1, le=10_000, description="Records per poll() call.")
+    poll_timeout_ms: int = Field(100, ge=1, le=5_000, description="How long one poll() blocks.")
+    max_partition_fetch_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Per-partition fetch cap.")
+    fetch_max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Per-fetch cap.")
+    max_request_size: int = Field(16 * 1024 * 1024, ge=1024, description="Producer request cap (inline images).")
+    compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        "none", description="Producer compression for results and dead letters."
+    )
+    linger_ms: int = Field(5, ge=0, le=1_000, description="Producer linger to batch results.")
+    delivery_timeout_ms: int = Field(30_000, ge=1_000, description="Producer delivery timeout.")
+    commit_interval_ms: int = Field(1_000, ge=10, le=60_000, description="How often acked offsets commit.")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    ssl_password: SecretStr | None = None
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _check_bootstrap(cls, value: str) -> str:
+        servers = [s.strip() for s in value.split(",") if s.strip()]
+        if not servers:
+            raise ValueError("must list at least one host:port")
+        for server in servers:
+            host, sep, port = server.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{server!r} is not host:port")
+        return ",".join(servers)
+
+    @model_validator(mode="after")
+    def _check_security(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL"):
+            if self.sasl_mechanism is None:
+                raise ValueError("sasl_mechanism is required when security_protocol is SASL_*")
+            if not self.sasl_username or self.sasl_password is None:
+                raise ValueError("sasl_username and sasl_password are required for SASL")
+        return self
+
+    def client_kwargs(self) -> dict[str, Any]:
+        """Connection and security arguments shared by kafka-python consumers, producers and admins."""
+        kwargs: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers.split(","),
+            "security_protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            kwargs["sasl_mechanism"] = self.sasl_mechanism
+            kwargs["sasl_plain_username"] = self.sasl_username
+            kwargs["sasl_plain_password"] = self.sasl_password.get_secret_value() if self.sasl_password else None
+        if self.security_protocol.endswith("SSL"):
+            if self.ssl_cafile:
+                kwargs["ssl_cafile"] = str(self.ssl_cafile)
+            if self.ssl_certfile:
+                kwargs["ssl_certfile"] = str(self.ssl_certfile)
+            if self.ssl_keyfile:
+                kwargs["ssl_keyfile"] = str(self.ssl_keyfile)
+            if self.ssl_password:
+                kwargs["ssl_password"] = self.ssl_password.get_secret_value()
+        return kwargs
+
+
+class RedisSettings(_Section):
+    """Where thresholds (and the model registry's pointers) live."""
+
+    url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL, no password in it.")
+    username: str | None = Field(None, description="ACL user (Redis 6+).")
+    password: SecretStr | None = Field(None, description="AUTH password; prefer a secret file.")
+    ssl_ca_certs: Path | None = Field(None, description="CA bundle for rediss://.")
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    socket_timeout_ms: int = Field(250, ge=10, le=30_000, description="Per-command timeout; bounds added latency.")
+    key_prefix: str = Field("space", min_length=1, description="Prefix of every key and channel.")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        if "@" in value.split("//", 1)[1].split("/", 1)[0]:
+            raise ValueError("put credentials in SPACE_REDIS__USERNAME/PASSWORD, not in the URL")
+        return value
+
+
+class BatchingSettings(_Section):
+    """Dynamic batcher: a batch leaves when full or when its oldest image waited ``max_wait_ms``."""
+
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Images per model call.")
+    max_wait_ms: float = Field(20.0, ge=0, le=10_000, description="Longest wait of the oldest queued image.")
+    max_queue_images: int = Field(256, ge=1, description="Bound of each (line, model version) queue.")
+    max_inflight_images: int = Field(512, ge=1, description="Polled but not yet acknowledged images (pause above).")
+    max_inflight_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="Bytes held for in-flight images.")
+    resume_fraction: float = Field(0.5, gt=0, lt=1, description="Resume partitions below this share of the caps.")
+    deadline_ms: float | None = Field(None, gt=0, description="Default per-image deadline after capture.")
+    late_policy: Literal["process", "dead_letter"] = Field(
+        "process", description="Late images: infer anyway (flagged late) or dead-letter them."
+    )
+
+
+class DecodeSettings(_Section):
+    """Image decoding and input guards (decompression bombs, claim-check sources)."""
+
+    workers: int = Field(2, ge=1, le=64, description="Decode threads (OpenCV releases the GIL).")
+    max_pixels: int = Field(40_000_000, ge=1, description="Refuse images larger than this before decoding.")
+    max_value_bytes: int = Field(32 * 1024 * 1024, ge=1, description="Refuse record values larger than this.")
+    claim_check_schemes: tuple[str, ...] = Field(("s3",), description="Allowed claim-check URI schemes.")
+    claim_check_buckets: tuple[str, ...] = Field((), description="Allowed S3 buckets; empty allows any.")
+    claim_check_file_root: Path | None = Field(
+        None, description="If set, file:// claim checks are allowed only under this directory."
+    )
+    fetch_timeout_ms: int = Field(5_000, ge=10, description="Claim-check download timeout.")
+
+
+class ModelSettings(_Section):
+    """Model registry and runtime options."""
+
+    root: str = Field(".space/models", description="Registry root: a directory or s3://bucket/prefix.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Inference precision (autocast).")
+    channels_last: bool = Field(True, description="NHWC memory format for the convolutions.")
+    max_loaded: int = Field(4, ge=1, le=64, description="Models kept in memory (LRU).")
+    refresh_interval_s: float = Field(5.0, gt=0, le=3_600, description="How often active versions are checked.")
+    warmup: bool = Field(True, description="Run a warm-up batch before serving a model.")
+    threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads (default: torch's).")
+
+
+class HeatmapSettings(_Section):
+    """Where anomaly maps go and which results get one."""
+
+    store_uri: str = Field("file://.space/heatmaps", description="file://DIR or s3://bucket/prefix.")
+    policy: Literal["all", "anomalous", "none"] = Field("all", description="Which results store a heatmap.")
+    overlay: bool = Field(False, description="Also store a color overlay JPEG.")
+    retries: int = Field(3, ge=0, le=10, description="Attempts after the first failure.")
+    backoff_ms: float = Field(50.0, ge=0, le=10_000, description="First retry delay, doubled each time.")
+
+    @field_validator("store_uri")
+    @classmethod
+    def _check_uri(cls, value: str) -> str:
+        if not value.startswith(("file://", "s3://")):
+            raise ValueError("must start with file:// or s3://")
+        return value
+
+
+class S3Settings(_Section):
+    """S3 or S3-compatible object storage (MinIO) for claim checks, heatmaps and models."""
+
+    endpoint_url: str | None = Field(None, description="Custom endpoint (MinIO, moto); None = AWS.")
+    region: str = "us-east-1"
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+
+
+class ThresholdSettings(_Section):
+    """Per-line threshold cache."""
+
+    cache_ttl_s: float = Field(30.0, gt=0, le=86_400, description="Re-read a cached threshold after this.")
+    history_max: int = Field(1_000, ge=1, le=1_000_000, description="Entries kept per line's history.")
+
+
+class HttpSettings(_Section):
+    """/metrics, /healthz, /readyz."""
+
+    host: str = "0.0.0.0"  # noqa: S104 - pods expose probes on all interfaces
+    port: int = Field(8080, ge=0, le=65_535, description="0 picks a free port.")
+    enabled: bool = True
+    healthy_after_s: float = Field(30.0, gt=0, description="/healthz fails when a loop stalls this long.")
+
+
+class LogSettings(_Section):
+    """structlog output."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    format: Literal["auto", "json", "console"] = Field("auto", description="auto = console on a TTY, else JSON.")
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class WorkerSettings(_Section):
+    """Identity and lifecycle of one worker process."""
+
+    id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", description="Worker id.")
+    shutdown_grace_s: float = Field(25.0, gt=0, le=3_600, description="SIGTERM drain budget.")
+    state_dir: Path = Field(Path(".space"), description="Local state (stack, heatmaps, heartbeat).")
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Build it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        frozen=True,
+        extra="forbid",
+        case_sensitive=False,
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    redis: RedisSettings = RedisSettings()
+    batching: BatchingSettings = BatchingSettings()
+    decode: DecodeSettings = DecodeSettings()
+    models: ModelSettings = ModelSettings()
+    heatmaps: HeatmapSettings = HeatmapSettings()
+    s3: S3Settings = S3Settings()
+    thresholds: ThresholdSettings = ThresholdSettings()
+    http: HttpSettings = HttpSettings()
+    log: LogSettings = LogSettings()
+    worker: WorkerSettings = WorkerSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: explicit arguments > environment > secret files > config file.
+        return (init_settings, env_settings, _SecretFilesSource(settings_cls), _ConfigFileSource(settings_cls))
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as plain data with every secret shown as ``**********``."""
+        return json.loads(self.model_dump_json())
+
+
+class _ConfigFileSource(PydanticBaseSettingsSource):
+    """Reads ``SPACE_CONFIG_FILE`` (TOML or JSON) when set."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get(f"{ENV_PREFIX}CONFIG_FILE")
+        if not path:
+            return {}
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"{ENV_PREFIX}CONFIG_FILE: {path} does not exist")
+        text = file.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text) if file.suffix == ".json" else tomllib.loads(text)
+        except (ValueError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{ENV_PREFIX}CONFIG_FILE: {path} is not valid: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{ENV_PREFIX}CONFIG_FILE: {path} must hold a table of sections")
+        return data
+
+
+class _SecretFilesSource(PydanticBaseSettingsSource):
+    """Secret files named like the variables: ``<dir>/kafka__sasl_password`` (Kubernetes secret mounts).
+
+    The directory is ``SPACE_SECRETS_DIR`` (default ``/run/secrets/space``). File names are matched
+    case-insensitively, with or without the ``SPACE_`` prefix; trailing newlines are stripped.
+    """
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        directory = Path(os.environ.get(f"{ENV_PREFIX}SECRETS_DIR", DEFAULT_SECRETS_DIR))
+        if not directory.is_dir():
+            return {}
+        data: dict[str, Any] = {}
+        for file in sorted(directory.iterdir()):
+            if not file.is_file():
+                continue
+            name = file.name.lower().removeprefix(ENV_PREFIX.lower())
+            parts = name.split(ENV_NESTED_DELIMITER)
+            if len(parts) != 2:
+                continue
+            section, key = parts
+            data.setdefault(section, {})[key] = file.read_text(encoding="utf-8").rstrip("\r\n")
+        return data
+
+
+def env_name(loc: tuple[int | str, ...]) -> str:
+    """The environment variable for a validation error location, e.g. ``SPACE_KAFKA__BOOTSTRAP_SERVERS``."""
+    parts = [str(p) for p in loc if not isinstance(p, int)]
+    return ENV_PREFIX + ENV_NESTED_DELIMITER.join(parts).upper()
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings or raise :class:`ConfigError` with one line naming the variable and reason."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = tuple(first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        value = first.get("input")
+        shown = "" if isinstance(value, dict) or "password" in str(loc) or "secret" in str(loc) else f" (got {value!r})"
+        more = f"; and {len(exc.errors()) - 1} more" if len(exc.errors()) > 1 else ""
+        raise ConfigError(f"{env_name(loc)}: {message}{shown}{more}") from None
