@@ -60,7 +60,8 @@ class KafkaSettings(_Section):
         "none", description="Producer compression for results and dead letters."
     )
     linger_ms: int = Field(5, ge=0, le=1_000, description="Producer linger to batch results.")
-    delivery_timeout_ms: int = Field(30_000, ge=1_000, description="Producer delivery timeout.")
+    request_timeout_ms: int = Field(30_000, ge=1_000, description="Client request timeout.")
+    delivery_timeout_ms: int = Field(120_000, ge=1_000, description="Producer delivery timeout (> linger + request).")
     commit_interval_ms: int = Field(1_000, ge=10, le=60_000, description="How often acked offsets commit.")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
@@ -85,6 +86,8 @@ class KafkaSettings(_Section):
 
     @model_validator(mode="after")
     def _check_security(self) -> KafkaSettings:
+        if self.delivery_timeout_ms <= self.linger_ms + self.request_timeout_ms:
+            raise ValueError("delivery_timeout_ms must exceed linger_ms + request_timeout_ms")
         if self.security_protocol.startswith("SASL"):
             if self.sasl_mechanism is None:
                 raise ValueError("sasl_mechanism is required when security_protocol is SASL_*")
@@ -124,6 +127,12 @@ class RedisSettings(_Section):
     ssl_certfile: Path | None = None
     ssl_keyfile: Path | None = None
     socket_timeout_ms: int = Field(250, ge=10, le=30_000, description="Per-command timeout; bounds added latency.")
+    health_check_interval_s: int = Field(
+        10, ge=0, le=3_600, description="PING a connection idle this long before reuse (0 = never)."
+    )
+    retries: int = Field(
+        1, ge=0, le=10, description="Retries of a command after a connection error or timeout (each adds latency)."
+    )
     key_prefix: str = Field("space", min_length=1, description="Prefix of every key and channel.")
 
     @field_validator("url")
@@ -209,6 +218,14 @@ class ThresholdSettings(_Section):
 
     cache_ttl_s: float = Field(30.0, gt=0, le=86_400, description="Re-read a cached threshold after this.")
     history_max: int = Field(1_000, ge=1, le=1_000_000, description="Entries kept per line's history.")
+    retry_interval_s: float = Field(
+        1.0, gt=0, le=600, description="After a failed Redis read, serve last-known-good this long before retrying."
+    )
+    watch_backoff_max_s: float = Field(
+        5.0, gt=0, le=600, description="Longest wait between reconnects of the pub/sub invalidation watcher."
+    )
+    min_value: float | None = Field(None, description="Lowest threshold `space thresholds set` accepts without --force.")
+    max_value: float | None = Field(None, description="Highest threshold `space thresholds set` accepts without --force.")
 
 
 class HttpSettings(_Section):

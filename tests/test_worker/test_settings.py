@@ -1,0 +1,95 @@
+"""Settings: one frozen tree, env nesting, secret files, one-line errors naming the variable."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from worker.errors import ConfigError
+from worker.settings import load_settings
+
+
+def test_defaults_work_for_the_embedded_stack() -> None:
+    settings = load_settings()
+    assert settings.kafka.bootstrap_servers == "127.0.0.1:9092"
+    assert settings.kafka.auto_offset_reset == "earliest"
+    assert settings.batching.max_batch_size >= 1
+
+
+def test_env_nesting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPACE_BATCHING__MAX_WAIT_MS", "7.5")
+    monkeypatch.setenv("SPACE_KAFKA__BOOTSTRAP_SERVERS", "a:1, b:2")
+    settings = load_settings()
+    assert settings.batching.max_wait_ms == 7.5
+    assert settings.kafka.bootstrap_servers == "a:1,b:2"
+
+
+def test_settings_are_frozen() -> None:
+    settings = load_settings()
+    with pytest.raises(ValidationError):
+        settings.batching.max_batch_size = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "needle"),
+    [
+        ("SPACE_KAFKA__BOOTSTRAP_SERVERS", "", "SPACE_KAFKA__BOOTSTRAP_SERVERS: must list at least one host:port"),
+        ("SPACE_KAFKA__BOOTSTRAP_SERVERS", "nohost", "SPACE_KAFKA__BOOTSTRAP_SERVERS: 'nohost' is not host:port"),
+        ("SPACE_LOG__LEVEL", "loud", "SPACE_LOG__LEVEL:"),
+        ("SPACE_BATCHING__MAX_BATCH_SIZE", "0", "SPACE_BATCHING__MAX_BATCH_SIZE:"),
+        ("SPACE_REDIS__URL", "http://x", "SPACE_REDIS__URL: must start with redis://"),
+        ("SPACE_HEATMAPS__STORE_URI", "/tmp/x", "SPACE_HEATMAPS__STORE_URI: must start with file:// or s3://"),
+    ],
+)
+def test_bad_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str, needle: str) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert needle in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_secret_files_and_redaction(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "kafka__sasl_password").write_text("hunter2-secret\n")
+    monkeypatch.setenv("SPACE_SECRETS_DIR", str(tmp_path))
+    monkeypatch.setenv("SPACE_KAFKA__SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("SPACE_KAFKA__SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("SPACE_KAFKA__SASL_USERNAME", "svc")
+    settings = load_settings()
+    assert settings.kafka.sasl_password is not None
+    assert settings.kafka.sasl_password.get_secret_value() == "hunter2-secret"
+    kwargs = settings.kafka.client_kwargs()
+    assert kwargs["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert kwargs["sasl_plain_password"] == "hunter2-secret"
+    assert "hunter2" not in str(settings.redacted())
+    assert "hunter2" not in repr(settings)
+
+
+def test_sasl_without_credentials_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPACE_KAFKA__SECURITY_PROTOCOL", "SASL_PLAINTEXT")
+    with pytest.raises(ConfigError, match="SPACE_KAFKA: sasl_mechanism is required"):
+        load_settings()
+
+
+def test_config_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    file = tmp_path / "space.toml"
+    file.write_text('[batching]\nmax_batch_size = 7\n[kafka]\ngroup_id = "line-7"\n')
+    monkeypatch.setenv("SPACE_CONFIG_FILE", str(file))
+    monkeypatch.setenv("SPACE_KAFKA__GROUP_ID", "from-env")
+    settings = load_settings()
+    assert settings.batching.max_batch_size == 7
+    assert settings.kafka.group_id == "from-env"  # the environment wins over the file
+
+
+def test_cli_stops_with_one_line_on_bad_setting() -> None:
+    env = {"SPACE_KAFKA__BOOTSTRAP_SERVERS": "", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "worker", "stack", "status"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines == ["space: error: SPACE_KAFKA__BOOTSTRAP_SERVERS: must list at least one host:port (got '')"]

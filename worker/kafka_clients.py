@@ -1,0 +1,87 @@
+"""kafka-python consumer, producer and admin factories built from :class:`KafkaSettings`.
+
+The consumer commits manually (at-least-once), uses the cooperative-sticky assignor so that adding a
+pod moves only the partitions it takes, and keeps ``max_poll_interval_ms`` independent of model time
+(the poll loop never waits for inference). The producer is idempotent with ``acks=all``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+from kafka.errors import TopicAlreadyExistsError
+
+from worker.settings import KafkaSettings
+
+
+def make_consumer(settings: KafkaSettings, *, client_id: str | None = None, **overrides: Any) -> KafkaConsumer:
+    """A group consumer of raw bytes with manual commits and the cooperative-sticky assignor."""
+    kwargs: dict[str, Any] = {
+        **settings.client_kwargs(),
+        "client_id": client_id or settings.client_id,
+        "group_id": settings.group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": settings.auto_offset_reset,
+        "session_timeout_ms": settings.session_timeout_ms,
+        "heartbeat_interval_ms": settings.heartbeat_interval_ms,
+        "max_poll_interval_ms": settings.max_poll_interval_ms,
+        "max_poll_records": settings.max_poll_records,
+        "max_partition_fetch_bytes": settings.max_partition_fetch_bytes,
+        "fetch_max_bytes": settings.fetch_max_bytes,
+        "partition_assignment_strategy": [CooperativeStickyAssignor()],
+    }
+    kwargs.update(overrides)
+    return KafkaConsumer(**kwargs)
+
+
+def make_producer(settings: KafkaSettings, *, client_id: str | None = None, **overrides: Any) -> KafkaProducer:
+    """An idempotent producer (acks=all) sized for inline images."""
+    kwargs: dict[str, Any] = {
+        **settings.client_kwargs(),
+        "client_id": client_id or settings.client_id,
+        "acks": "all",
+        "enable_idempotence": True,
+        "linger_ms": settings.linger_ms,
+        "max_request_size": settings.max_request_size,
+        "delivery_timeout_ms": settings.delivery_timeout_ms,
+        "request_timeout_ms": settings.request_timeout_ms,
+        "compression_type": None if settings.compression_type == "none" else settings.compression_type,
+    }
+    kwargs.update(overrides)
+    return KafkaProducer(**kwargs)
+
+
+def make_admin(settings: KafkaSettings, **overrides: Any) -> KafkaAdminClient:
+    """An admin client (topic creation for the embedded stack, tests and the demo)."""
+    return KafkaAdminClient(**settings.client_kwargs(), client_id=f"{settings.client_id}-admin", **overrides)
+
+
+def ensure_topics(settings: KafkaSettings, topics: dict[str, int], replication_factor: int = 1) -> list[str]:
+    """Create the topics that do not exist yet (name -> partitions). Returns the ones created."""
+    admin = make_admin(settings)
+    try:
+        existing = set(admin.list_topics())
+        missing = [NewTopic(name, n, replication_factor) for name, n in topics.items() if name not in existing]
+        created = []
+        for topic in missing:
+            try:
+                admin.create_topics([topic])
+                created.append(topic.name)
+            except TopicAlreadyExistsError:
+                pass
+        return created
+    finally:
+        admin.close()
+
+
+def worker_topics(settings: KafkaSettings, request_partitions: int = 4) -> dict[str, int]:
+    """The four topics of the product with default partition counts for a local stack."""
+    return {
+        settings.requests_topic: request_partitions,
+        settings.results_topic: request_partitions,
+        settings.alerts_topic: 1,
+        settings.dlq_topic: 1,
+    }

@@ -1,0 +1,60 @@
+"""structlog configuration, done once per process.
+
+JSON lines when stderr is not a TTY (pods, CI), a readable console renderer in a terminal. Event
+names are stable snake_case keys (``batch_done``, ``partition_paused``); context such as message id,
+product line, topic, partition and offset travels as key-value pairs, never inside the message.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+_configured = False
+
+
+def _redact_secrets(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    # Defence in depth: SecretStr values render as '**********', but a raw secret passed under an
+    # obvious key must never reach a log line either.
+    for key in list(event):
+        lowered = key.lower()
+        if any(word in lowered for word in ("password", "secret", "token", "sasl_plain")):
+            event[key] = "**********"
+    return event
+
+
+def configure_logging(level: str = "INFO", fmt: str = "auto", *, force: bool = False) -> None:
+    """Configure structlog and the stdlib root logger.
+
+    Args:
+        level: Minimum level name (DEBUG, INFO, WARNING, ERROR, CRITICAL).
+        fmt: ``json``, ``console`` or ``auto`` (console on a TTY, JSON otherwise).
+        force: Reconfigure even if already configured (tests).
+    """
+    global _configured
+    if _configured and not force:
+        return
+    numeric = logging.getLevelNamesMapping()[level.upper()]
+    use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
+    renderer: Any = structlog.dev.ConsoleRenderer(colors=True) if use_console else structlog.processors.JSONRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _redact_secrets,
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+    # kafka-python logs every reconnect at WARNING/ERROR; keep them, but not its INFO chatter.
+    logging.getLogger("kafka").setLevel(max(numeric, logging.WARNING))
+    _configured = True

@@ -1,0 +1,72 @@
+"""Redis client construction from :class:`worker.settings.RedisSettings`.
+
+Owns the one place where a ``redis.Redis`` is built: credentials come from ``SecretStr`` fields (never
+from the URL, never logged), TLS options are passed only for ``rediss://``, and every command is bounded
+by ``socket_timeout_ms`` so a slow or dead Redis adds bounded latency to a batch. Retries are few and
+short for the same reason; callers (the threshold cache) degrade to last-known-good instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from worker.errors import ConfigError
+from worker.settings import RedisSettings
+
+__all__ = ["make_redis", "redis_kwargs"]
+
+
+def redis_kwargs(settings: RedisSettings) -> dict[str, Any]:
+    """Keyword arguments for ``redis.Redis.from_url`` (secrets included: never log the result).
+
+    Args:
+        settings: the ``redis`` settings section.
+
+    Returns:
+        The keyword arguments, without the URL.
+
+    Raises:
+        ConfigError: TLS files are configured for a URL that is not ``rediss://``.
+    """
+    timeout_s = settings.socket_timeout_ms / 1000.0
+    kwargs: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "health_check_interval": settings.health_check_interval_s,
+        "decode_responses": True,
+        "retry": Retry(ExponentialBackoff(cap=timeout_s, base=0.01), settings.retries),
+        "client_name": f"{settings.key_prefix}-worker",
+    }
+    if settings.username:
+        kwargs["username"] = settings.username
+    if settings.password is not None:
+        kwargs["password"] = settings.password.get_secret_value()
+    tls_files = {
+        "ssl_ca_certs": settings.ssl_ca_certs,
+        "ssl_certfile": settings.ssl_certfile,
+        "ssl_keyfile": settings.ssl_keyfile,
+    }
+    if settings.url.startswith("rediss://"):
+        kwargs.update({name: str(path) for name, path in tls_files.items() if path is not None})
+    elif any(path is not None for path in tls_files.values()):
+        raise ConfigError("SPACE_REDIS__SSL_*: TLS files are set but SPACE_REDIS__URL is not rediss://")
+    return kwargs
+
+
+def make_redis(settings: RedisSettings) -> redis.Redis:
+    """Build a client (lazy: nothing connects until the first command).
+
+    Args:
+        settings: the ``redis`` settings section.
+
+    Returns:
+        A ``redis.Redis`` with ``decode_responses=True`` (all replies are ``str``).
+
+    Raises:
+        ConfigError: inconsistent TLS settings.
+    """
+    return redis.Redis.from_url(settings.url, **redis_kwargs(settings))
