@@ -150,7 +150,7 @@ class BatchingSettings(_Section):
 
     max_batch_size: int = Field(16, ge=1, le=1024, description="Images per model call.")
     max_wait_ms: float = Field(20.0, ge=0, le=10_000, description="Longest wait of the oldest queued image.")
-    max_queue_images: int = Field(256, ge=1, description="Bound of each (line, model version) queue.")
+    max_queue_images: int = Field(1024, ge=1, description="Bound of each (line, model version) queue.")
     max_inflight_images: int = Field(512, ge=1, description="Polled but not yet acknowledged images (pause above).")
     max_inflight_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="Bytes held for in-flight images.")
     resume_fraction: float = Field(0.5, gt=0, lt=1, description="Resume partitions below this share of the caps.")
@@ -158,6 +158,12 @@ class BatchingSettings(_Section):
     late_policy: Literal["process", "dead_letter"] = Field(
         "process", description="Late images: infer anyway (flagged late) or dead-letter them."
     )
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> BatchingSettings:
+        if self.max_queue_images < self.max_inflight_images:
+            raise ValueError("max_queue_images must be >= max_inflight_images (a queue can never overflow)")
+        return self
 
 
 class DecodeSettings(_Section):

@@ -1,0 +1,177 @@
+"""Model artifacts: a folder with ``model.safetensors`` (weights) and ``model.json`` (the model card).
+
+Owns the :class:`ModelCard` schema, :func:`save_artifact` and :func:`load_artifact`. The card records the
+sha256 of the weights file; loading checks it before reading a tensor, and nothing is ever unpickled.
+Every failure is an :class:`ArtifactError` naming the path and what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from models.model import ModelConfig
+
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "model.json"
+CARD_SCHEMA_VERSION = 1
+
+
+class ArtifactError(ValueError):
+    """An artifact is missing, incomplete, tampered with or unreadable."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Quantiles(_Frozen):
+    """Map quantiles per branch from validation normals (q_a = 0.9, q_b = 0.995 of all pixels)."""
+
+    qa_st: float
+    qb_st: float
+    qa_ae: float
+    qb_ae: float
+
+
+class ScoreStats(_Frozen):
+    """Image-score statistics of the validation normal images."""
+
+    n: int
+    mean: float
+    std: float
+    min: float
+    q50: float
+    q90: float
+    q99: float
+    max: float
+
+
+class TeacherInfo(_Frozen):
+    """Where the teacher came from; its channel mean/std live in the safetensors file."""
+
+    source: str  # "offline:filterbank", "offline:random-pdn", "imported", "distilled"
+    detail: str = ""  # file name + sha256 for imported weights, backbone spec for distillation
+    seed: int = 0
+
+
+class TrainingSummary(_Frozen):
+    """How the weights were produced."""
+
+    data_root: str
+    data_sha256: str  # over sorted relative paths and bytes of the train/good files
+    n_train: int
+    n_validation: int
+    validation_source: Literal["validation_good", "train_holdout"]
+    steps: int
+    batch_size: int
+    seed: int
+    duration_s: float
+    device: str
+    precision: str
+    penalty_source: str
+    final_losses: dict[str, float] = Field(default_factory=dict)
+
+
+class ModelCard(_Frozen):
+    """Everything about one trained model except the tensors (``model.json``)."""
+
+    schema_version: Literal[1] = CARD_SCHEMA_VERSION
+    name: str
+    product_line: str
+    version: str
+    variant: Literal["space", "efficientad"]
+    size: Literal["s", "m"]
+    input_size: tuple[int, int]
+    config: ModelConfig
+    teacher: TeacherInfo
+    quantiles: Quantiles
+    default_threshold: float
+    threshold_method: str
+    validation_scores: ScoreStats
+    training: TrainingSummary
+    metrics: dict[str, float] | None = None
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    weights_file: str = WEIGHTS_FILE
+    weights_sha256: str = ""
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_artifact(out_dir: Path, card: ModelCard, state: dict[str, torch.Tensor]) -> Path:
+    """Write ``model.safetensors`` then ``model.json`` (with the weights' sha256) into ``out_dir``.
+
+    Both files are written to temporary names and renamed, so a reader never sees half an artifact.
+
+    Returns:
+        The artifact folder.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    weights = out_dir / WEIGHTS_FILE
+    tmp = out_dir / f".{WEIGHTS_FILE}.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt", "card": CARD_FILE})
+    digest = sha256_file(tmp)
+    os.replace(tmp, weights)
+    card = card.model_copy(update={"weights_file": WEIGHTS_FILE, "weights_sha256": digest})
+    tmp_card = out_dir / f".{CARD_FILE}.tmp"
+    tmp_card.write_text(card.model_dump_json(indent=2) + "\n")
+    os.replace(tmp_card, out_dir / CARD_FILE)
+    return out_dir
+
+
+def load_card(path: Path) -> ModelCard:
+    """Read and validate ``model.json`` of the artifact folder ``path``."""
+    card_path = Path(path) / CARD_FILE
+    if not card_path.is_file():
+        raise ArtifactError(f"{card_path}: model card missing")
+    try:
+        return ModelCard.model_validate(json.loads(card_path.read_text()))
+    except (ValueError, ValidationError) as exc:
+        first = str(exc).splitlines()[0:3]
+        raise ArtifactError(f"{card_path}: invalid model card ({' '.join(first)})") from exc
+
+
+def load_artifact(path: Path) -> tuple[ModelCard, dict[str, torch.Tensor]]:
+    """Load an artifact folder after checking the weights' sha256 against the card.
+
+    Returns:
+        (card, flat state dict of :class:`models.model.SpaceModel`).
+
+    Raises:
+        ArtifactError: missing folder/file, invalid card, hash mismatch, unreadable weights.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ArtifactError(f"{path}: artifact folder not found")
+    card = load_card(path)
+    weights = path / card.weights_file
+    if not weights.is_file():
+        raise ArtifactError(f"{weights}: weights file missing")
+    digest = sha256_file(weights)
+    if digest != card.weights_sha256:
+        raise ArtifactError(
+            f"{weights}: sha256 {digest[:12]}… does not match the card's {card.weights_sha256[:12]}… (tampered or mixed files)"
+        )
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"{weights}: unreadable safetensors ({exc})") from exc
+    return card, state

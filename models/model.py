@@ -1,0 +1,146 @@
+"""The composed detector network (teacher + student + autoencoder + calibration) and its config.
+
+:class:`ModelConfig` is the architecture and switch set saved in the model card; :class:`SpaceModel`
+holds the three networks plus every calibration number as buffers (ImageNet mean/std, teacher channel
+mean/std, map quantiles, a ``calibrated`` flag), so one state dict fully determines inference
+(SPACE_SPEC §1.5, §1.8). Training and inference both go through the named steps here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+
+from models.networks import TEACHER_CHANNELS, PDN, AutoEncoder, Student, pdn_out_size
+from models.teacher import FilterBankTeacher
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+TeacherKind = Literal["pdn", "filterbank"]
+
+
+class ModelConfig(BaseModel):
+    """Architecture and SPACE switches; stored in the model card and used to rebuild the network."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    variant: Literal["space", "efficientad"] = "space"
+    size: Literal["s", "m"] = "s"
+    input_size: tuple[int, int] = (256, 256)
+    padding: bool = False
+    teacher_kind: TeacherKind = "filterbank"
+    use_fe: bool = True  # FE = the frozen teacher's trunk activations (§2.4a alternative)
+    use_fm: bool = True  # gated Feature converter Module (§2.4b); without it FE enters through a 1x1 conv
+    use_scl: bool = True  # spatial consistency loss (§2.4c)
+    scl_mask: bool = True  # the teacher-consistency mask r < quantile_0.9(r)
+    scl_weight: float = Field(1.0, ge=0)
+    scl_augment: Literal["geometric", "label_preserving"] = "geometric"
+    fm_dropout: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _efficientad_has_no_space_parts(self) -> ModelConfig:
+        if self.variant == "efficientad" and (self.use_fe or self.use_scl):
+            raise ValueError("variant 'efficientad' cannot use FE/FM/SCL; build it with efficientad_config()")
+        return self
+
+    @property
+    def student_uses_fe(self) -> bool:
+        """Whether the student receives the teacher's trunk features."""
+        return self.variant == "space" and self.use_fe
+
+
+def efficientad_config(**kw: object) -> ModelConfig:
+    """A plain EfficientAD config (all SPACE parts off)."""
+    base: dict[str, object] = {"variant": "efficientad", "use_fe": False, "use_fm": False, "use_scl": False}
+    return ModelConfig.model_validate({**base, **kw})
+
+
+class Maps(NamedTuple):
+    """Raw per-branch maps on the feature grid: local (student-teacher) and global (student-AE)."""
+
+    st: torch.Tensor  # (N, 1, g, g)
+    ae: torch.Tensor  # (N, 1, g, g)
+
+
+class SpaceModel(nn.Module):
+    """Teacher, student and autoencoder with calibration buffers; input is RGB in [0, 1]."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        """Build the networks for ``config`` (teacher weights are loaded separately)."""
+        super().__init__()
+        self.config = config
+        h, w = config.input_size
+        if config.teacher_kind == "filterbank":
+            self.teacher: nn.Module = FilterBankTeacher(padding=config.padding)
+        else:
+            self.teacher = PDN(config.size, TEACHER_CHANNELS, config.padding)
+        self.teacher.eval().requires_grad_(False)
+        fe_channels = int(self.teacher.trunk_channels) if config.student_uses_fe else 0
+        self.student = Student(config.size, config.padding, fe_channels, config.use_fm, config.fm_dropout)
+        self.ae = AutoEncoder((h, w), config.padding)
+        self.grid = (pdn_out_size(h, config.padding), pdn_out_size(w, config.padding))
+        self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("image_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.register_buffer("teacher_mean", torch.zeros(1, TEACHER_CHANNELS, 1, 1))
+        self.register_buffer("teacher_std", torch.ones(1, TEACHER_CHANNELS, 1, 1))
+        self.register_buffer("quantiles", torch.tensor([0.0, 1.0, 0.0, 1.0]))  # qa_st, qb_st, qa_ae, qb_ae
+        self.register_buffer("calibrated", torch.tensor(False))
+
+    def train(self, mode: bool = True) -> SpaceModel:
+        """Set train mode on student/AE; the teacher always stays in eval mode."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """ImageNet normalisation of an RGB batch in [0, 1]."""
+        return (x - self.image_mean) / self.image_std
+
+    def teacher_features(self, xn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (FE trunk, normalised teacher T̂) for a normalised batch, without gradients."""
+        with torch.no_grad():
+            trunk, t = self.teacher.forward_with_trunk(xn)
+            t = (t.float() - self.teacher_mean) / self.teacher_std
+        return trunk, t
+
+    def student_features(self, xn: torch.Tensor, trunk: torch.Tensor | None) -> torch.Tensor:
+        """Student output (N, 768, g, g); ``trunk`` is the FE input when the variant uses it."""
+        return self.student(xn, trunk if self.student.uses_fe else None)
+
+    def raw_maps(self, x: torch.Tensor) -> Maps:
+        """Per-branch squared-distance maps on the feature grid for RGB input in [0, 1] (§1.8 steps 1-3)."""
+        xn = self.normalize(x)
+        trunk, t = self.teacher_features(xn)
+        s = self.student_features(xn, trunk).float()
+        a = self.ae(xn).float()
+        st = (t - s[:, :TEACHER_CHANNELS]).pow(2).mean(dim=1, keepdim=True)
+        ae = (a - s[:, TEACHER_CHANNELS:]).pow(2).mean(dim=1, keepdim=True)
+        return Maps(st, ae)
+
+    def upsample(self, m: torch.Tensor) -> torch.Tensor:
+        """Pad an unpadded-grid map by 4 and resize bilinearly to the input size (§1.8 step 6)."""
+        if not self.config.padding:
+            m = F.pad(m, (4, 4, 4, 4))
+        return F.interpolate(m, size=self.config.input_size, mode="bilinear", align_corners=False)
+
+    def branch_maps(self, x: torch.Tensor) -> Maps:
+        """Per-branch maps at input size, before quantile normalisation (used for calibration)."""
+        st, ae = self.raw_maps(x)
+        return Maps(self.upsample(st), self.upsample(ae))
+
+    def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Combined quantile-normalised map (N, H, W) at input size: 0.5·M'_ST + 0.5·M'_AE (§1.8)."""
+        st, ae = self.branch_maps(x)
+        q = self.quantiles
+        combined = 0.5 * normalize_map(st, q[0], q[1]) + 0.5 * normalize_map(ae, q[2], q[3])
+        return combined.squeeze(1)
+
+
+def normalize_map(m: torch.Tensor, qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:
+    """Quantile normalisation M' = 0.1 · (M − q_a) / (q_b − q_a): q_a -> 0, q_b -> 0.1 (§1.8 step 4)."""
+    return 0.1 * (m - qa) / (qb - qa).clamp_min(1e-12)

@@ -1,0 +1,99 @@
+"""A small HTTP server: ``/metrics`` (Prometheus), ``/healthz`` (loops progress), ``/readyz``.
+
+``/healthz`` fails when a loop has not reported progress for ``healthy_after_s`` (a stalled poll
+loop or a wedged inference thread), so Kubernetes restarts the pod. ``/readyz`` is true once a model
+is warm and partitions are assigned (or the worker waits for an assignment with a warm model).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+
+class Heartbeats:
+    """Last progress time of each named loop (monotonic seconds)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._beats: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def beat(self, loop: str) -> None:
+        """Record progress of ``loop``."""
+        with self._lock:
+            self._beats[loop] = self._clock()
+
+    def stale(self, max_age_s: float) -> dict[str, float]:
+        """Loops whose last beat is older than ``max_age_s`` (name -> age)."""
+        now = self._clock()
+        with self._lock:
+            return {k: now - v for k, v in self._beats.items() if now - v > max_age_s}
+
+    def ages(self) -> dict[str, float]:
+        """Age of every loop's last beat."""
+        now = self._clock()
+        with self._lock:
+            return {k: round(now - v, 3) for k, v in self._beats.items()}
+
+
+class HealthServer:
+    """Serves the three endpoints on a daemon thread."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        heartbeats: Heartbeats,
+        healthy_after_s: float,
+        readiness: Callable[[], tuple[bool, dict[str, Any]]],
+    ) -> None:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path == "/metrics":
+                    body = generate_latest(registry)
+                    self._send(200, body, CONTENT_TYPE_LATEST)
+                elif self.path == "/healthz":
+                    stale = heartbeats.stale(healthy_after_s)
+                    doc = {"ok": not stale, "stale_loops": stale, "loops": heartbeats.ages()}
+                    self._send(200 if not stale else 503, json.dumps(doc).encode(), "application/json")
+                elif self.path == "/readyz":
+                    ready, detail = readiness()
+                    self._send(200 if ready else 503, json.dumps({"ready": ready, **detail}).encode(), "application/json")
+                else:
+                    self._send(404, b"not found\n", "text/plain")
+
+            def _send(self, code: int, body: bytes, content_type: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+                return  # probes every few seconds would flood the logs
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
+        outer.port = int(self._server.server_address[1])
+
+    port: int
+
+    def start(self) -> None:
+        """Start serving."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving and close the socket."""
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,0 +1,563 @@
+"""Per-product-line decision thresholds: the Redis store, the worker's cache and the invalidation watcher.
+
+Owns three things:
+
+* :class:`ThresholdStore`: one hash per line (``<prefix>:threshold:<line>``), a bounded history list
+  (``<prefix>:threshold-history:<line>``, newest first) and a notice on ``<prefix>:thresholds`` after
+  every write. A write is one Lua script, so the version increment, the optional compare-and-set
+  (``if_version``), the history append and the notice are atomic: two writers holding the same version
+  cannot both win. (The two keys of a line hash to different slots: on Redis Cluster, use one shard.)
+* :class:`ThresholdCache`: pure logic with an injected loader and clock. A value read from Redis within
+  ``ttl_s`` is reported with ``source="redis"``; when Redis fails the last known good value is served
+  with ``source="cache"`` and Redis is not asked again for ``retry_interval_s`` (a dead Redis must not add
+  a timeout to every batch); with no usable record the model card's default applies
+  (``source="model-default"``). A record written for another model version is never applied: scores of
+  different model versions are on different scales.
+* :class:`ThresholdWatcher`: a daemon thread subscribed to the notice channel that invalidates the cache,
+  so a write is visible at once instead of after the TTL; it reconnects with capped exponential backoff.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import redis
+import structlog
+
+from schemas.threshold import ThresholdRecord
+from worker.errors import SpaceError
+
+__all__ = [
+    "CONNECTION_ERRORS",
+    "ResolvedThreshold",
+    "ThresholdCache",
+    "ThresholdError",
+    "ThresholdRecordError",
+    "ThresholdSource",
+    "ThresholdStore",
+    "ThresholdValueError",
+    "ThresholdWatcher",
+    "VersionConflict",
+]
+
+log = structlog.get_logger(__name__)
+
+ThresholdSource = Literal["redis", "cache", "model-default"]
+Method = Literal["quantile", "f1", "manual"]
+
+#: Errors that mean "Redis is unreachable or too slow" (redis-py wraps most socket errors, not all).
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    OSError,
+)
+
+
+class ThresholdError(SpaceError):
+    """Base class of threshold failures meant for the operator."""
+
+
+class VersionConflict(ThresholdError):  # noqa: N818 - the name is part of the agreed API
+    """A compare-and-set write found another version than the writer expected."""
+
+    def __init__(self, line: str, expected: int, actual: int) -> None:
+        """Record the line and both versions.
+
+        Args:
+            line: the product line.
+            expected: the version the writer read (``--if-version``).
+            actual: the version Redis holds now (0 = no threshold).
+        """
+        self.line = line
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"threshold for line {line} is at version {actual}, not {expected}: re-read and retry"
+        )
+
+
+class ThresholdValueError(ThresholdError, ValueError):
+    """A threshold value is not finite or lies outside the configured bounds."""
+
+
+class ThresholdRecordError(ThresholdError, ValueError):
+    """A hash or history entry in Redis is not a valid :class:`ThresholdRecord`."""
+
+
+# KEYS: hash, history. ARGV: channel, if_version ('' = unconditional), history_max, line, field/value pairs.
+# Returns {1, new_version} or {0, current_version} on a compare-and-set mismatch.
+_SET_SCRIPT = """
+local current = tonumber(redis.call('HGET', KEYS[1], 'version') or '0') or 0
+if ARGV[2] ~= '' and tonumber(ARGV[2]) ~= current then
+  return {0, current}
+end
+local version = current + 1
+local entry = {}
+for i = 5, #ARGV, 2 do
+  entry[ARGV[i]] = ARGV[i + 1]
+end
+entry['version'] = tostring(version)
+local flat = {}
+for k, v in pairs(entry) do
+  flat[#flat + 1] = k
+  flat[#flat + 1] = v
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(flat))
+redis.call('LPUSH', KEYS[2], cjson.encode(entry))
+redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[3]) - 1)
+redis.call('PUBLISH', ARGV[1], cjson.encode({line = ARGV[4], version = version}))
+return {1, version}
+"""
+
+
+def _check_line(line: str) -> str:
+    if not line or len(line) > 256 or any(ch.isspace() or not ch.isprintable() for ch in line):
+        raise ThresholdValueError(f"product line {line!r} must be 1-256 printable characters without spaces")
+    return line
+
+
+def _escape_glob(text: str) -> str:
+    return "".join(f"\\{ch}" if ch in "*?[]\\" else ch for ch in text)
+
+
+class ThresholdStore:
+    """Threshold records in Redis: read, compare-and-set write, list, history.
+
+    Args:
+        client: a ``redis.Redis`` built with ``decode_responses=True`` (see :func:`worker.redis_client.make_redis`).
+        key_prefix: prefix of every key and of the notice channel (``space``).
+        history_max: entries kept in each line's history list.
+        min_value: lowest value accepted without ``force``.
+        max_value: highest value accepted without ``force``.
+    """
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        key_prefix: str,
+        history_max: int,
+        *,
+        min_value: float | None = None,
+        max_value: float | None = None,
+    ) -> None:
+        """Keep the client and register the write script (loaded lazily by redis-py)."""
+        if history_max < 1:
+            raise ValueError("history_max must be >= 1")
+        self._client = client
+        self._prefix = key_prefix
+        self._history_max = history_max
+        self._min_value = min_value
+        self._max_value = max_value
+        self._set_script = client.register_script(_SET_SCRIPT)
+
+    @property
+    def channel(self) -> str:
+        """The pub/sub channel that carries a JSON notice ``{"line", "version"}`` after every write."""
+        return f"{self._prefix}:thresholds"
+
+    def key(self, line: str) -> str:
+        """The hash key of a line's current threshold."""
+        return f"{self._prefix}:threshold:{line}"
+
+    def history_key(self, line: str) -> str:
+        """The list key of a line's history (newest first)."""
+        return f"{self._prefix}:threshold-history:{line}"
+
+    def get(self, line: str) -> ThresholdRecord | None:
+        """Read a line's current threshold.
+
+        Args:
+            line: the product line.
+
+        Returns:
+            The record, or None when the line has none.
+
+        Raises:
+            ThresholdRecordError: the hash exists but is not a valid record.
+            redis.exceptions.RedisError: Redis failed (connection errors included).
+        """
+        data = self._client.hgetall(self.key(line))
+        return self._parse(self.key(line), data) if data else None
+
+    def set(
+        self,
+        line: str,
+        value: float,
+        *,
+        model_version: str | None,
+        method: Method,
+        updated_by: str,
+        note: str = "",
+        if_version: int | None = None,
+        force: bool = False,
+    ) -> ThresholdRecord:
+        """Write a new version of a line's threshold, atomically.
+
+        Args:
+            line: the product line.
+            value: the threshold, finite and (unless ``force``) within the configured bounds.
+            model_version: the model version whose score scale the value belongs to; None = any.
+            method: how it was chosen (quantile, f1 or manual).
+            updated_by: who wrote it.
+            note: free text for the history.
+            if_version: write only if the current version is this one (0 = only if the line has none).
+            force: accept a value outside the configured bounds.
+
+        Returns:
+            The record as written, with its new version.
+
+        Raises:
+            ThresholdValueError: the value is not finite or is out of bounds without ``force``.
+            VersionConflict: ``if_version`` does not match the current version.
+            redis.exceptions.RedisError: Redis failed.
+        """
+        _check_line(line)
+        self._check_value(line, value, force=force)
+        if if_version is not None and if_version < 0:
+            raise ThresholdValueError("if_version must be >= 0")
+        draft = ThresholdRecord(
+            product_line=line,
+            value=float(value),
+            version=1,  # placeholder: the script assigns the real version atomically
+            model_version=model_version,
+            method=method,
+            updated_at=datetime.now(UTC),
+            updated_by=updated_by,
+            note=note,
+        )
+        fields = {k: str(v) for k, v in draft.to_redis_hash().items() if k != "version"}
+        argv: list[Any] = [self.channel, "" if if_version is None else str(if_version), self._history_max, line]
+        for name, text in fields.items():
+            argv += [name, text]
+        applied, version = self._set_script(keys=[self.key(line), self.history_key(line)], args=argv)
+        if not applied:
+            raise VersionConflict(line, if_version if if_version is not None else -1, int(version))
+        record = draft.model_copy(update={"version": int(version)})
+        log.info("threshold_set", product_line=line, version=record.version, value=record.value)
+        return record
+
+    def list(self) -> list[ThresholdRecord]:
+        """All lines' current thresholds, sorted by product line (SCAN, never KEYS).
+
+        Raises:
+            ThresholdRecordError: a hash is not a valid record.
+            redis.exceptions.RedisError: Redis failed.
+        """
+        pattern = _escape_glob(f"{self._prefix}:threshold:") + "*"
+        keys = sorted(set(self._client.scan_iter(match=pattern, count=500, _type="HASH")))
+        pipe = self._client.pipeline(transaction=False)
+        for key in keys:
+            pipe.hgetall(key)
+        records = [self._parse(key, data) for key, data in zip(keys, pipe.execute(), strict=True) if data]
+        return sorted(records, key=lambda r: r.product_line)
+
+    def history(self, line: str, limit: int = 20) -> list[ThresholdRecord]:
+        """A line's past writes, newest first.
+
+        Args:
+            line: the product line.
+            limit: most entries returned (at most ``history_max`` are kept).
+
+        Raises:
+            ThresholdRecordError: an entry is not a valid record.
+            redis.exceptions.RedisError: Redis failed.
+        """
+        if limit < 1:
+            return []
+        key = self.history_key(line)
+        entries = self._client.lrange(key, 0, limit - 1)
+        records = []
+        for raw in entries:
+            try:
+                data = json.loads(raw)
+            except ValueError as exc:
+                raise ThresholdRecordError(f"{key} holds an entry that is not JSON: {exc}") from exc
+            records.append(self._parse(key, data))
+        return records
+
+    def _check_value(self, line: str, value: float, *, force: bool) -> None:
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            raise ThresholdValueError(f"threshold for line {line} must be a finite number, got {value!r}")
+        if force:
+            return
+        if self._min_value is not None and value < self._min_value:
+            raise ThresholdValueError(
+                f"threshold {value} for line {line} is below the minimum {self._min_value}"
+                " (SPACE_THRESHOLDS__MIN_VALUE); use --force if you mean it"
+            )
+        if self._max_value is not None and value > self._max_value:
+            raise ThresholdValueError(
+                f"threshold {value} for line {line} is above the maximum {self._max_value}"
+                " (SPACE_THRESHOLDS__MAX_VALUE); use --force if you mean it"
+            )
+
+    @staticmethod
+    def _parse(key: str, data: dict[str, Any]) -> ThresholdRecord:
+        try:
+            return ThresholdRecord.from_redis_hash({str(k): str(v) for k, v in data.items()})
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError
+            raise ThresholdRecordError(f"{key} is not a valid threshold record: {exc}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedThreshold:
+    """The threshold a verdict uses, with where it came from.
+
+    Attributes:
+        value: the threshold.
+        version: the record's version; None for the model default.
+        source: ``redis`` (read from Redis within the TTL), ``cache`` (Redis failed: last known good)
+            or ``model-default`` (no applicable record).
+        model_version: the record's model version (None = written for any version); for
+            ``model-default``, the active model version whose card supplied the value.
+    """
+
+    value: float
+    version: int | None
+    source: ThresholdSource
+    model_version: str | None
+
+
+@dataclass(slots=True)
+class _Entry:
+    record: ThresholdRecord | None
+    loaded_at: float
+    stale: bool = False
+
+
+class ThresholdCache:
+    """TTL cache of threshold records with last-known-good fallback (thread-safe, no I/O of its own).
+
+    Args:
+        load: reads one line's record (``ThresholdStore.get``); None when the line has none.
+        ttl_s: a record read from Redis is reused this long, then read again.
+        clock: monotonic seconds (injected in tests).
+        retry_interval_s: after a failed load, Redis is not asked again for this long; meanwhile the
+            last known good record is served with ``source="cache"``.
+        max_entries: lines kept (least recently used evicted), so odd product-line headers cannot
+            grow memory without bound.
+    """
+
+    def __init__(
+        self,
+        load: Callable[[str], ThresholdRecord | None],
+        ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        retry_interval_s: float = 1.0,
+        max_entries: int = 4096,
+    ) -> None:
+        """Start empty."""
+        if ttl_s <= 0 or retry_interval_s < 0 or max_entries < 1:
+            raise ValueError("ttl_s must be > 0, retry_interval_s >= 0 and max_entries >= 1")
+        self._load = load
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._retry_interval_s = retry_interval_s
+        self._max_entries = max_entries
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        # Key None: Redis unreachable (all lines); key = line: that line's record is unreadable.
+        self._retry_at: dict[str | None, float] = {}
+        self._generation = 0
+
+    def resolve(self, line: str, model_version: str, default: float) -> ResolvedThreshold:
+        """The threshold to apply to a line's scores from ``model_version``.
+
+        Args:
+            line: the product line.
+            model_version: the version of the model that produced the scores.
+            default: the model card's default threshold.
+
+        Returns:
+            The value with its version and source.
+        """
+        now = self._clock()
+        with self._lock:
+            entry = self._entries.get(line)
+            if entry is not None:
+                self._entries.move_to_end(line)
+                if not entry.stale and now - entry.loaded_at < self._ttl_s:
+                    return self._apply(entry.record, "redis", model_version, default)
+            if self._retry_at.get(None, -math.inf) > now or self._retry_at.get(line, -math.inf) > now:
+                return self._fallback(entry, model_version, default)
+            generation = self._generation
+        try:
+            record = self._load(line)
+        except CONNECTION_ERRORS as exc:
+            return self._load_failed(None, line, exc, now, model_version, default)
+        except ValueError as exc:  # a corrupt record affects its line only
+            return self._load_failed(line, line, exc, now, model_version, default)
+        with self._lock:
+            # An invalidation that raced with this load leaves the entry stale: the next call reloads.
+            self._entries[line] = _Entry(record, now, stale=generation != self._generation)
+            self._entries.move_to_end(line)
+            while len(self._entries) > self._max_entries:
+                self._entries.popitem(last=False)
+        return self._apply(record, "redis", model_version, default)
+
+    def invalidate(self, line: str | None = None) -> None:
+        """Force a reload of one line (or of all lines with None) on its next use.
+
+        Last known good values are kept for outages. A notice proves Redis answers, so the retry
+        back-off is lifted too.
+        """
+        with self._lock:
+            self._generation += 1
+            targets = self._entries.values() if line is None else [e for e in [self._entries.get(line)] if e]
+            for entry in targets:
+                entry.stale = True
+            if line is None:
+                self._retry_at.clear()
+            else:
+                self._retry_at.pop(line, None)
+                self._retry_at.pop(None, None)
+
+    def age_s(self, line: str) -> float | None:
+        """Seconds since the line's record was last read from Redis; None if it never was."""
+        with self._lock:
+            entry = self._entries.get(line)
+            return None if entry is None else max(0.0, self._clock() - entry.loaded_at)
+
+    def _load_failed(
+        self,
+        scope: str | None,
+        line: str,
+        exc: BaseException,
+        now: float,
+        model_version: str,
+        default: float,
+    ) -> ResolvedThreshold:
+        log.warning(
+            "threshold_load_failed",
+            product_line=line,
+            error=f"{type(exc).__name__}: {exc}",
+            retry_in_s=self._retry_interval_s,
+        )
+        with self._lock:
+            self._retry_at[scope] = now + self._retry_interval_s
+            return self._fallback(self._entries.get(line), model_version, default)
+
+    def _fallback(self, entry: _Entry | None, model_version: str, default: float) -> ResolvedThreshold:
+        return self._apply(entry.record if entry else None, "cache", model_version, default)
+
+    @staticmethod
+    def _apply(
+        record: ThresholdRecord | None, source: ThresholdSource, model_version: str, default: float
+    ) -> ResolvedThreshold:
+        if record is None or (record.model_version is not None and record.model_version != model_version):
+            return ResolvedThreshold(float(default), None, "model-default", model_version)
+        return ResolvedThreshold(record.value, record.version, source, record.model_version)
+
+
+class ThresholdWatcher:
+    """A daemon thread that invalidates a :class:`ThresholdCache` on every threshold notice.
+
+    On every (re)subscription the whole cache is invalidated, because notices sent while the watcher
+    was disconnected are lost.
+
+    Args:
+        client_factory: builds a fresh ``redis.Redis`` (called again after each connection loss).
+        channel: the notice channel (``ThresholdStore.channel``).
+        cache: the cache to invalidate.
+        backoff_initial_s: first wait before reconnecting, doubled after each failure.
+        backoff_max_s: cap of that wait.
+        poll_timeout_s: how long one wait for a message blocks (bounds the latency of :meth:`stop`).
+    """
+
+    def __init__(
+        self,
+        client_factory: Callable[[], redis.Redis],
+        channel: str,
+        cache: ThresholdCache,
+        *,
+        backoff_initial_s: float = 0.1,
+        backoff_max_s: float = 5.0,
+        poll_timeout_s: float = 0.2,
+    ) -> None:
+        """Prepare the thread; nothing connects before :meth:`start`."""
+        self._client_factory = client_factory
+        self._channel = channel
+        self._cache = cache
+        self._backoff_initial_s = backoff_initial_s
+        self._backoff_max_s = backoff_max_s
+        self._poll_timeout_s = poll_timeout_s
+        self._backoff_s = backoff_initial_s
+        self._stop = threading.Event()
+        self._subscribed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.notices = 0
+
+    @property
+    def healthy(self) -> bool:
+        """True while the thread runs and holds a live subscription."""
+        return self._thread is not None and self._thread.is_alive() and self._subscribed.is_set()
+
+    def wait_subscribed(self, timeout_s: float) -> bool:
+        """Block until subscribed (or ``timeout_s`` passed); True when subscribed."""
+        return self._subscribed.wait(timeout_s)
+
+    def start(self) -> None:
+        """Start the thread (once)."""
+        if self._thread is not None:
+            raise RuntimeError("ThresholdWatcher already started")
+        self._thread = threading.Thread(target=self._run, name="threshold-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Ask the thread to end and wait for it up to ``timeout_s``."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._listen()
+            except (redis.exceptions.RedisError, OSError) as exc:
+                self._subscribed.clear()
+                log.warning("threshold_watch_lost", channel=self._channel, error=f"{type(exc).__name__}: {exc}",
+                            retry_in_s=self._backoff_s)
+                self._stop.wait(self._backoff_s)
+                self._backoff_s = min(self._backoff_s * 2, self._backoff_max_s)
+        self._subscribed.clear()
+
+    def _listen(self) -> None:
+        client = self._client_factory()
+        pubsub = client.pubsub()
+        try:
+            pubsub.subscribe(self._channel)
+            while not self._stop.is_set():
+                message = pubsub.get_message(timeout=self._poll_timeout_s)
+                if message is not None:
+                    self._handle(message)
+        finally:
+            pubsub.close()
+            client.close()
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "subscribe":
+            self._cache.invalidate(None)
+            self._backoff_s = self._backoff_initial_s
+            self._subscribed.set()
+            log.info("threshold_watch_subscribed", channel=self._channel)
+        elif kind == "message":
+            self.notices += 1
+            line = None
+            try:
+                notice = json.loads(message.get("data") or "")
+                line = notice.get("line") if isinstance(notice, dict) else None
+            except ValueError:
+                pass
+            # An unreadable notice still means "something changed": invalidate everything.
+            self._cache.invalidate(line if isinstance(line, str) else None)
