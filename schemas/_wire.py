@@ -140,9 +140,7 @@ def headers_json_schema(title: str, description: str, specs: Sequence[HeaderSpec
         "title": title,
         "description": description,
         "type": "object",
-        "properties": {
-            spec.name: {**spec.schema, "description": spec.description} for spec in specs
-        },
+        "properties": {spec.name: {**spec.schema, "description": spec.description} for spec in specs},
         "required": [spec.name for spec in specs if spec.required],
         "additionalProperties": True,
     }

@@ -70,11 +70,14 @@ class DeadLetterReason(StrEnum):
     UNSUPPORTED_CONTENT_TYPE = "unsupported-content-type"
     EMPTY_VALUE = "empty-value"
     INVALID_CLAIM_CHECK = "invalid-claim-check"
-    IMAGE_DECODE_FAILED = "image-decode-failed"
-    IMAGE_TOO_LARGE = "image-too-large"
-    CLAIM_CHECK_REJECTED = "claim-check-rejected"
+    VALUE_TOO_LARGE = "value-too-large"
+    CONTENT_TYPE_MISMATCH = "content-type-mismatch"
+    CORRUPT_IMAGE = "corrupt-image"
+    TOO_MANY_PIXELS = "too-many-pixels"
+    UNSUPPORTED_BIT_DEPTH = "unsupported-bit-depth"
+    CLAIM_CHECK_DENIED = "claim-check-denied"
     CLAIM_CHECK_FETCH_FAILED = "claim-check-fetch-failed"
-    CLAIM_CHECK_HASH_MISMATCH = "claim-check-hash-mismatch"
+    CLAIM_CHECK_CHECKSUM_MISMATCH = "claim-check-checksum-mismatch"
     UNKNOWN_PRODUCT_LINE = "unknown-product-line"
     INFERENCE_FAILED = "inference-failed"
     PROCESSING_FAILED = "processing-failed"
@@ -96,12 +99,20 @@ DEAD_LETTER_REASONS: Final[Mapping[DeadLetterReason, str]] = {
     DeadLetterReason.EMPTY_VALUE: "The record value is empty or null.",
     DeadLetterReason.INVALID_CLAIM_CHECK: "The application/json value is not a valid claim check "
     "(JSON, image_uri, sha256, size).",
-    DeadLetterReason.IMAGE_DECODE_FAILED: "The bytes do not decode as an image of the declared type.",
-    DeadLetterReason.IMAGE_TOO_LARGE: "The image exceeds the configured byte or pixel limit.",
-    DeadLetterReason.CLAIM_CHECK_REJECTED: "The claim-check URI scheme or location is not allowed "
-    "by this deployment.",
+    DeadLetterReason.VALUE_TOO_LARGE: "The image (inline or fetched) has more bytes than the "
+    "configured limit.",
+    DeadLetterReason.CONTENT_TYPE_MISMATCH: "The bytes are a different image format than content-type "
+    "(or the claim check's content_type) declares.",
+    DeadLetterReason.CORRUPT_IMAGE: "The bytes do not decode as an image (truncated or damaged file).",
+    DeadLetterReason.TOO_MANY_PIXELS: "The image declares or decodes to more pixels than the "
+    "configured limit.",
+    DeadLetterReason.UNSUPPORTED_BIT_DEPTH: "The image's bit depth or channel layout cannot be "
+    "normalised to 8-bit RGB.",
+    DeadLetterReason.CLAIM_CHECK_DENIED: "The claim-check URI's scheme, bucket or path is not "
+    "allowed by this deployment.",
     DeadLetterReason.CLAIM_CHECK_FETCH_FAILED: "The claim-check image could not be read (after retries).",
-    DeadLetterReason.CLAIM_CHECK_HASH_MISMATCH: "The fetched image's SHA-256 differs from the claim check.",
+    DeadLetterReason.CLAIM_CHECK_CHECKSUM_MISMATCH: "The fetched image's SHA-256 differs from the "
+    "claim check's sha256.",
     DeadLetterReason.UNKNOWN_PRODUCT_LINE: "No model is deployed for the product line.",
     DeadLetterReason.INFERENCE_FAILED: "The model could not score this image (e.g. a non-finite score).",
     DeadLetterReason.PROCESSING_FAILED: "Any other per-record failure; error-class and error-detail "
@@ -127,7 +138,9 @@ class DeadLetterInfo(WireModel):
     source_partition: int = Field(ge=0, le=2**31 - 1, description="Its partition (error-source-partition).")
     source_offset: int = Field(ge=0, le=2**63 - 1, description="Its offset (error-source-offset).")
     value_truncated_from: int | None = Field(
-        default=None, ge=0, description="Original value length in bytes, when truncated (error-value-truncated)."
+        default=None,
+        ge=0,
+        description="Original value length in bytes, when truncated (error-value-truncated).",
     )
 
 
@@ -249,7 +262,9 @@ def dead_letter_headers_json_schema() -> dict[str, Any]:
         "value_truncated_from": INTEGER_HEADER_SCHEMA,
     }
     specs = [
-        HeaderSpec(header, str(fields[field].description), schemas[field], required=field != "value_truncated_from")
+        HeaderSpec(
+            header, str(fields[field].description), schemas[field], required=field != "value_truncated_from"
+        )
         for field, header in _FIELD_HEADERS.items()
     ]
     return headers_json_schema(

@@ -23,8 +23,9 @@ Parsing rules (see :func:`parse_request`): header names are case-insensitive; a 
 (``ce_*`` or ``content-type``) that appears twice is rejected (``duplicate-attribute``), because two
 different camera ids or product lines on one record cannot be resolved safely; all such header
 values must be UTF-8. Headers outside the binding (tracing, client metadata) are ignored and may
-hold any bytes. Unknown ``ce_*`` extensions are allowed and ignored. Media-type parameters
-(``; charset=utf-8``) are ignored.
+hold any bytes. Unknown ``ce_*`` extensions are allowed and ignored. Media types compare
+case-insensitively, parameters (``; charset=utf-8``) are ignored, and the common non-standard
+aliases in :data:`CONTENT_TYPE_ALIASES` (``image/jpg``...) are read as their standard type.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from schemas._wire import (
 __all__ = [
     "CLAIM_CHECK_CONTENT_TYPE",
     "CLAIM_CHECK_SCHEMES",
+    "CONTENT_TYPE_ALIASES",
     "IMAGE_CONTENT_TYPES",
     "MAX_CLAIM_CHECK_BYTES",
     "REQUEST_EVENT_TYPE",
@@ -74,8 +76,16 @@ __all__ = [
 REQUEST_EVENT_TYPE: Final = "space.inspection.request.v1"
 SPECVERSION: Final = "1.0"
 CLAIM_CHECK_CONTENT_TYPE: Final = "application/json"
-#: URI schemes a claim check may use; the worker's settings may allow fewer.
-CLAIM_CHECK_SCHEMES: Final = ("s3", "http", "https", "file")
+#: URI schemes a claim check may use; the worker's settings decide which buckets and roots.
+CLAIM_CHECK_SCHEMES: Final = ("s3", "file")
+#: Non-standard media types some cameras send, read as their standard equivalent.
+CONTENT_TYPE_ALIASES: Final[dict[str, str]] = {
+    "image/jpg": "image/jpeg",
+    "image/pjpeg": "image/jpeg",
+    "image/x-bmp": "image/bmp",
+    "image/x-ms-bmp": "image/bmp",
+    "image/tif": "image/tiff",
+}
 #: A claim-check value larger than this is rejected before JSON parsing.
 MAX_CLAIM_CHECK_BYTES: Final = 16 * 1024
 MAX_SOURCE_CHARS: Final = 1024
@@ -95,7 +105,7 @@ ImageUri = Annotated[
     StringConstraints(
         min_length=1,
         max_length=MAX_URI_CHARS,
-        pattern=r"^(?:s3|https?|file)://[^\x00-\x20\x7f-\x9f]+$",
+        pattern=r"^(?:s3|file)://[^\x00-\x20\x7f-\x9f]+$",
     ),
 ]
 Dimension = Annotated[int, Field(ge=1, le=65535)]
@@ -141,7 +151,7 @@ class RequestError(ValueError):
 class ClaimCheck(WireModel):
     """The JSON value of a request whose image lives in object storage (``application/json``)."""
 
-    image_uri: ImageUri = Field(description="Where the image is: s3://, http(s):// or file:// URI.")
+    image_uri: ImageUri = Field(description="Where the image is: an s3:// or file:// URI.")
     sha256: Sha256Hex = Field(description="SHA-256 of the image bytes (hex; stored lowercased).")
     width: Dimension | None = Field(default=None, description="Image width in pixels, if known.")
     height: Dimension | None = Field(default=None, description="Image height in pixels, if known.")
@@ -217,7 +227,9 @@ def _decode_headers(headers: Sequence[tuple[str, bytes | None]]) -> dict[str, st
             except UnicodeDecodeError:
                 continue  # not a name this binding defines
         if not isinstance(name, str):
-            raise RequestError(RequestErrorReason.INVALID_HEADER_ENCODING, None, "header name is not a string")
+            raise RequestError(
+                RequestErrorReason.INVALID_HEADER_ENCODING, None, "header name is not a string"
+            )
         key = name.lower()
         if not (key.startswith("ce_") or key == _CONTENT_TYPE):
             continue
@@ -258,6 +270,7 @@ def _optional(attrs: dict[str, str | None], key: str) -> str | None:
 def _parse_content_type(attrs: dict[str, str | None]) -> str:
     raw = _require(attrs, _CONTENT_TYPE)
     media_type = raw.split(";", 1)[0].strip().lower()
+    media_type = CONTENT_TYPE_ALIASES.get(media_type, media_type)
     if media_type not in get_args(ContentType):
         allowed = ", ".join(get_args(ContentType))
         raise RequestError(
@@ -298,7 +311,9 @@ def _parse_claim_check(value: bytes) -> ClaimCheck:
             RequestErrorReason.INVALID_CLAIM_CHECK, "value", f"not a UTF-8 JSON document: {exc}"
         ) from None
     if not isinstance(document, dict):
-        raise RequestError(RequestErrorReason.INVALID_CLAIM_CHECK, "value", "claim check must be a JSON object")
+        raise RequestError(
+            RequestErrorReason.INVALID_CLAIM_CHECK, "value", "claim check must be a JSON object"
+        )
     try:
         return ClaimCheck.model_validate(document)
     except ValidationError as exc:

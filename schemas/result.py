@@ -75,7 +75,10 @@ ResultId = Annotated[
     str, StringConstraints(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 ]
 StorageUri = Annotated[
-    str, StringConstraints(min_length=1, max_length=2048, pattern=r"^(?:s3|file|https?)://[^\x00-\x20\x7f-\x9f]+$")
+    str,
+    StringConstraints(
+        min_length=1, max_length=2048, pattern=r"^(?:s3|file|https?)://[^\x00-\x20\x7f-\x9f]+$"
+    ),
 ]
 Milliseconds = Annotated[float, Field(ge=0)]
 Pixels = Annotated[int, Field(ge=1, le=65535)]
@@ -264,7 +267,9 @@ def result_headers_json_schema() -> dict[str, Any]:
         HeaderSpec("ce_productline", "Product line.", string_schema(ProductLine)),
         HeaderSpec("ce_cameraid", "Camera id (also the record key).", identifier),
         HeaderSpec("ce_partid", "Part id, when the request had one.", identifier, required=False),
-        HeaderSpec("content-type", "Media type of the value.", {"type": "string", "const": "application/json"}),
+        HeaderSpec(
+            "content-type", "Media type of the value.", {"type": "string", "const": "application/json"}
+        ),
     ]
     return headers_json_schema(
         "InspectionResultHeaders",

@@ -155,7 +155,12 @@ def encode_heatmap_png(anomaly_map: np.ndarray, threshold: float) -> bytes:
 
 
 def encode_overlay_jpeg(
-    image_rgb: np.ndarray, anomaly_map: np.ndarray, threshold: float, *, alpha: float = 0.45, quality: int = 90
+    image_rgb: np.ndarray,
+    anomaly_map: np.ndarray,
+    threshold: float,
+    *,
+    alpha: float = 0.45,
+    quality: int = 90,
 ) -> bytes:
     """Blend a JET-coloured map over the image and encode it as JPEG (blue = normal, red = anomalous).
 
@@ -173,7 +178,9 @@ def encode_overlay_jpeg(
         raise ValueError("image_rgb must be a (H, W[, 3]) uint8 array")
     image_bgr = cv2.cvtColor(image_rgb, cv2.COLOR_GRAY2BGR if image_rgb.ndim == 2 else cv2.COLOR_RGB2BGR)
     height, width = image_bgr.shape[:2]
-    heat = cv2.resize(heatmap_to_uint8(anomaly_map, threshold), (width, height), interpolation=cv2.INTER_LINEAR)
+    heat = cv2.resize(
+        heatmap_to_uint8(anomaly_map, threshold), (width, height), interpolation=cv2.INTER_LINEAR
+    )
     colored = cv2.applyColorMap(heat, cv2.COLORMAP_JET)
     blended = cv2.addWeighted(image_bgr, 1.0 - alpha, colored, alpha, 0.0)
     ok, buf = cv2.imencode(".jpg", blended, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
@@ -268,6 +275,9 @@ class S3HeatmapStore:
                 Key=object_key,
                 Body=data,
                 ContentType=content_type,
+                # Our own digest, not one botocore computes from the same buffer: S3 rejects the
+                # upload when the bytes it received differ (moto stores it without checking).
+                ChecksumAlgorithm="SHA256",
                 ChecksumSHA256=checksum,
             )
         except (BotoCoreError, ClientError) as exc:
@@ -286,7 +296,11 @@ class RetryingHeatmapStore:
     """
 
     def __init__(
-        self, inner: HeatmapStore, retries: int, backoff_ms: float, sleep: Callable[[float], None] = time.sleep
+        self,
+        inner: HeatmapStore,
+        retries: int,
+        backoff_ms: float,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         """Keep the policy."""
         if retries < 0 or backoff_ms < 0:
@@ -306,7 +320,9 @@ class RetryingHeatmapStore:
                 if attempt + 1 == attempts:
                     raise HeatmapStoreError(f"{exc} (gave up after {attempts} attempts)") from exc
                 delay_s = self.backoff_ms * (2**attempt) / 1000.0
-                log.warning("heatmap_store_retry", key=key, attempt=attempt + 1, delay_s=delay_s, error=str(exc))
+                log.warning(
+                    "heatmap_store_retry", key=key, attempt=attempt + 1, delay_s=delay_s, error=str(exc)
+                )
                 self._sleep(delay_s)
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -131,7 +131,7 @@ class RedisSettings(_Section):
         10, ge=0, le=3_600, description="PING a connection idle this long before reuse (0 = never)."
     )
     retries: int = Field(
-        1, ge=0, le=10, description="Retries of a command after a connection error or timeout (each adds latency)."
+        1, ge=0, le=10, description="Retries after a connection error or timeout (each adds latency)."
     )
     key_prefix: str = Field("space", min_length=1, description="Prefix of every key and channel.")
 
@@ -191,6 +191,8 @@ class ModelSettings(_Section):
     refresh_interval_s: float = Field(5.0, gt=0, le=3_600, description="How often active versions are checked.")
     warmup: bool = Field(True, description="Run a warm-up batch before serving a model.")
     threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads (default: torch's).")
+    preload: tuple[str, ...] = Field((), description="Lines loaded and warmed at start-up; /readyz waits for them.")
+    warmup_batch_sizes: tuple[int, ...] = Field((1,), description="Batch sizes run once before a model serves.")
 
 
 class HeatmapSettings(_Section):
@@ -225,13 +227,13 @@ class ThresholdSettings(_Section):
     cache_ttl_s: float = Field(30.0, gt=0, le=86_400, description="Re-read a cached threshold after this.")
     history_max: int = Field(1_000, ge=1, le=1_000_000, description="Entries kept per line's history.")
     retry_interval_s: float = Field(
-        1.0, gt=0, le=600, description="After a failed Redis read, serve last-known-good this long before retrying."
+        1.0, gt=0, le=600, description="After a failed Redis read, serve last-known-good this long, then retry."
     )
     watch_backoff_max_s: float = Field(
         5.0, gt=0, le=600, description="Longest wait between reconnects of the pub/sub invalidation watcher."
     )
-    min_value: float | None = Field(None, description="Lowest threshold `space thresholds set` accepts without --force.")
-    max_value: float | None = Field(None, description="Highest threshold `space thresholds set` accepts without --force.")
+    min_value: float | None = Field(None, description="Lowest value `space thresholds set` takes without --force.")
+    max_value: float | None = Field(None, description="Highest value `space thresholds set` takes without --force.")
 
 
 class HttpSettings(_Section):

@@ -19,18 +19,20 @@ Owns three things:
 
 from __future__ import annotations
 
+import builtins
 import json
 import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import redis
 import structlog
+from pydantic import ValidationError
 
 from schemas.threshold import ThresholdRecord
 from worker.errors import SpaceError
@@ -119,12 +121,6 @@ return {1, version}
 """
 
 
-def _check_line(line: str) -> str:
-    if not line or len(line) > 256 or any(ch.isspace() or not ch.isprintable() for ch in line):
-        raise ThresholdValueError(f"product line {line!r} must be 1-256 printable characters without spaces")
-    return line
-
-
 def _escape_glob(text: str) -> str:
     return "".join(f"\\{ch}" if ch in "*?[]\\" else ch for ch in text)
 
@@ -133,7 +129,7 @@ class ThresholdStore:
     """Threshold records in Redis: read, compare-and-set write, list, history.
 
     Args:
-        client: a ``redis.Redis`` built with ``decode_responses=True`` (see :func:`worker.redis_client.make_redis`).
+        client: a ``redis.Redis`` with ``decode_responses=True`` (:func:`worker.redis_client.make_redis`).
         key_prefix: prefix of every key and of the notice channel (``space``).
         history_max: entries kept in each line's history list.
         min_value: lowest value accepted without ``force``.
@@ -220,22 +216,30 @@ class ThresholdStore:
             VersionConflict: ``if_version`` does not match the current version.
             redis.exceptions.RedisError: Redis failed.
         """
-        _check_line(line)
         self._check_value(line, value, force=force)
         if if_version is not None and if_version < 0:
             raise ThresholdValueError("if_version must be >= 0")
-        draft = ThresholdRecord(
-            product_line=line,
-            value=float(value),
-            version=1,  # placeholder: the script assigns the real version atomically
-            model_version=model_version,
-            method=method,
-            updated_at=datetime.now(UTC),
-            updated_by=updated_by,
-            note=note,
-        )
+        try:
+            draft = ThresholdRecord(
+                product_line=line,
+                value=float(value),
+                version=1,  # placeholder: the script assigns the real version atomically
+                model_version=model_version or None,
+                method=method,
+                updated_at=datetime.now(UTC),
+                updated_by=updated_by,
+                note=note,
+            )
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ThresholdValueError(f"invalid threshold for line {line!r}: {problems}") from exc
         fields = {k: str(v) for k, v in draft.to_redis_hash().items() if k != "version"}
-        argv: list[Any] = [self.channel, "" if if_version is None else str(if_version), self._history_max, line]
+        argv: list[Any] = [
+            self.channel,
+            "" if if_version is None else str(if_version),
+            self._history_max,
+            line,
+        ]
         for name, text in fields.items():
             argv += [name, text]
         applied, version = self._set_script(keys=[self.key(line), self.history_key(line)], args=argv)
@@ -245,7 +249,7 @@ class ThresholdStore:
         log.info("threshold_set", product_line=line, version=record.version, value=record.value)
         return record
 
-    def list(self) -> list[ThresholdRecord]:
+    def list(self) -> builtins.list[ThresholdRecord]:
         """All lines' current thresholds, sorted by product line (SCAN, never KEYS).
 
         Raises:
@@ -260,7 +264,7 @@ class ThresholdStore:
         records = [self._parse(key, data) for key, data in zip(keys, pipe.execute(), strict=True) if data]
         return sorted(records, key=lambda r: r.product_line)
 
-    def history(self, line: str, limit: int = 20) -> list[ThresholdRecord]:
+    def history(self, line: str, limit: int = 20) -> builtins.list[ThresholdRecord]:
         """A line's past writes, newest first.
 
         Args:
@@ -301,7 +305,7 @@ class ThresholdStore:
             )
 
     @staticmethod
-    def _parse(key: str, data: dict[str, Any]) -> ThresholdRecord:
+    def _parse(key: str, data: Mapping[Any, Any]) -> ThresholdRecord:
         try:
             return ThresholdRecord.from_redis_hash({str(k): str(v) for k, v in data.items()})
         except ValueError as exc:  # pydantic's ValidationError is a ValueError
@@ -525,8 +529,12 @@ class ThresholdWatcher:
                 self._listen()
             except (redis.exceptions.RedisError, OSError) as exc:
                 self._subscribed.clear()
-                log.warning("threshold_watch_lost", channel=self._channel, error=f"{type(exc).__name__}: {exc}",
-                            retry_in_s=self._backoff_s)
+                log.warning(
+                    "threshold_watch_lost",
+                    channel=self._channel,
+                    error=f"{type(exc).__name__}: {exc}",
+                    retry_in_s=self._backoff_s,
+                )
                 self._stop.wait(self._backoff_s)
                 self._backoff_s = min(self._backoff_s * 2, self._backoff_max_s)
         self._subscribed.clear()

@@ -1,0 +1,74 @@
+"""Resumable training checkpoints: ``checkpoint.safetensors`` (tensors) + ``checkpoint.json`` (the rest).
+
+Owns :func:`save_checkpoint` / :func:`load_checkpoint`. Model weights, Adam moments and the torch RNG
+state are tensors; step, numpy RNG state and run metadata are JSON. Nothing is pickled. A checkpoint is
+only resumed when its run fingerprint (config + data hash) matches, so a changed run starts afresh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+from safetensors.torch import load_file, save_file
+
+log = structlog.get_logger(__name__)
+
+TENSORS = "checkpoint.safetensors"
+META = "checkpoint.json"
+
+
+@dataclass
+class Checkpoint:
+    """What :func:`load_checkpoint` returns."""
+
+    model_state: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    torch_rng: torch.Tensor
+    meta: dict[str, Any]
+
+
+def save_checkpoint(
+    folder: Path, fingerprint: str, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
+    torch_rng: torch.Tensor, meta: dict[str, Any],
+) -> None:
+    """Write a checkpoint atomically (tensors first, then the JSON that points at them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model_state.items()}
+    for pid, state in optimizer_state["state"].items():
+        for key, value in state.items():
+            tensors[f"opt.{pid}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    tensors["rng.torch"] = torch_rng.contiguous()
+    tmp = folder / f".{TENSORS}.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, folder / TENSORS)
+    doc = {"fingerprint": fingerprint, "param_groups": optimizer_state["param_groups"], **meta}
+    tmp_meta = folder / f".{META}.tmp"
+    tmp_meta.write_text(json.dumps(doc))
+    os.replace(tmp_meta, folder / META)
+    log.info("checkpoint_saved", folder=str(folder), step=meta.get("step"))
+
+
+def load_checkpoint(folder: Path, fingerprint: str) -> Checkpoint | None:
+    """Return the checkpoint in ``folder`` if it belongs to the run ``fingerprint``, else None."""
+    meta_path, tensor_path = folder / META, folder / TENSORS
+    if not meta_path.is_file() or not tensor_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    if meta.get("fingerprint") != fingerprint:
+        log.warning("checkpoint_ignored", folder=str(folder), reason="different run configuration or data")
+        return None
+    tensors = load_file(str(tensor_path))
+    model_state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, pid, name = key.split(".", 2)
+            opt_state.setdefault(int(pid), {})[name] = value
+    optimizer_state = {"state": opt_state, "param_groups": meta.pop("param_groups")}
+    return Checkpoint(model_state, optimizer_state, tensors["rng.torch"], meta)

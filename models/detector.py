@@ -1,0 +1,164 @@
+"""The runtime the worker uses: :class:`Detector` (load an artifact, prepare images, predict, warm up).
+
+Implements the contract of docs/architecture.md. Inference runs teacher, student (+FE/FM for ``space``) and
+autoencoder under ``torch.inference_mode``, normalises each branch map with the card's quantiles, combines
+them 0.5/0.5, pads by 4 and resizes to the input size; the image score is the map's max (SPACE_SPEC §1.8).
+One caller at a time: a lock serialises :meth:`Detector.predict`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import cv2
+import numpy as np
+import structlog
+import torch
+
+from models.artifact import ModelCard, load_artifact
+from models.model import SpaceModel
+from models.preprocess import prepare_image
+
+log = structlog.get_logger(__name__)
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class DetectorError(ValueError):
+    """A device/precision combination or an input the detector cannot serve."""
+
+
+class Prediction(NamedTuple):
+    """Scores (N,) float32 and maps: (N, h, w) float32 at input size, or a list at original sizes."""
+
+    scores: np.ndarray
+    maps: np.ndarray | list[np.ndarray]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks cuda when available; ``cuda`` without a GPU is a :class:`DetectorError`."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DetectorError("device 'cuda' requested but no CUDA device is available")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise DetectorError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype for ``precision`` on ``device`` (None = fp32); fp16 is cuda-only."""
+    if precision == "fp32":
+        return None
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise DetectorError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        return torch.float16
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise DetectorError("this CUDA device does not support bf16; use fp16 or fp32")
+        return torch.bfloat16
+    raise DetectorError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
+
+
+class Detector:
+    """A loaded, calibrated model ready to score images."""
+
+    def __init__(
+        self, model: SpaceModel, card: ModelCard, device: torch.device, autocast: torch.dtype | None,
+        channels_last: bool,
+    ) -> None:
+        """Wrap ``model`` (use :meth:`load` or :meth:`from_model`)."""
+        if not bool(model.calibrated):
+            raise DetectorError("model is not calibrated (no map quantiles)")
+        self.model = model.eval().to(device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.card = card
+        self.device = device
+        self.autocast = autocast
+        self.channels_last = channels_last
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls, path: str | Path, device: str = "auto", precision: Precision = "fp32", channels_last: bool = True
+    ) -> Detector:
+        """Load an artifact folder (weights hash checked) onto ``device``."""
+        dev = resolve_device(device)
+        autocast = resolve_precision(precision, dev)
+        card, state = load_artifact(Path(path))
+        model = SpaceModel(card.config)
+        model.load_state_dict(state)
+        log.info("detector_loaded", path=str(path), model_name=card.name, model_version=card.version,
+                 device=str(dev), precision=precision)
+        return cls(model, card, dev, autocast, channels_last)
+
+    @classmethod
+    def from_model(
+        cls, model: SpaceModel, card: ModelCard, device: str = "cpu", precision: Precision = "fp32",
+        channels_last: bool = False,
+    ) -> Detector:
+        """Wrap an in-memory model (tests, evaluation right after training)."""
+        dev = resolve_device(device)
+        return cls(model, card, dev, resolve_precision(precision, dev), channels_last)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """Model input (h, w)."""
+        return tuple(self.card.input_size)  # type: ignore[return-value]
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """Gray/RGB/RGBA uint8 of any size -> (h, w, 3) uint8 RGB at :attr:`input_size` (INTER_AREA)."""
+        try:
+            return prepare_image(image, self.input_size)
+        except ValueError as exc:
+            raise DetectorError(str(exc)) from exc
+
+    def _stack(self, batch: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        h, w = self.input_size
+        if isinstance(batch, np.ndarray) and batch.ndim == 4 and batch.shape[1:] == (h, w, 3):
+            if batch.dtype != np.uint8:
+                raise DetectorError(f"batch must be uint8, got {batch.dtype}")
+            return batch
+        if isinstance(batch, np.ndarray) and batch.ndim != 4:
+            raise DetectorError(f"expected (N, {h}, {w}, 3) uint8 or a list of images, got shape {batch.shape}")
+        return np.stack([self.prepare(img) for img in batch])
+
+    def predict(
+        self, batch: np.ndarray | Sequence[np.ndarray], map_size: Literal["input", "original"] = "input"
+    ) -> Prediction:
+        """Score a batch: (N, h, w, 3) uint8 at input size, or a list of images of any size.
+
+        Args:
+            batch: the images.
+            map_size: ``"input"`` gives maps (N, h, w); ``"original"`` (list inputs) resizes each map to
+                its image's own size and returns a list.
+        """
+        originals = [img.shape[:2] for img in batch] if map_size == "original" else None
+        x_np = self._stack(batch)
+        if len(x_np) == 0:
+            h, w = self.input_size
+            return Prediction(np.zeros(0, np.float32), np.zeros((0, h, w), np.float32))
+        with self._lock, torch.inference_mode():
+            x = torch.from_numpy(x_np).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+                maps_t = self.model.anomaly_map(x)
+            maps = maps_t.float().cpu().numpy()
+        scores = maps.reshape(len(maps), -1).max(axis=1).astype(np.float32)
+        if originals is None:
+            return Prediction(scores, maps.astype(np.float32, copy=False))
+        resized = [cv2.resize(m, (ow, oh), interpolation=cv2.INTER_LINEAR) for m, (oh, ow) in zip(maps, originals, strict=True)]
+        return Prediction(scores, resized)
+
+    def warmup(self, batch_sizes: Iterable[int] = (1,)) -> None:
+        """Run each batch size once so kernels are chosen and memory is allocated before serving."""
+        h, w = self.input_size
+        for n in batch_sizes:
+            self.predict(np.zeros((n, h, w, 3), np.uint8))
+        log.info("detector_warm", model_name=self.card.name, batch_sizes=list(batch_sizes))

@@ -1,0 +1,145 @@
+"""Builds a running worker from settings: clients, stores, caches, threads, HTTP, signals.
+
+``space serve`` and the integration tests both use :func:`build_app`, so tests run exactly the
+production wiring against the embedded broker and Redis.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from worker.decode import ClaimCheckFetcher
+from worker.heatmaps import open_heatmap_store
+from worker.http import Heartbeats, HealthServer
+from worker.kafka_clients import make_consumer, make_producer
+from worker.metrics import WorkerMetrics
+from worker.model_manager import ModelManager
+from worker.redis_client import make_redis
+from worker.registry import ModelRegistry
+from worker.s3 import make_s3_client
+from worker.service import Worker
+from worker.settings import Settings
+from worker.thresholds import ThresholdCache, ThresholdStore, ThresholdWatcher
+
+log = structlog.get_logger(__name__)
+
+
+def load_detector(settings: Settings) -> Any:
+    """A loader ``path -> Detector`` honoring the model runtime settings."""
+    from models.detector import Detector
+
+    m = settings.models
+
+    def load(path: Path) -> Any:
+        return Detector.load(path, device=m.device, precision=m.precision, channels_last=m.channels_last)
+
+    return load
+
+
+@dataclass
+class App:
+    """A wired worker and the background services around it."""
+
+    settings: Settings
+    worker: Worker
+    http: HealthServer | None
+    watcher: ThresholdWatcher
+    redis: Any
+    registry: ModelRegistry
+    models: ModelManager
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _refresher: threading.Thread | None = None
+
+    def run(self) -> int:
+        """Start the side services, run the worker until it stops, tear down. Returns the exit code."""
+        self.watcher.start()
+        if self.http is not None:
+            self.http.start()
+            log.info("http_listening", port=self.http.port)
+        self._refresher = threading.Thread(target=self._refresh_loop, name="model-refresh", daemon=True)
+        self._refresher.start()
+        try:
+            if self.settings.models.preload:
+                self.models.preload(self.settings.models.preload)
+            return self.worker.run()
+        finally:
+            self._stop.set()
+            self.watcher.stop()
+            if self.http is not None:
+                self.http.stop()
+            self.redis.close()
+
+    def stop(self) -> None:
+        """Ask the worker to drain and stop."""
+        self.worker.request_stop()
+
+    def _refresh_loop(self) -> None:
+        interval = self.settings.models.refresh_interval_s
+        while not self._stop.wait(interval):
+            try:
+                self.models.refresh()
+                self.worker.heartbeats.beat("model-refresh")
+            except Exception:  # noqa: BLE001 - a registry hiccup must not kill serving
+                log.exception("model_refresh_failed")
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT start a graceful drain (main thread only)."""
+
+        def handle(signum: int, _frame: Any) -> None:
+            log.info("signal_received", signal=signal.Signals(signum).name)
+            self.stop()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+
+
+def build_app(settings: Settings, *, detector_loader: Any | None = None) -> App:
+    """Wire a worker from settings (connects lazily; nothing is consumed until :meth:`App.run`)."""
+    if settings.models.threads:
+        import torch
+
+        torch.set_num_threads(settings.models.threads)
+    metrics = WorkerMetrics()
+    heartbeats = Heartbeats()
+    s3_factory = lambda: make_s3_client(settings.s3)  # noqa: E731 - a lazily called factory
+    registry = ModelRegistry(
+        settings.models.root, s3_client_factory=s3_factory, cache_dir=settings.worker.state_dir / "model-cache"
+    )
+    models = ModelManager(
+        registry,
+        detector_loader or load_detector(settings),
+        max_loaded=settings.models.max_loaded,
+        warmup_batch_sizes=settings.models.warmup_batch_sizes if settings.models.warmup else (),
+        on_load=lambda line, outcome: metrics.model_loads.labels(line, outcome).inc(),
+    )
+    redis_client = make_redis(settings.redis)
+    store = ThresholdStore(redis_client, settings.redis.key_prefix, settings.thresholds.history_max)
+    cache = ThresholdCache(store.get, settings.thresholds.cache_ttl_s)
+    watcher = ThresholdWatcher(lambda: make_redis(settings.redis), store.channel, cache)
+    heatmaps = open_heatmap_store(settings.heatmaps, settings.s3)
+    fetcher = ClaimCheckFetcher(settings.decode, s3_factory)
+    consumer = make_consumer(settings.kafka, client_id=f"{settings.kafka.client_id}-{settings.worker.id}")
+    producer = make_producer(settings.kafka, client_id=f"{settings.kafka.client_id}-{settings.worker.id}")
+    worker = Worker(
+        settings,
+        consumer=consumer,
+        producer=producer,
+        models=models,
+        thresholds=cache,
+        heatmaps=heatmaps,
+        fetcher=fetcher,
+        metrics=metrics,
+        heartbeats=heartbeats,
+    )
+    http = None
+    if settings.http.enabled:
+        http = HealthServer(
+            settings.http.host, settings.http.port, metrics.registry, heartbeats, settings.http.healthy_after_s, worker.readiness
+        )
+    return App(settings, worker, http, watcher, redis_client, registry, models)

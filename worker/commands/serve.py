@@ -1,0 +1,45 @@
+"""``space serve``: run a worker against the configured Kafka, Redis, model registry and stores."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "serve"
+HELP = "Run a worker: consume inspection requests, batch them for the model, publish verdicts."
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Options override the matching settings for quick local runs."""
+    parser.add_argument("--model-root", default=None, help="Override SPACE_MODELS__ROOT.")
+    parser.add_argument("--preload", nargs="*", default=None, help="Lines to load before serving (SPACE_MODELS__PRELOAD).")
+    parser.add_argument("--max-batch-size", type=int, default=None, help="Override SPACE_BATCHING__MAX_BATCH_SIZE.")
+    parser.add_argument("--max-wait-ms", type=float, default=None, help="Override SPACE_BATCHING__MAX_WAIT_MS.")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the app from settings and run it until SIGTERM/SIGINT."""
+    from worker.settings import load_settings
+
+    overrides: dict[str, dict[str, object]] = {}
+    if args.model_root:
+        overrides.setdefault("models", {})["root"] = args.model_root
+    if args.preload is not None:
+        overrides.setdefault("models", {})["preload"] = tuple(args.preload)
+    if args.max_batch_size is not None:
+        overrides.setdefault("batching", {})["max_batch_size"] = args.max_batch_size
+    if args.max_wait_ms is not None:
+        overrides.setdefault("batching", {})["max_wait_ms"] = args.max_wait_ms
+    settings = load_settings()
+    if overrides:
+        merged = settings.model_dump()
+        for section, values in overrides.items():
+            merged[section].update(values)
+        settings = load_settings(**merged)
+
+    from worker.app import build_app
+    from worker.logging import configure_logging
+
+    configure_logging(settings.log.level, settings.log.format)
+    app = build_app(settings)
+    app.install_signal_handlers()
+    return app.run()

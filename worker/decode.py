@@ -1,0 +1,478 @@
+"""Guarded image decoding: header probe, bomb and type checks, normalisation, claim-check fetches.
+
+Owns everything between a record's bytes and an ``(H, W, 3)`` uint8 RGB array:
+
+* :func:`probe_image` reads width, height, channels and bit depth from the JPEG SOF, PNG IHDR, BMP
+  header or first TIFF IFD without decoding, so :func:`decode_image` can refuse a decompression bomb
+  (a few KB declaring 100000x100000 pixels) before OpenCV allocates anything.
+* :func:`decode_image` checks size, sniffs the magic bytes against the declared content type, probes,
+  decodes with ``cv2.IMREAD_UNCHANGED`` and normalises (gray -> 3 channels, 16-bit -> 8-bit, alpha
+  dropped, BGR -> RGB). EXIF orientation is deliberately not applied: inspection cameras are fixed.
+* :class:`ClaimCheckFetcher` downloads claim-check images from allowed sources only (``s3`` buckets,
+  ``file://`` under a configured root; never http), capped in size and verified against their sha256.
+
+Every failure is a :class:`DecodeError` with a stable kebab-case ``reason`` that goes into the dead
+letter's ``error-reason`` header.
+
+OpenCV keeps its own pixel limit, read from ``OPENCV_IO_MAX_IMAGE_PIXELS`` once, when the cv2 library
+loads. This module sets it (unless already set) from ``SPACE_DECODE__MAX_PIXELS`` or the settings'
+default before importing cv2; it only takes effect if this module is imported before anything else
+imports cv2, so it is a second line of defence: the probe is the guard that always applies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
+
+from worker.settings import DecodeSettings
+
+os.environ.setdefault(
+    "OPENCV_IO_MAX_IMAGE_PIXELS",
+    os.environ.get("SPACE_DECODE__MAX_PIXELS", str(DecodeSettings.model_fields["max_pixels"].default)),
+)
+
+import cv2  # after OPENCV_IO_MAX_IMAGE_PIXELS is set (ruff allows os.environ first)
+import numpy as np
+from botocore.exceptions import BotoCoreError, ClientError
+
+from worker.s3 import parse_s3_uri
+
+__all__ = [
+    "CONTENT_TYPES",
+    "ClaimCheckFetcher",
+    "DecodeError",
+    "DecodeReason",
+    "ImageInfo",
+    "decode_image",
+    "probe_image",
+    "sniff_format",
+]
+
+DecodeReason = Literal[
+    "empty-value",
+    "value-too-large",
+    "unsupported-content-type",
+    "content-type-mismatch",
+    "corrupt-image",
+    "too-many-pixels",
+    "unsupported-bit-depth",
+    "claim-check-denied",
+    "claim-check-fetch-failed",
+    "claim-check-checksum-mismatch",
+]
+
+ImageFormat = Literal["jpeg", "png", "bmp", "tiff"]
+
+#: Accepted ``content-type`` values (parameters and case ignored) and the format each declares.
+CONTENT_TYPES: dict[str, ImageFormat] = {
+    "image/jpeg": "jpeg",
+    "image/jpg": "jpeg",
+    "image/pjpeg": "jpeg",
+    "image/png": "png",
+    "image/bmp": "bmp",
+    "image/x-bmp": "bmp",
+    "image/x-ms-bmp": "bmp",
+    "image/tiff": "tiff",
+    "image/tif": "tiff",
+}
+
+_JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_DEPTHS_8_16 = frozenset({1, 2, 4, 8, 16})
+
+
+class DecodeError(Exception):
+    """An image (or its claim check) cannot be turned into pixels.
+
+    Attributes:
+        reason: stable kebab-case code (see :data:`DecodeReason`), used in dead letters and metrics.
+        detail: a human-readable explanation.
+    """
+
+    def __init__(self, reason: DecodeReason, detail: str) -> None:
+        """Keep the code and the explanation."""
+        super().__init__(f"{reason}: {detail}")
+        self.reason: DecodeReason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    """What an image header declares.
+
+    Attributes:
+        format: jpeg, png, bmp or tiff.
+        width: pixels.
+        height: pixels.
+        channels: samples per pixel as stored (None when the header does not say simply).
+        bit_depth: bits per sample (None when unknown).
+    """
+
+    format: ImageFormat
+    width: int
+    height: int
+    channels: int | None
+    bit_depth: int | None
+
+    @property
+    def pixels(self) -> int:
+        """Width times height."""
+        return self.width * self.height
+
+
+def sniff_format(data: bytes) -> ImageFormat | None:
+    """The format the magic bytes announce, or None."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data.startswith(_PNG_SIGNATURE):
+        return "png"
+    if data.startswith(b"BM"):
+        return "bmp"
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    return None
+
+
+def _corrupt(fmt: str, detail: str) -> DecodeError:
+    return DecodeError("corrupt-image", f"{fmt}: {detail}")
+
+
+def _probe_jpeg(data: bytes) -> ImageInfo:
+    pos = 2
+    size = len(data)
+    while pos + 4 <= size:
+        if data[pos] != 0xFF:
+            raise _corrupt("jpeg", f"expected a marker at byte {pos}")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):
+            raise _corrupt("jpeg", "no frame header before the scan data")
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        if length < 2:
+            raise _corrupt("jpeg", f"segment length {length} at byte {pos}")
+        if marker in _JPEG_SOF:
+            if pos + 10 > size:
+                break
+            precision, height, width, components = struct.unpack_from(">BHHB", data, pos + 4)
+            return ImageInfo("jpeg", width, height, components, precision)
+        pos += 2 + length
+    raise _corrupt("jpeg", "truncated before the frame header")
+
+
+def _probe_png(data: bytes) -> ImageInfo:
+    if len(data) < 33:
+        raise _corrupt("png", "truncated before the IHDR chunk")
+    length, chunk_type, width, height, depth, color_type = struct.unpack_from(">I4sIIBB", data, 8)
+    if chunk_type != b"IHDR" or length != 13:
+        raise _corrupt("png", "the first chunk is not IHDR")
+    return ImageInfo("png", width, height, _PNG_CHANNELS.get(color_type), depth)
+
+
+def _probe_bmp(data: bytes) -> ImageInfo:
+    if len(data) < 26:
+        raise _corrupt("bmp", "truncated header")
+    (header_size,) = struct.unpack_from("<I", data, 14)
+    if header_size == 12:  # BITMAPCOREHEADER (OS/2)
+        width, height, _planes, bpp = struct.unpack_from("<HHHH", data, 18)
+    elif header_size >= 40 and len(data) >= 30:
+        width, height, _planes, bpp = struct.unpack_from("<iiHH", data, 18)
+        height = abs(height)  # negative = top-down rows
+    else:
+        raise _corrupt("bmp", f"unknown header size {header_size}")
+    if width <= 0:
+        raise _corrupt("bmp", f"width {width}")
+    channels = {24: 3, 32: 4, 16: 3}.get(bpp, 3 if bpp in (1, 4, 8) else None)
+    return ImageInfo("bmp", width, height, channels, 8 if channels else None)
+
+
+def _probe_tiff(data: bytes) -> ImageInfo:
+    order = "<" if data[:2] == b"II" else ">"
+    big = data[2:4] in (b"+\x00", b"\x00+")
+    if big:  # BigTIFF: 8-byte offsets, 20-byte entries
+        if len(data) < 16:
+            raise _corrupt("tiff", "truncated header")
+        (ifd,) = struct.unpack_from(order + "Q", data, 8)
+        count_fmt, entry_size, value_size = "Q", 20, 8
+    else:
+        if len(data) < 8:
+            raise _corrupt("tiff", "truncated header")
+        (ifd,) = struct.unpack_from(order + "I", data, 4)
+        count_fmt, entry_size, value_size = "H", 12, 4
+    count_size = struct.calcsize(count_fmt)
+    if ifd + count_size > len(data):
+        raise _corrupt("tiff", "first IFD offset lies beyond the data")
+    (count,) = struct.unpack_from(order + count_fmt, data, ifd)
+    tags: dict[int, int] = {}
+    for index in range(min(count, 4096)):
+        entry = ifd + count_size + index * entry_size
+        if entry + entry_size > len(data):
+            raise _corrupt("tiff", "truncated IFD")
+        tag, kind = struct.unpack_from(order + "HH", data, entry)
+        if tag not in (256, 257, 258, 277):
+            continue
+        value_at = entry + entry_size - value_size
+        if kind == 3:  # SHORT: the first value sits at the start of the value field
+            (tags[tag],) = struct.unpack_from(order + "H", data, value_at)
+        elif kind == 4:
+            (tags[tag],) = struct.unpack_from(order + "I", data, value_at)
+        elif kind == 16 and big:
+            (tags[tag],) = struct.unpack_from(order + "Q", data, value_at)
+    if 256 not in tags or 257 not in tags:
+        raise _corrupt("tiff", "no ImageWidth/ImageLength in the first IFD")
+    samples = tags.get(277, 1)
+    # With several samples BitsPerSample is an offset to an array, not a value: report it when simple.
+    depth = tags.get(258, 1) if samples == 1 else None
+    return ImageInfo("tiff", tags[256], tags[257], samples, depth)
+
+
+_PROBES: dict[ImageFormat, Callable[[bytes], ImageInfo]] = {
+    "jpeg": _probe_jpeg,
+    "png": _probe_png,
+    "bmp": _probe_bmp,
+    "tiff": _probe_tiff,
+}
+
+
+def probe_image(data: bytes) -> ImageInfo:
+    """Read an image's dimensions from its header without decoding it.
+
+    Args:
+        data: the encoded file (JPEG, PNG, BMP or TIFF).
+
+    Returns:
+        The declared format, size, channels and bit depth.
+
+    Raises:
+        DecodeError: ``unsupported-content-type`` for unknown magic bytes, ``corrupt-image`` for a
+            truncated or malformed header.
+    """
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise DecodeError("unsupported-content-type", "not a JPEG, PNG, BMP or TIFF file")
+    try:
+        info = _PROBES[fmt](data)
+    except struct.error as exc:
+        raise _corrupt(fmt, f"truncated header ({exc})") from exc
+    if info.width <= 0 or info.height <= 0:
+        raise _corrupt(fmt, f"declares {info.width}x{info.height} pixels")
+    return info
+
+
+def _declared_format(content_type: str | None) -> ImageFormat | None:
+    if content_type is None:
+        return None
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media not in CONTENT_TYPES:
+        raise DecodeError(
+            "unsupported-content-type", f"content-type {content_type!r} is not an accepted image type"
+        )
+    return CONTENT_TYPES[media]
+
+
+def _check_depth(info: ImageInfo) -> None:
+    allowed = {8} if info.format == "jpeg" else _DEPTHS_8_16
+    if info.bit_depth is not None and info.bit_depth not in allowed:
+        raise DecodeError("unsupported-bit-depth", f"{info.format} with {info.bit_depth} bits per sample")
+
+
+def decode_image(
+    data: bytes, content_type: str | None, *, max_pixels: int, max_value_bytes: int
+) -> np.ndarray:
+    """Decode an image into an ``(H, W, 3)`` uint8 RGB array, refusing anything unsafe first.
+
+    Args:
+        data: the encoded file.
+        content_type: the declared media type (``image/jpeg``...); None trusts the magic bytes.
+        max_pixels: refuse images declaring more pixels (checked on the header, before decoding).
+        max_value_bytes: refuse larger inputs.
+
+    Returns:
+        A C-contiguous ``(H, W, 3)`` uint8 RGB array.
+
+    Raises:
+        DecodeError: with reason ``empty-value``, ``value-too-large``, ``unsupported-content-type``,
+            ``content-type-mismatch``, ``too-many-pixels``, ``unsupported-bit-depth`` or ``corrupt-image``.
+    """
+    if not data:
+        raise DecodeError("empty-value", "the image is empty")
+    if len(data) > max_value_bytes:
+        raise DecodeError("value-too-large", f"{len(data)} bytes is over the limit of {max_value_bytes}")
+    declared = _declared_format(content_type)
+    sniffed = sniff_format(data)
+    if declared is not None and sniffed != declared:
+        if sniffed is None:
+            raise _corrupt(declared, "the data does not start with the format's magic bytes")
+        raise DecodeError("content-type-mismatch", f"declared {content_type!r} but the data is {sniffed}")
+    info = probe_image(data)
+    if info.pixels > max_pixels:
+        raise DecodeError(
+            "too-many-pixels", f"{info.width}x{info.height} is over the limit of {max_pixels} pixels"
+        )
+    _check_depth(info)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:
+        raise _corrupt(info.format, f"OpenCV refused it ({str(exc).strip().splitlines()[-1]})") from exc
+    if image is None or image.size == 0:
+        raise _corrupt(info.format, "OpenCV could not decode it (truncated or corrupt)")
+    if image.shape[0] * image.shape[1] > max_pixels:  # a decoder that disagreed with the header
+        raise DecodeError("too-many-pixels", f"decoded {image.shape[1]}x{image.shape[0]} pixels")
+    return _to_rgb8(image, info.format)
+
+
+def _to_rgb8(image: np.ndarray, fmt: str) -> np.ndarray:
+    if image.dtype == np.uint16:
+        image = cv2.convertScaleAbs(image, alpha=255.0 / 65535.0)  # rounds and saturates
+    elif image.dtype != np.uint8:
+        raise DecodeError("unsupported-bit-depth", f"{fmt} decodes to {image.dtype} samples")
+    if image.ndim == 3 and image.shape[2] in (1, 2):
+        image = image[:, :, 0]  # gray (+ alpha)
+    if image.ndim == 2:
+        rgb = cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    elif image.shape[2] == 4:
+        rgb = cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    elif image.shape[2] == 3:
+        rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    else:
+        raise DecodeError("unsupported-bit-depth", f"{fmt} decodes to {image.shape[2]} channels")
+    return np.ascontiguousarray(rgb)
+
+
+class ClaimCheckFetcher:
+    """Fetches claim-check images from allowed sources, size-capped and sha256-verified.
+
+    Allowed: ``s3://bucket/key`` when ``s3`` is in ``claim_check_schemes`` (and the bucket is in
+    ``claim_check_buckets`` when that list is not empty); ``file:///path`` when ``file`` is in
+    ``claim_check_schemes`` and ``claim_check_file_root`` is set and the resolved path (symlinks
+    followed) stays under it. ``http(s)`` is never fetched: the worker must not become a proxy into the
+    plant network (SSRF). The size cap is ``max_value_bytes``, the same as for inline images.
+
+    Args:
+        settings: the ``decode`` settings section.
+        s3_client_factory: builds a boto3 S3 client (called once, on the first ``s3://`` fetch); give it
+            a timeout of ``fetch_timeout_ms``, e.g. ``make_s3_client(s3, timeout_s=...)``.
+    """
+
+    def __init__(self, settings: DecodeSettings, s3_client_factory: Callable[[], Any]) -> None:
+        """Keep the policy; nothing connects yet."""
+        self._settings = settings
+        self._s3_client_factory = s3_client_factory
+        self._s3_client: Any = None
+        self._lock = threading.Lock()
+        root = settings.claim_check_file_root
+        self._file_root = root.resolve() if root is not None else None
+
+    def fetch(self, uri: str, sha256: str) -> bytes:
+        """Download a claim-check image and verify it.
+
+        Args:
+            uri: ``s3://bucket/key`` or ``file:///path``.
+            sha256: expected lowercase hex digest of the bytes.
+
+        Returns:
+            The encoded image bytes.
+
+        Raises:
+            DecodeError: ``claim-check-denied`` (source not allowed), ``claim-check-fetch-failed``,
+                ``value-too-large``, ``empty-value`` or ``claim-check-checksum-mismatch``.
+        """
+        expected = sha256.strip().lower()
+        if not _SHA256_HEX.fullmatch(expected):
+            raise DecodeError("claim-check-checksum-mismatch", f"{sha256!r} is not a sha256 hex digest")
+        scheme = urlsplit(uri).scheme.lower()
+        if scheme in ("http", "https"):
+            raise DecodeError("claim-check-denied", f"{scheme}:// claim checks are not supported")
+        if scheme not in self._settings.claim_check_schemes:
+            allowed = ", ".join(self._settings.claim_check_schemes) or "none"
+            raise DecodeError("claim-check-denied", f"scheme {scheme!r} is not allowed (allowed: {allowed})")
+        if scheme == "s3":
+            data = self._fetch_s3(uri)
+        elif scheme == "file":
+            data = self._fetch_file(uri)
+        else:
+            raise DecodeError("claim-check-denied", f"scheme {scheme!r} is not supported")
+        if not data:
+            raise DecodeError("empty-value", f"{uri} is empty")
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            raise DecodeError("claim-check-checksum-mismatch", f"{uri} has sha256 {actual}, not {expected}")
+        return data
+
+    def _too_large(self, uri: str, size: int) -> DecodeError:
+        limit = self._settings.max_value_bytes
+        return DecodeError("value-too-large", f"{uri} is {size} bytes, over the limit of {limit}")
+
+    def _client(self) -> Any:
+        with self._lock:
+            if self._s3_client is None:
+                self._s3_client = self._s3_client_factory()
+            return self._s3_client
+
+    def _fetch_s3(self, uri: str) -> bytes:
+        try:
+            bucket, key = parse_s3_uri(uri)
+        except ValueError as exc:
+            raise DecodeError("claim-check-denied", str(exc)) from exc
+        if not key:
+            raise DecodeError("claim-check-denied", f"{uri} names no object")
+        buckets = self._settings.claim_check_buckets
+        if buckets and bucket not in buckets:
+            raise DecodeError(
+                "claim-check-denied", f"bucket {bucket!r} is not in the allowed claim-check buckets"
+            )
+        limit = self._settings.max_value_bytes
+        try:
+            response = self._client().get_object(Bucket=bucket, Key=key)
+            size = int(response.get("ContentLength") or 0)
+            if size > limit:
+                response["Body"].close()
+                raise self._too_large(uri, size)
+            body = response["Body"]
+            try:
+                data: bytes = body.read(limit + 1)
+            finally:
+                body.close()
+        except (BotoCoreError, ClientError) as exc:
+            raise DecodeError("claim-check-fetch-failed", f"{uri}: {exc}") from exc
+        if len(data) > limit:
+            raise self._too_large(uri, len(data))
+        return data
+
+    def _fetch_file(self, uri: str) -> bytes:
+        if self._file_root is None:
+            raise DecodeError(
+                "claim-check-denied", "file:// claim checks need SPACE_DECODE__CLAIM_CHECK_FILE_ROOT"
+            )
+        parts = urlsplit(uri)
+        if parts.netloc not in ("", "localhost"):
+            raise DecodeError("claim-check-denied", f"file:// host {parts.netloc!r} is not local")
+        path = Path(unquote(parts.path)).resolve()
+        if not path.is_relative_to(self._file_root):
+            raise DecodeError(
+                "claim-check-denied", f"{path} is outside the claim-check root {self._file_root}"
+            )
+        limit = self._settings.max_value_bytes
+        try:
+            with path.open("rb") as file:
+                data = file.read(limit + 1)
+        except OSError as exc:
+            raise DecodeError("claim-check-fetch-failed", f"{uri}: {exc}") from exc
+        if len(data) > limit:
+            raise self._too_large(uri, len(data))
+        return data

@@ -1,0 +1,237 @@
+"""Model registry: ``<root>/<line>/<version>/`` artifacts with an active-version pointer per line.
+
+The pointer is ``<root>/<line>/ACTIVE.json``: ``{"version": ..., "history": [...], "updated_at",
+"updated_by"}``; ``promote`` writes it atomically and keeps the previous versions (bounded) for
+``rollback``. Roots are directories or ``s3://bucket/prefix``; S3 artifacts are fetched into a
+local cache directory (keyed by line and version, verified by the artifact's own checksums when
+loaded). Line and version names are validated, so they never become path traversal.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from worker.errors import SpaceError
+
+POINTER = "ACTIVE.json"
+HISTORY_MAX = 20
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class RegistryError(SpaceError):
+    """A line or version is unknown or the registry is inconsistent."""
+
+
+def check_name(kind: str, value: str) -> str:
+    """Validate a product line or version name (it becomes part of paths and keys)."""
+    if not _NAME.match(value) or value in {".", ".."}:
+        raise RegistryError(f"invalid {kind} {value!r}: use 1-64 of [A-Za-z0-9._-], starting with a letter or digit")
+    return value
+
+
+@dataclass(frozen=True)
+class ActivePointer:
+    """Which version of a line serves, and what served before."""
+
+    version: str
+    history: tuple[str, ...]
+    updated_at: str
+    updated_by: str
+
+
+class _Backend(Protocol):
+    def read_text(self, key: str) -> str | None: ...
+    def write_text(self, key: str, text: str) -> None: ...
+    def list_dirs(self, prefix: str) -> list[str]: ...
+    def exists(self, key: str) -> bool: ...
+    def materialize(self, prefix: str, cache_dir: Path) -> Path: ...
+
+
+class _FileBackend:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def read_text(self, key: str) -> str | None:
+        path = self._path(key)
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+
+    def write_text(self, key: str, text: str) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def materialize(self, prefix: str, cache_dir: Path) -> Path:
+        return self._path(prefix)
+
+
+class _S3Backend:
+    def __init__(self, bucket: str, prefix: str, client: Any) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.client = client
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def read_text(self, key: str) -> str | None:
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        except self.client.exceptions.NoSuchKey:
+            return None
+        return str(obj["Body"].read().decode("utf-8"))
+
+    def write_text(self, key: str, text: str) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=text.encode(), ContentType="application/json")
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        full = self._key(prefix).rstrip("/") + "/" if prefix or self.prefix else ""
+        names: set[str] = set()
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=full, Delimiter="/"):
+            for common in page.get("CommonPrefixes", []):
+                names.add(common["Prefix"][len(full) :].strip("/"))
+        return sorted(n for n in names if n)
+
+    def exists(self, key: str) -> bool:
+        resp = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(key), MaxKeys=1)
+        return bool(resp.get("KeyCount", 0))
+
+    def materialize(self, prefix: str, cache_dir: Path) -> Path:
+        target = cache_dir / prefix
+        if (target / "model.json").is_file() and (target / "model.safetensors").is_file():
+            return target
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".dl-"))
+        try:
+            for name in ("model.json", "model.safetensors"):
+                self.client.download_file(self.bucket, self._key(f"{prefix}/{name}"), str(tmp / name))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except Exception as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RegistryError(f"cannot fetch s3://{self.bucket}/{self._key(prefix)}: {exc}") from exc
+        return target
+
+
+class ModelRegistry:
+    """Versions and active pointers of every product line.
+
+    Args:
+        root: Directory or ``s3://bucket/prefix``.
+        s3_client_factory: Builds a boto3 S3 client (only for s3:// roots).
+        cache_dir: Where S3 artifacts are downloaded.
+        clock: Wall clock for pointer timestamps.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        *,
+        s3_client_factory: Callable[[], Any] | None = None,
+        cache_dir: Path | None = None,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.root = root
+        self._clock = clock
+        self.cache_dir = cache_dir or Path(tempfile.gettempdir()) / "space-models"
+        self._backend: _Backend
+        if root.startswith("s3://"):
+            if s3_client_factory is None:
+                raise RegistryError("an s3:// model root needs S3 settings")
+            bucket, _, prefix = root.removeprefix("s3://").partition("/")
+            self._backend = _S3Backend(bucket, prefix, s3_client_factory())
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            self._backend = _FileBackend(Path(root.removeprefix("file://")))
+
+    def lines(self) -> list[str]:
+        """Product lines that have at least one version."""
+        return [d for d in self._backend.list_dirs("") if _NAME.match(d)]
+
+    def versions(self, line: str) -> list[str]:
+        """Versions of ``line`` that hold a model card."""
+        check_name("product line", line)
+        return [v for v in self._backend.list_dirs(line) if _NAME.match(v) and self._backend.exists(f"{line}/{v}/model.json")]
+
+    def pointer(self, line: str) -> ActivePointer | None:
+        """The active pointer of ``line``, or None when never promoted."""
+        check_name("product line", line)
+        text = self._backend.read_text(f"{line}/{POINTER}")
+        if text is None:
+            return None
+        try:
+            data = json.loads(text)
+            return ActivePointer(
+                version=check_name("version", data["version"]),
+                history=tuple(data.get("history", [])),
+                updated_at=str(data.get("updated_at", "")),
+                updated_by=str(data.get("updated_by", "")),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RegistryError(f"the active pointer of line {line!r} is corrupt: {exc}") from exc
+
+    def active_version(self, line: str) -> str:
+        """The serving version of ``line``; raises :class:`RegistryError` when there is none."""
+        pointer = self.pointer(line)
+        if pointer is not None:
+            return pointer.version
+        raise RegistryError(f"product line {line!r} has no active model: `space models promote {line} VERSION`")
+
+    def promote(self, line: str, version: str, *, by: str = "unknown") -> ActivePointer:
+        """Make ``version`` the active one (it must exist)."""
+        check_name("product line", line)
+        check_name("version", version)
+        if version not in self.versions(line):
+            raise RegistryError(f"line {line!r} has no version {version!r} (have: {', '.join(self.versions(line)) or 'none'})")
+        current = self.pointer(line)
+        history: list[str] = []
+        if current is not None and current.version != version:
+            history = [current.version, *current.history][:HISTORY_MAX]
+        elif current is not None:
+            history = list(current.history)
+        return self._write_pointer(line, version, history, by)
+
+    def rollback(self, line: str, *, by: str = "unknown") -> ActivePointer:
+        """Go back to the previous active version."""
+        current = self.pointer(line)
+        if current is None or not current.history:
+            raise RegistryError(f"line {line!r} has no previous version to roll back to")
+        previous, *rest = current.history
+        return self._write_pointer(line, previous, rest, by)
+
+    def _write_pointer(self, line: str, version: str, history: list[str], by: str) -> ActivePointer:
+        pointer = ActivePointer(version, tuple(history), self._clock().isoformat(), by)
+        doc = {"version": version, "history": history, "updated_at": pointer.updated_at, "updated_by": by}
+        self._backend.write_text(f"{line}/{POINTER}", json.dumps(doc, indent=2))
+        return pointer
+
+    def local_path(self, line: str, version: str) -> Path:
+        """A local directory holding the artifact (downloaded first for S3 roots)."""
+        check_name("product line", line)
+        check_name("version", version)
+        return self._backend.materialize(f"{line}/{version}", self.cache_dir)

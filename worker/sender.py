@@ -1,0 +1,153 @@
+"""A request producer for cameras, gateways, tests and the demo (``space send``).
+
+Each image becomes one CloudEvents record (binary mode) keyed by the camera id: the value is the
+encoded file as is (inline), or a JSON claim check after the file was uploaded to ``s3://`` or copied
+under a ``file://`` root. ``--rate`` paces the stream with a monotonic schedule (no drift).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from schemas.request import ClaimCheck, InspectionRequest, build_claim_check_value, build_request_headers
+from worker.errors import SpaceError
+
+CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".bmp": "image/bmp",
+                 ".tif": "image/tiff", ".tiff": "image/tiff"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SentRequest:
+    """What was sent for one image."""
+
+    message_id: str
+    path: Path
+    camera_id: str
+    partition: int
+    offset: int
+
+
+def image_files(directory: Path, *, recursive: bool = True) -> list[Path]:
+    """Image files under ``directory`` with a known extension, sorted."""
+    if not directory.is_dir():
+        raise SpaceError(f"{directory} is not a directory")
+    pattern = "**/*" if recursive else "*"
+    files = sorted(p for p in directory.glob(pattern) if p.is_file() and p.suffix.lower() in CONTENT_TYPES)
+    if not files:
+        raise SpaceError(f"no images (.jpg .png .bmp .tif) under {directory}")
+    return files
+
+
+def build_request(
+    *,
+    data: bytes,
+    path: Path,
+    product_line: str,
+    camera_id: str,
+    message_id: str | None = None,
+    part_id: str | None = None,
+    claim_check_uri: str | None = None,
+    deadline: datetime | None = None,
+) -> tuple[InspectionRequest, bytes]:
+    """The request attributes and the record value for one image."""
+    content_type = CONTENT_TYPES[path.suffix.lower()]
+    claim = None
+    value = data
+    if claim_check_uri is not None:
+        claim = ClaimCheck(image_uri=claim_check_uri, sha256=hashlib.sha256(data).hexdigest(), content_type=content_type)
+        value = build_claim_check_value(claim)
+        content_type = "application/json"
+    request = InspectionRequest(
+        message_id=message_id or str(uuid.uuid4()),
+        source=f"space-send/{camera_id}",
+        time=datetime.now(UTC),
+        product_line=product_line,
+        camera_id=camera_id,
+        part_id=part_id,
+        deadline=deadline,
+        content_type=content_type,
+        claim_check=claim,
+    )
+    return request, value
+
+
+class ClaimCheckUploader:
+    """Puts images where claim checks point: ``s3://bucket/prefix`` or ``file:///dir``."""
+
+    def __init__(self, base_uri: str, s3_client_factory: Callable[[], Any] | None = None) -> None:
+        self.base_uri = base_uri.rstrip("/")
+        self._s3_factory = s3_client_factory
+        self._s3: Any = None
+        if not base_uri.startswith(("s3://", "file://")):
+            raise SpaceError(f"--claim-check must be s3://bucket/prefix or file:///dir, not {base_uri!r}")
+
+    def upload(self, path: Path, data: bytes, name: str) -> str:
+        """Store ``data`` and return its URI."""
+        if self.base_uri.startswith("file://"):
+            root = Path(self.base_uri.removeprefix("file://"))
+            root.mkdir(parents=True, exist_ok=True)
+            target = root / name
+            shutil.copyfile(path, target)
+            return f"file://{target.resolve()}"
+        if self._s3 is None:
+            if self._s3_factory is None:
+                raise SpaceError("an s3:// claim check needs S3 settings")
+            self._s3 = self._s3_factory()
+        bucket, _, prefix = self.base_uri.removeprefix("s3://").partition("/")
+        key = f"{prefix}/{name}" if prefix else name
+        self._s3.put_object(Bucket=bucket, Key=key, Body=data)
+        return f"s3://{bucket}/{key}"
+
+
+def paced(items: Iterable[Any], rate_hz: float | None, clock: Callable[[], float] = time.monotonic,
+          sleep: Callable[[float], None] = time.sleep) -> Iterator[Any]:  # fmt: skip
+    """Yield items no faster than ``rate_hz`` on a fixed schedule (no cumulative drift)."""
+    start = clock()
+    for i, item in enumerate(items):
+        if rate_hz:
+            delay = start + i / rate_hz - clock()
+            if delay > 0:
+                sleep(delay)
+        yield item
+
+
+def send_images(
+    producer: Any,
+    topic: str,
+    files: Iterable[Path],
+    *,
+    product_line: str,
+    camera_id: str,
+    rate_hz: float | None = None,
+    uploader: ClaimCheckUploader | None = None,
+    deadline_ms: float | None = None,
+) -> list[SentRequest]:
+    """Publish one request per file and wait for every acknowledgement."""
+    pending = []
+    for path in paced(files, rate_hz):
+        data = path.read_bytes()
+        message_id = str(uuid.uuid4())
+        uri = uploader.upload(path, data, f"{message_id}{path.suffix.lower()}") if uploader else None
+        deadline = None
+        if deadline_ms is not None:
+            deadline = datetime.fromtimestamp(time.time() + deadline_ms / 1000, UTC)
+        request, value = build_request(
+            data=data, path=path, product_line=product_line, camera_id=camera_id, message_id=message_id,
+            claim_check_uri=uri, deadline=deadline,
+        )  # fmt: skip
+        future = producer.send(topic, key=camera_id.encode(), value=value, headers=build_request_headers(request))
+        pending.append((message_id, path, future))
+    producer.flush()
+    sent = []
+    for message_id, path, future in pending:
+        meta = future.get(timeout=30)
+        sent.append(SentRequest(message_id, path, camera_id, meta.partition, meta.offset))
+    return sent

@@ -1,0 +1,660 @@
+"""The worker: Kafka in, decode pool, dynamic batches, model, verdicts out, at-least-once commits.
+
+Threads and what they own:
+
+* consumer (the caller of :meth:`Worker.run`): the only thread that touches the KafkaConsumer.
+  It polls continuously, registers each record with the offset tracker and the sequencer, hands it
+  to the decode pool, pauses/resumes partitions for backpressure and commits acknowledged offsets.
+  The poll loop never waits for the model, so ``max_poll_interval_ms`` never depends on GPU time.
+* decode pool: parses the CloudEvents headers, fetches claim checks, decodes with guards, resizes to
+  the model input and releases records in per-partition order into the batcher.
+* infer: forms batches (full, or the oldest waited ``max_wait_ms``) and runs the model.
+* publish: resolves the threshold, stores heatmaps (a small pool), sends results, alerts and dead
+  letters. Broker acknowledgements mark records done in the offset tracker.
+
+Failure policy: a bad record becomes a dead letter with a reason; a record whose result cannot be
+delivered (the producer gave up after ``delivery_timeout_ms``) is never committed, and the worker
+exits non-zero so the orchestrator restarts it and the group re-delivers the record.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import numpy as np
+import structlog
+from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import OffsetAndMetadata
+
+import worker.kafka_patches  # noqa: F401 - installs the pause/resume fix before any consumer exists
+from schemas.deadletter import DeadLetterInfo, DeadLetterReason, build_dead_letter
+from schemas.request import InspectionRequest, RequestError, parse_request
+from schemas.result import (
+    ALERT_EVENT_TYPE,
+    RESULT_EVENT_TYPE,
+    HeatmapRef,
+    InspectionAlert,
+    InspectionResult,
+    ModelRef,
+    SourceRecord,
+    ThresholdInfo,
+    Timings,
+    build_result_headers,
+    decide_verdict,
+    make_result_id,
+    normalize_score,
+)
+from worker.batcher import Batch, DynamicBatcher, QueueFull
+from worker.decode import ClaimCheckFetcher, DecodeError, decode_image
+from worker.heatmaps import HeatmapStore, HeatmapStoreError, save_heatmap
+from worker.http import Heartbeats
+from worker.metrics import WorkerMetrics
+from worker.model_manager import LoadedModel, ModelManager, ModelUnavailable
+from worker.offsets import OffsetTracker
+from worker.sequencer import Sequencer
+from worker.settings import Settings
+from worker.thresholds import ThresholdCache
+
+log = structlog.get_logger(__name__)
+
+
+
+@dataclass
+class Item:
+    """One request record on its way through the worker."""
+
+    tp: TopicPartition
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes | None]]
+    timestamp_ms: int
+    polled_at: float
+    nbytes: int
+    request: InspectionRequest | None = None
+    model: LoadedModel | None = None
+    image: np.ndarray | None = None
+    decode_s: float = 0.0
+    released_at: float = 0.0
+    failure: tuple[DeadLetterReason, str, str] | None = None  # reason, error class, detail
+    late: bool = False
+    _pending_sends: int = field(default=0, repr=False)
+
+    @property
+    def captured_at(self) -> datetime:
+        if self.request is not None and self.request.time is not None:
+            return self.request.time
+        return datetime.fromtimestamp(max(self.timestamp_ms, 0) / 1000, UTC)
+
+
+@dataclass
+class _Scored:
+    batch: Batch[Item]
+    items: list[Item]
+    scores: np.ndarray
+    maps: np.ndarray
+    infer_s: float
+    formed_at: float
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        self.worker._on_revoked(list(revoked))
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        self.worker._on_assigned(list(assigned))
+
+    def on_partitions_lost(self, lost: Any) -> None:
+        self.worker._on_lost(list(lost))
+
+
+class Worker:
+    """One worker process's streaming pipeline.
+
+    Args:
+        settings: The settings tree.
+        consumer: A kafka-python consumer (from :func:`worker.kafka_clients.make_consumer`).
+        producer: A kafka-python producer (idempotent, acks=all).
+        models: Serving models per product line.
+        thresholds: Threshold cache (Redis-backed in production).
+        heatmaps: Heatmap store.
+        fetcher: Claim-check fetcher.
+        metrics: Prometheus metrics.
+        heartbeats: Progress of each loop, for /healthz.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        consumer: Any,
+        producer: Any,
+        models: ModelManager,
+        thresholds: ThresholdCache,
+        heatmaps: HeatmapStore,
+        fetcher: ClaimCheckFetcher,
+        metrics: WorkerMetrics | None = None,
+        heartbeats: Heartbeats | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.consumer = consumer
+        self.producer = producer
+        self.models = models
+        self.thresholds = thresholds
+        self.heatmaps = heatmaps
+        self.fetcher = fetcher
+        self.metrics = metrics or WorkerMetrics()
+        self.heartbeats = heartbeats or Heartbeats()
+        self._clock = clock
+        b = settings.batching
+        self.batcher: DynamicBatcher[Item] = DynamicBatcher(
+            max_batch_size=b.max_batch_size, max_wait_ms=b.max_wait_ms, max_queue_items=b.max_queue_images, clock=clock
+        )
+        self.tracker = OffsetTracker()
+        self.sequencer: Sequencer[Item] = Sequencer()
+        self._decode_pool = ThreadPoolExecutor(settings.decode.workers, thread_name_prefix="decode")
+        self._heatmap_pool = ThreadPoolExecutor(4, thread_name_prefix="heatmap")
+        self._scored: queue.Queue[_Scored | None] = queue.Queue(maxsize=2)
+        self._inflight_lock = threading.Lock()
+        self._inflight_count = 0
+        self._inflight_bytes = 0
+        self._paused: set[TopicPartition] = set()
+        self._stop = threading.Event()
+        self._infer_done = threading.Event()
+        self._fatal: BaseException | None = None
+        self._last_commit = 0.0
+        self._assigned: set[TopicPartition] = set()
+        self._joined = False
+        self._threads: list[threading.Thread] = []
+        self.worker_id = settings.worker.id
+
+    # ------------------------------------------------------------------------------------------
+    # lifecycle
+    # ------------------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Begin a graceful shutdown (SIGTERM/SIGINT handler calls this)."""
+        self._stop.set()
+
+    @property
+    def assigned(self) -> set[TopicPartition]:
+        return set(self._assigned)
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """/readyz: preloaded models warm, the group joined (partitions assigned), not stopping."""
+        loaded = self.models.loaded()
+        missing = [line for line in self.settings.models.preload if line not in loaded]
+        detail = {
+            "models": {line: m.version for line, m in loaded.items()},
+            "missing_models": missing,
+            "joined": self._joined,
+            "assigned_partitions": len(self._assigned),
+            "stopping": self._stop.is_set(),
+        }
+        return (not missing and self._joined and not self._stop.is_set(), detail)
+
+    def run(self) -> int:
+        """Consume until stopped; returns the process exit code."""
+        k = self.settings.kafka
+        self.consumer.subscribe([k.requests_topic], listener=_Listener(self))
+        infer = threading.Thread(target=self._infer_loop, name="infer", daemon=True)
+        publish = threading.Thread(target=self._publish_loop, name="publish", daemon=True)
+        self._threads = [infer, publish]
+        for t in self._threads:
+            t.start()
+        log.info("worker_started", worker_id=self.worker_id, topic=k.requests_topic, group_id=k.group_id)
+        try:
+            while not self._stop.is_set() and self._fatal is None:
+                self._poll_once()
+        except Exception as exc:
+            log.exception("consumer_loop_failed")
+            self._fatal = exc
+        return self._shutdown()
+
+    def _shutdown(self) -> int:
+        grace = self.settings.worker.shutdown_grace_s
+        deadline = time.monotonic() + grace
+        log.info("worker_draining", inflight=self._inflight_count, grace_s=grace)
+        try:
+            if self._assigned:
+                self.consumer.pause(*self._assigned)
+            # Keep polling (membership, listener callbacks) while in-flight images finish.
+            while self._fatal is None and self._inflight_count > 0 and time.monotonic() < deadline:
+                self.consumer.poll(timeout_ms=50)
+                self._commit(force=True)
+        except Exception:  # noqa: BLE001 - shutdown must go on
+            log.exception("drain_failed")
+        self.batcher.close()
+        for t in self._threads:
+            t.join(timeout=max(0.1, deadline - time.monotonic()))
+        exit_code = 0
+        try:
+            self.producer.flush(timeout=max(1.0, deadline - time.monotonic()))
+        except KafkaError as exc:
+            log.error("producer_flush_failed", error=str(exc))
+            exit_code = 1
+        if self._fatal is None:
+            self._commit(force=True)
+        left = self._inflight_count
+        try:
+            self.consumer.close()  # LeaveGroup: partitions move at once, not after session timeout
+        except Exception:  # noqa: BLE001
+            log.exception("consumer_close_failed")
+        self._decode_pool.shutdown(wait=False, cancel_futures=True)
+        self._heatmap_pool.shutdown(wait=False, cancel_futures=True)
+        try:
+            self.producer.close(timeout=5)
+        except Exception:  # noqa: BLE001
+            log.exception("producer_close_failed")
+        if self._fatal is not None:
+            log.error("worker_stopped_on_error", error=repr(self._fatal), uncommitted_inflight=left)
+            return 1
+        log.info("worker_stopped", uncommitted_inflight=left, exit_code=exit_code)
+        return exit_code
+
+    # ------------------------------------------------------------------------------------------
+    # consumer thread
+    # ------------------------------------------------------------------------------------------
+    def _poll_once(self) -> None:
+        k, b = self.settings.kafka, self.settings.batching
+        room = b.max_inflight_images - self._inflight_count
+        records = self.consumer.poll(timeout_ms=k.poll_timeout_ms, max_records=max(1, min(k.max_poll_records, room)))
+        self.heartbeats.beat("poll")
+        for tp, recs in records.items():
+            for rec in recs:
+                self._accept(tp, rec)
+        self._apply_backpressure()
+        self._commit()
+
+    def _accept(self, tp: TopicPartition, rec: Any) -> None:
+        if not self.tracker.track(tp, rec.offset):
+            return  # a record of a partition we no longer own
+        value = rec.value
+        nbytes = len(value) if value else 0
+        item = Item(
+            tp=tp, offset=rec.offset, key=rec.key, value=value, headers=list(rec.headers or []),
+            timestamp_ms=rec.timestamp, polled_at=self._clock(), nbytes=nbytes,
+        )  # fmt: skip
+        with self._inflight_lock:
+            self._inflight_count += 1
+            self._inflight_bytes += nbytes
+        self.metrics.records_consumed.inc()
+        self.sequencer.register(tp, rec.offset)
+        self._decode_pool.submit(self._decode, item)
+
+    def _apply_backpressure(self) -> None:
+        b = self.settings.batching
+        count, nbytes = self._inflight_count, self._inflight_bytes
+        self.metrics.inflight_images.set(count)
+        self.metrics.inflight_bytes.set(nbytes)
+        over = count >= b.max_inflight_images or nbytes >= b.max_inflight_bytes
+        under = count <= b.max_inflight_images * b.resume_fraction and nbytes <= b.max_inflight_bytes * b.resume_fraction
+        if over and not self._paused and self._assigned:
+            self._paused = set(self._assigned)
+            self.consumer.pause(*self._paused)
+            log.info("partitions_paused", inflight=count, inflight_bytes=nbytes, partitions=len(self._paused))
+        elif self._paused and under:
+            resume = [tp for tp in self._paused if tp in self._assigned]
+            if resume:
+                self.consumer.resume(*resume)
+            log.info("partitions_resumed", inflight=count, inflight_bytes=nbytes, partitions=len(resume))
+            self._paused = set()
+        self.metrics.paused_partitions.set(len(self._paused))
+
+    def _commit(self, *, force: bool = False, only: set[TopicPartition] | None = None, sync: bool = True) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_commit < self.settings.kafka.commit_interval_ms / 1000:
+            return
+        self._last_commit = now
+        offsets = {tp: off for tp, off in self.tracker.committable().items() if only is None or tp in only}
+        if not offsets:
+            return
+        payload = {tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}
+        try:
+            if sync:
+                self.consumer.commit(payload)
+            else:
+                self.consumer.commit_async(payload)
+        except (CommitFailedError, KafkaError) as exc:
+            self.metrics.commits.labels("failed").inc()
+            log.warning("commit_failed", error=str(exc), partitions=len(payload))
+            return
+        self.tracker.mark_committed(offsets)
+        self.metrics.commits.labels("ok").inc()
+        log.debug("offsets_committed", offsets={f"{tp.topic}/{tp.partition}": o for tp, o in offsets.items()})
+
+    # Rebalance callbacks run on the consumer thread inside poll().
+    def _on_assigned(self, assigned: list[TopicPartition]) -> None:
+        self._joined = True
+        self.tracker.assign(assigned)
+        self._assigned.update(assigned)
+        if self._paused:  # keep backpressure consistent for new partitions
+            self.consumer.pause(*assigned)
+            self._paused.update(assigned)
+        self.metrics.assigned_partitions.set(len(self._assigned))
+        log.info("partitions_assigned", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
+
+    def _on_revoked(self, revoked: list[TopicPartition]) -> None:
+        # Settle: let in-flight images of these partitions finish (bounded), commit them, forget.
+        revoked_set = set(revoked)
+        budget_s = min(self.settings.worker.shutdown_grace_s, self.settings.kafka.max_poll_interval_ms / 2000)
+        deadline = time.monotonic() + budget_s
+        while self.tracker.inflight(revoked_set) and time.monotonic() < deadline and self._fatal is None:
+            time.sleep(0.01)
+        left = self.tracker.inflight(revoked_set)
+        # A blocking commit inside a rebalance callback raises in kafka-python 3: commit_async.
+        self._commit(force=True, only=revoked_set, sync=False)
+        self._forget(revoked)
+        log.info(
+            "partitions_revoked", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in revoked), abandoned_inflight=left
+        )
+
+    def _on_lost(self, lost: list[TopicPartition]) -> None:
+        # Lost (evicted): another member may own them already; never commit for them.
+        self._forget(lost)
+        log.warning("partitions_lost", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in lost))
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
+        gone = set(partitions)
+        self.tracker.revoke(gone)
+        for tp in gone:
+            self.sequencer.forget(tp)
+        for item in self.batcher.remove(lambda it: it.tp in gone):
+            self._finish(item)
+        self._assigned.difference_update(gone)
+        self._paused.difference_update(gone)
+        self.metrics.assigned_partitions.set(len(self._assigned))
+
+    # ------------------------------------------------------------------------------------------
+    # decode pool
+    # ------------------------------------------------------------------------------------------
+    def _decode(self, item: Item) -> None:
+        start = time.monotonic()
+        d = self.settings.decode
+        try:
+            item.request = parse_request(item.headers, item.value)
+            model = self.models.get(item.request.product_line)
+            if item.request.claim_check is not None:
+                cc = item.request.claim_check
+                data = self.fetcher.fetch(cc.image_uri, cc.sha256)
+                content_type = cc.content_type if getattr(cc, "content_type", None) else None
+            else:
+                data = item.value or b""
+                content_type = item.request.content_type
+            image = decode_image(data, content_type, max_pixels=d.max_pixels, max_value_bytes=d.max_value_bytes)
+            item.image = model.detector.prepare(image)
+            item.model = model
+        except RequestError as exc:
+            item.failure = (DeadLetterReason(exc.reason.value), type(exc).__name__, str(exc))
+        except DecodeError as exc:
+            item.failure = (DeadLetterReason(exc.reason), type(exc).__name__, str(exc))
+        except ModelUnavailable as exc:
+            reason = DeadLetterReason.UNKNOWN_PRODUCT_LINE if exc.unknown_line else DeadLetterReason.PROCESSING_FAILED
+            item.failure = (reason, type(exc).__name__, str(exc))
+        except Exception as exc:  # noqa: BLE001 - one bad record must never stop the worker
+            log.exception("decode_unexpected_error", offset=item.offset, partition=item.tp.partition)
+            item.failure = (DeadLetterReason.PROCESSING_FAILED, type(exc).__name__, str(exc))
+        item.decode_s = time.monotonic() - start
+        self.metrics.decode_seconds.observe(item.decode_s)
+        self.heartbeats.beat("decode")
+        self.sequencer.complete(item.tp, item.offset, item, self._release)
+
+    def _release(self, item: Item) -> None:
+        """Called in per-partition order (under the sequencer's lock)."""
+        if item.failure is not None:
+            self._dead_letter(item, *item.failure)
+            return
+        assert item.model is not None
+        item.released_at = self._clock()
+        try:
+            self.batcher.put(item.model.key, item)
+        except QueueFull as exc:  # settings make this impossible (queue >= in-flight cap); never drop
+            self._dead_letter(item, DeadLetterReason.PROCESSING_FAILED, "QueueFull", str(exc))
+
+    # ------------------------------------------------------------------------------------------
+    # inference thread
+    # ------------------------------------------------------------------------------------------
+    def _infer_loop(self) -> None:
+        try:
+            while True:
+                batch = self.batcher.get(timeout_s=0.2)
+                self.heartbeats.beat("infer")
+                if batch is None:
+                    if self._stop.is_set() and self._inflight_count == 0:
+                        break
+                    if self.batcher.pending() == 0 and self._stop.is_set() and self._fatal is not None:
+                        break
+                    continue
+                self._infer(batch)
+        except Exception as exc:
+            log.exception("infer_loop_failed")
+            self._fatal = exc
+        finally:
+            self._scored.put(None)
+
+    def _infer(self, batch: Batch[Item]) -> None:
+        formed_at = self._clock()
+        items = []
+        for item in batch.items:
+            if not self.tracker.owns(item.tp):
+                self._finish(item)  # revoked meanwhile: the new owner answers it
+                continue
+            if self._is_late(item):
+                item.late = True
+                self.metrics.late_images.inc()
+                if self.settings.batching.late_policy == "dead_letter":
+                    self._dead_letter(item, DeadLetterReason.PROCESSING_FAILED, "DeadlineExceeded", "deadline exceeded before inference")
+                    continue
+            items.append(item)
+        if not items:
+            return
+        model = items[0].model
+        assert model is not None
+        images = np.stack([it.image for it in items])  # (N, h, w, 3) uint8
+        start = time.monotonic()
+        try:
+            prediction = model.detector.predict(images)
+            scores = np.asarray(prediction.scores, dtype=np.float32)
+            maps = np.asarray(prediction.maps, dtype=np.float32)
+        except Exception as exc:  # noqa: BLE001 - a failing batch is dead-lettered, not fatal
+            log.exception("inference_failed", product_line=model.line, model_version=model.version, size=len(items))
+            for it in items:
+                self._dead_letter(it, DeadLetterReason.INFERENCE_FAILED, type(exc).__name__, str(exc))
+            return
+        infer_s = time.monotonic() - start
+        self.metrics.infer_seconds.labels(model.line).observe(infer_s)
+        self.metrics.batch_size.observe(len(items))
+        self.metrics.batch_fill_ratio.observe(len(items) / self.settings.batching.max_batch_size)
+        self.metrics.batches.labels(batch.reason).inc()
+        for it in items:
+            self.metrics.queue_seconds.observe(max(0.0, formed_at - it.released_at))
+        self._scored.put(_Scored(batch, items, scores, maps, infer_s, formed_at))
+
+    def _is_late(self, item: Item) -> bool:
+        deadline = item.request.deadline if item.request is not None else None
+        if deadline is None and self.settings.batching.deadline_ms is not None:
+            deadline = item.captured_at + timedelta(milliseconds=self.settings.batching.deadline_ms)
+        return deadline is not None and datetime.now(UTC) > deadline
+
+    # ------------------------------------------------------------------------------------------
+    # publish thread
+    # ------------------------------------------------------------------------------------------
+    def _publish_loop(self) -> None:
+        while True:
+            scored = self._scored.get()
+            if scored is None:
+                return
+            try:
+                self._publish(scored)
+            except Exception as exc:
+                log.exception("publish_failed")
+                self._fatal = exc
+                return
+            self.heartbeats.beat("publish")
+
+    def _publish(self, scored: _Scored) -> None:
+        start = time.monotonic()
+        model = scored.items[0].model
+        assert model is not None
+        threshold = self.thresholds.resolve(model.line, model.version, model.default_threshold)
+        self.metrics.threshold_source.labels(threshold.source).inc(len(scored.items))
+        age = self.thresholds.age_s(model.line)
+        if age is not None:
+            self.metrics.threshold_cache_age_seconds.labels(model.line).set(age)
+        verdicts = [decide_verdict(float(s), threshold.value) for s in scored.scores]
+        policy = self.settings.heatmaps.policy
+        futures = {}
+        for i, it in enumerate(scored.items):
+            if policy == "all" or (policy == "anomalous" and verdicts[i] == "anomalous"):
+                assert it.request is not None
+                futures[i] = self._heatmap_pool.submit(
+                    save_heatmap, self.heatmaps, model.line, it.captured_at, it.request.message_id, scored.maps[i], threshold.value
+                )
+        k = self.settings.kafka
+        anomalous = 0
+        for i, it in enumerate(scored.items):
+            assert it.request is not None
+            if not self.tracker.owns(it.tp):
+                self._finish(it)
+                continue
+            heatmap = None
+            heatmap_error = None
+            if i in futures:
+                try:
+                    stored = futures[i].result()
+                    heatmap = HeatmapRef(uri=stored.uri, width=stored.width, height=stored.height, sha256=stored.sha256)
+                except (HeatmapStoreError, OSError) as exc:
+                    self.metrics.heatmap_failures.inc()
+                    heatmap_error = str(exc)[:1000]
+                    log.warning("heatmap_not_stored", message_id=it.request.message_id, error=heatmap_error)
+            score = float(scored.scores[i])
+            now_wall = datetime.now(UTC)
+            total_ms = (self._clock() - it.polled_at) * 1000
+            result = InspectionResult(
+                result_id=make_result_id(it.tp.topic, it.tp.partition, it.offset, model.version),
+                message_id=it.request.message_id,
+                product_line=model.line,
+                camera_id=it.request.camera_id,
+                part_id=it.request.part_id,
+                captured_at=it.captured_at,
+                model=ModelRef(name=model.name, version=model.version),
+                score=score,
+                normalized_score=normalize_score(score, threshold.value),
+                threshold=ThresholdInfo(
+                    value=threshold.value, version=threshold.version, source=threshold.source,
+                    model_version=threshold.model_version,
+                ),  # fmt: skip
+                verdict=verdicts[i],
+                late=it.late,
+                heatmap=heatmap,
+                heatmap_error=heatmap_error,
+                timings=Timings(
+                    queue_ms=max(0.0, (scored.formed_at - it.released_at) * 1000),
+                    decode_ms=it.decode_s * 1000,
+                    infer_ms=scored.infer_s * 1000,
+                    publish_ms=(time.monotonic() - start) * 1000,
+                    total_ms=max(0.0, total_ms),
+                ),
+                batch_size=len(scored.items),
+                worker_id=self.worker_id,
+                source=SourceRecord(topic=it.tp.topic, partition=it.tp.partition, offset=it.offset),
+                produced_at=now_wall,
+            )
+            body = result.model_dump_json().encode()
+            sends = [(k.results_topic, build_result_headers(result, RESULT_EVENT_TYPE))]
+            if result.verdict == "anomalous":
+                anomalous += 1
+                alert = InspectionAlert.from_result(result)
+                sends.append((k.alerts_topic, build_result_headers(alert, ALERT_EVENT_TYPE)))
+            self._send_all(
+                it,
+                [(topic, it.key, body, headers) for topic, headers in sends],
+                on_done=lambda v=result.verdict: self.metrics.results_published.labels(model.line, v).inc(),
+            )
+            self.metrics.end_to_end_seconds.observe(total_ms / 1000)
+        publish_s = time.monotonic() - start
+        self.metrics.publish_seconds.observe(publish_s)
+        log.info(
+            "batch_done",
+            product_line=model.line,
+            model_version=model.version,
+            size=len(scored.items),
+            reason=scored.batch.reason,
+            oldest_wait_ms=round(scored.batch.oldest_wait_s * 1000, 2),
+            infer_ms=round(scored.infer_s * 1000, 2),
+            publish_ms=round(publish_s * 1000, 2),
+            anomalous=anomalous,
+            threshold=threshold.value,
+            threshold_version=threshold.version,
+            threshold_source=threshold.source,
+            partitions=sorted({it.tp.partition for it in scored.items}),
+            first_offset=min(it.offset for it in scored.items),
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # sends, acks and accounting
+    # ------------------------------------------------------------------------------------------
+    def _send_all(
+        self, item: Item, sends: list[tuple[str, bytes | None, bytes, list[Any]]], *, on_done: Callable[[], None]
+    ) -> None:
+        """Send records for one item; the item is acknowledged once the broker accepted all of them."""
+        lock = threading.Lock()
+        item._pending_sends = len(sends)
+
+        def on_ok(_meta: Any) -> None:
+            with lock:
+                item._pending_sends -= 1
+                done = item._pending_sends == 0
+            if done:
+                on_done()
+                self.tracker.ack(item.tp, item.offset)
+                self._finish(item)
+
+        def on_error(exc: BaseException) -> None:
+            # The producer retried until delivery_timeout_ms: the record stays uncommitted and the
+            # worker stops with an error so the group re-delivers it.
+            log.error("send_failed", topic=item.tp.topic, partition=item.tp.partition, offset=item.offset, error=repr(exc))
+            self._fatal = exc
+            self._stop.set()
+
+        for topic, key, value, headers in sends:
+            future = self.producer.send(topic, key=key, value=value, headers=headers)
+            future.add_callback(on_ok)
+            future.add_errback(on_error)
+
+    def _dead_letter(self, item: Item, reason: DeadLetterReason, error_class: str, detail: str) -> None:
+        self.metrics.dead_letters.labels(reason.value).inc()
+        log.warning(
+            "dead_letter", reason=reason.value, error_class=error_class, detail=detail[:300],
+            topic=item.tp.topic, partition=item.tp.partition, offset=item.offset,
+        )  # fmt: skip
+        info = DeadLetterInfo(
+            error_class=error_class[:256] or "Error",
+            reason=reason,
+            detail=detail or reason.value,
+            worker_id=self.worker_id,
+            time=datetime.now(UTC),
+            source_topic=item.tp.topic,
+            source_partition=item.tp.partition,
+            source_offset=item.offset,
+        )
+        letter = build_dead_letter(item.headers, item.value, info, max_value_bytes=self.settings.decode.max_value_bytes)
+        self._send_all(item, [(self.settings.kafka.dlq_topic, item.key, letter.value or b"", letter.headers)], on_done=lambda: None)
+
+    def _finish(self, item: Item) -> None:
+        with self._inflight_lock:
+            self._inflight_count -= 1
+            self._inflight_bytes -= item.nbytes
+        item.image = None
+        item.value = None
