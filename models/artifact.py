@@ -168,7 +168,8 @@ def load_artifact(path: Path) -> tuple[ModelCard, dict[str, torch.Tensor]]:
     digest = sha256_file(weights)
     if digest != card.weights_sha256:
         raise ArtifactError(
-            f"{weights}: sha256 {digest[:12]}… does not match the card's {card.weights_sha256[:12]}… (tampered or mixed files)"
+            f"{weights}: sha256 {digest[:12]}… does not match the card's "
+            f"{card.weights_sha256[:12]}… (tampered or mixed files)"
         )
     try:
         state = load_file(str(weights))

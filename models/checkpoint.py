@@ -34,8 +34,12 @@ class Checkpoint:
 
 
 def save_checkpoint(
-    folder: Path, fingerprint: str, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
-    torch_rng: torch.Tensor, meta: dict[str, Any],
+    folder: Path,
+    fingerprint: str,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    torch_rng: torch.Tensor,
+    meta: dict[str, Any],
 ) -> None:
     """Write a checkpoint atomically (tensors first, then the JSON that points at them)."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -118,11 +118,15 @@ def _to_uint8(image: np.ndarray, path: Path) -> np.ndarray:
 
 
 def _decode(path: Path) -> np.ndarray:
-    """Decode a file with OpenCV at its own depth and channel count (bytes, so any path works)."""
+    """Decode a file with OpenCV at its own bit depth (bytes, so any path works).
+
+    ``ANYDEPTH | ANYCOLOR`` keeps 16-bit and gray data, drops alpha and, unlike ``IMREAD_UNCHANGED``,
+    applies the EXIF orientation of camera JPEGs, so images arrive upright as viewers show them.
+    """
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise DatasetError(f"not an image file (suffix {path.suffix or 'none'!r}): {path}")
     data = np.frombuffer(_read_bytes(path), dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    image = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if data.size else None
     if image is None or image.size == 0:
         raise DatasetError(f"cannot decode image {path} (corrupt, truncated or unsupported)")
     return image
@@ -257,7 +261,7 @@ class _Scanner:
         return None
 
 
-def scan_dataset(root: Path, *, check_readable: bool = True) -> DatasetIndex:
+def scan_dataset(root: Path, *, check_readable: bool = True, require_train: bool = True) -> DatasetIndex:
     """Index an MVTec-layout dataset folder.
 
     Args:
@@ -265,22 +269,24 @@ def scan_dataset(root: Path, *, check_readable: bool = True) -> DatasetIndex:
             and ``ground_truth``.
         check_readable: Decode every image (and mask) once so that corrupt files are skipped now
             rather than failing later. Costs one full decode per file.
+        require_train: Fail without training images; evaluation passes False (it only needs ``test``).
 
     Returns:
         The index; anomalous test images without an annotation have ``mask_path=None``.
 
     Raises:
-        DatasetError: ``root`` is not a folder, or ``train/good`` is missing or has no readable image.
+        DatasetError: ``root`` is not a folder, or ``train/good`` is missing or has no readable image
+            (only with ``require_train``).
     """
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder {root} does not exist or is not a folder")
     scanner = _Scanner(check_readable)
     train_dir = root / "train" / GOOD
-    if not train_dir.is_dir():
+    if require_train and not train_dir.is_dir():
         raise DatasetError(f"no training folder {train_dir} (expected MVTec layout <root>/train/good/)")
     train = scanner.images(train_dir)
-    if not train:
+    if require_train and not train:
         raise DatasetError(
             f"training folder {train_dir} holds no readable image "
             f"(formats: {', '.join(s.lstrip('.') for s in IMAGE_SUFFIXES)})"

@@ -68,7 +68,11 @@ class Detector:
     """A loaded, calibrated model ready to score images."""
 
     def __init__(
-        self, model: SpaceModel, card: ModelCard, device: torch.device, autocast: torch.dtype | None,
+        self,
+        model: SpaceModel,
+        card: ModelCard,
+        device: torch.device,
+        autocast: torch.dtype | None,
         channels_last: bool,
     ) -> None:
         """Wrap ``model`` (use :meth:`load` or :meth:`from_model`)."""
@@ -93,13 +97,23 @@ class Detector:
         card, state = load_artifact(Path(path))
         model = SpaceModel(card.config)
         model.load_state_dict(state)
-        log.info("detector_loaded", path=str(path), model_name=card.name, model_version=card.version,
-                 device=str(dev), precision=precision)
+        log.info(
+            "detector_loaded",
+            path=str(path),
+            model_name=card.name,
+            model_version=card.version,
+            device=str(dev),
+            precision=precision,
+        )
         return cls(model, card, dev, autocast, channels_last)
 
     @classmethod
     def from_model(
-        cls, model: SpaceModel, card: ModelCard, device: str = "cpu", precision: Precision = "fp32",
+        cls,
+        model: SpaceModel,
+        card: ModelCard,
+        device: str = "cpu",
+        precision: Precision = "fp32",
         channels_last: bool = False,
     ) -> Detector:
         """Wrap an in-memory model (tests, evaluation right after training)."""
@@ -125,7 +139,9 @@ class Detector:
                 raise DetectorError(f"batch must be uint8, got {batch.dtype}")
             return batch
         if isinstance(batch, np.ndarray) and batch.ndim != 4:
-            raise DetectorError(f"expected (N, {h}, {w}, 3) uint8 or a list of images, got shape {batch.shape}")
+            raise DetectorError(
+                f"expected (N, {h}, {w}, 3) uint8 or a list of images, got shape {batch.shape}"
+            )
         return np.stack([self.prepare(img) for img in batch])
 
     def predict(
@@ -144,16 +160,27 @@ class Detector:
             h, w = self.input_size
             return Prediction(np.zeros(0, np.float32), np.zeros((0, h, w), np.float32))
         with self._lock, torch.inference_mode():
-            x = torch.from_numpy(x_np).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+            x = (
+                torch.from_numpy(x_np)
+                .to(self.device, non_blocking=True)
+                .permute(0, 3, 1, 2)
+                .float()
+                .div_(255)
+            )
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            with torch.autocast(
+                self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None
+            ):
                 maps_t = self.model.anomaly_map(x)
             maps = maps_t.float().cpu().numpy()
         scores = maps.reshape(len(maps), -1).max(axis=1).astype(np.float32)
         if originals is None:
             return Prediction(scores, maps.astype(np.float32, copy=False))
-        resized = [cv2.resize(m, (ow, oh), interpolation=cv2.INTER_LINEAR) for m, (oh, ow) in zip(maps, originals, strict=True)]
+        resized = [
+            cv2.resize(m, (ow, oh), interpolation=cv2.INTER_LINEAR)
+            for m, (oh, ow) in zip(maps, originals, strict=True)
+        ]
         return Prediction(scores, resized)
 
     def warmup(self, batch_sizes: Iterable[int] = (1,)) -> None:

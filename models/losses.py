@@ -22,7 +22,10 @@ RF_STRIDE = 4
 
 
 def hard_loss(
-    t: torch.Tensor, s: torch.Tensor, q: float = 0.999, mask: torch.Tensor | None = None,
+    t: torch.Tensor,
+    s: torch.Tensor,
+    q: float = 0.999,
+    mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Hard feature loss: mean of the squared differences at or above their ``q`` quantile (§1.6.1).
@@ -115,7 +118,9 @@ class SpatialAug:
             return self._op(x, inverse=False)
         py, px = RF_STRIDE * self.dy, RF_STRIDE * self.dx
         # Shift with reflected fill: the fill region is excluded from SCL by valid_mask.
-        padded = torch.nn.functional.pad(x, (max(px, 0), max(-px, 0), max(py, 0), max(-py, 0)), mode="reflect")
+        padded = torch.nn.functional.pad(
+            x, (max(px, 0), max(-px, 0), max(py, 0), max(-py, 0)), mode="reflect"
+        )
         h, w = x.shape[-2:]
         y0, x0 = max(-py, 0), max(-px, 0)
         return padded[..., y0 : y0 + h, x0 : x0 + w]

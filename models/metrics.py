@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 __all__ = [
     "au_pro",
@@ -30,10 +31,10 @@ __all__ = [
     "roc_curve",
 ]
 
-ArrayList = Sequence[np.ndarray] | np.ndarray
+ArrayList = Sequence[np.ndarray] | np.ndarray  # per-image 2-D arrays (sizes may differ)
 
 
-def _binary_inputs(labels: ArrayList, scores: ArrayList) -> tuple[np.ndarray, np.ndarray]:
+def _binary_inputs(labels: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(labels).ravel()
     s = np.asarray(scores).ravel()
     if y.shape != s.shape:
@@ -47,7 +48,9 @@ def _binary_inputs(labels: ArrayList, scores: ArrayList) -> tuple[np.ndarray, np
 
 def _check_both_classes(n_pos: int, n_neg: int, what: str) -> None:
     if n_pos == 0 or n_neg == 0:
-        raise ValueError(f"{what} needs positive and negative samples (got {n_pos} positive, {n_neg} negative)")
+        raise ValueError(
+            f"{what} needs positive and negative samples (got {n_pos} positive, {n_neg} negative)"
+        )
 
 
 def _mann_whitney_auc(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -63,7 +66,7 @@ def _mann_whitney_auc(pos: np.ndarray, neg: np.ndarray) -> float:
     return twice / (2.0 * pos.size * neg.size)
 
 
-def roc_curve(labels: ArrayList, scores: ArrayList) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def roc_curve(labels: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact ROC curve with tied scores collapsed into one point.
 
     Args:
@@ -91,7 +94,7 @@ def roc_curve(labels: ArrayList, scores: ArrayList) -> tuple[np.ndarray, np.ndar
     return fpr, tpr, thresholds
 
 
-def image_auroc(labels: ArrayList, scores: ArrayList) -> float:
+def image_auroc(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:
     """Image-level AUROC (anomalous = positive).
 
     Args:
@@ -191,11 +194,12 @@ def pro_curve(
     pos, weights = pos[order], weights[order]
     cum_weight = np.r_[0.0, np.cumsum(weights)]
     # Lowest threshold worth visiting: the first distinct score whose FPR exceeds the limit.
-    allowed = int(np.floor(fpr_limit * neg.size))
+    allowed = int(np.floor(fpr_limit * neg.size + 1e-9))
     floor = neg[neg.size - allowed - 1] if allowed < neg.size else -np.inf
     candidates = np.unique(np.concatenate([neg[neg >= floor], pos[pos >= floor]]))[::-1]
     fp = neg.size - np.searchsorted(neg, candidates, side="left")
-    pro = cum_weight[-1] - cum_weight[np.searchsorted(pos, candidates, side="left")]
+    # Normalised by the summed weights (1 in exact arithmetic) so full detection is exactly 1.
+    pro = (cum_weight[-1] - cum_weight[np.searchsorted(pos, candidates, side="left")]) / cum_weight[-1]
     fpr = np.r_[0.0, fp / neg.size]
     pro = np.r_[0.0, np.clip(pro, 0.0, 1.0)]
     return fpr, pro, np.r_[np.inf, candidates.astype(np.float64)]
@@ -205,7 +209,8 @@ def _area_up_to(x: np.ndarray, y: np.ndarray, limit: float) -> float:
     """Trapezoid area of ``y(x)`` on ``[0, limit]``, interpolating linearly at the limit."""
     inside = np.flatnonzero(x <= limit)
     last = inside[-1]
-    area = float(np.trapezoid(y[: last + 1], x[: last + 1]))
+    xs, ys = x[: last + 1], y[: last + 1]
+    area = float(np.sum(np.diff(xs) * (ys[1:] + ys[:-1])) / 2.0)
     if last + 1 < x.size and x[last] < limit:
         x0, x1, y0, y1 = x[last], x[last + 1], y[last], y[last + 1]
         y_limit = y0 + (y1 - y0) * (limit - x0) / (x1 - x0)
@@ -233,7 +238,7 @@ def au_pro(masks: ArrayList, maps: ArrayList, fpr_limit: float = 0.3) -> float:
     return _area_up_to(fpr, pro, fpr_limit) / fpr_limit
 
 
-def f1_optimal_threshold(labels: ArrayList, scores: ArrayList) -> tuple[float, float, float, float]:
+def f1_optimal_threshold(labels: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[float, float, float, float]:
     """Threshold that maximises F1 when flagging ``score >= threshold``.
 
     Candidates are the distinct scores; among equal F1 the highest threshold (fewest alarms) wins.
@@ -265,7 +270,7 @@ def f1_optimal_threshold(labels: ArrayList, scores: ArrayList) -> tuple[float, f
     return float(s_sorted[last_of_tie[best]]), float(f1[best]), float(precision[best]), float(recall[best])
 
 
-def quantile_threshold(normal_scores: ArrayList, target_fpr: float) -> float:
+def quantile_threshold(normal_scores: npt.ArrayLike, target_fpr: float) -> float:
     """Threshold that flags at most ``target_fpr`` of the given normal scores.
 
     Between two normal scores the midpoint is used (margin on both sides); when no false alarm is

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from models.networks import TEACHER_CHANNELS, PDN, AutoEncoder, Student, pdn_out_size
+from models.networks import PDN, TEACHER_CHANNELS, AutoEncoder, Student, pdn_out_size
 from models.teacher import FilterBankTeacher
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -20,6 +20,7 @@ PdnSize = Literal["s", "m"]
 TEACHER_CHANNELS = 384
 STUDENT_CHANNELS = 2 * TEACHER_CHANNELS
 AE_LATENT = 64
+MIN_INPUT_SIZE = 128  # the first decoder stage is H/64 - 1 >= 1
 
 
 def pdn_out_size(size: int, padding: bool = False) -> int:
@@ -46,7 +47,9 @@ class PDN(nn.Module):
     translates nelson1425's ``Sequential`` indices to these names.
     """
 
-    def __init__(self, size: PdnSize = "s", out_channels: int = TEACHER_CHANNELS, padding: bool = False) -> None:
+    def __init__(
+        self, size: PdnSize = "s", out_channels: int = TEACHER_CHANNELS, padding: bool = False
+    ) -> None:
         """Build the layers.
 
         Args:
@@ -111,24 +114,27 @@ class AutoEncoder(nn.Module):
     """
 
     def __init__(
-        self, input_size: tuple[int, int] = (256, 256), padding: bool = False, out_channels: int = TEACHER_CHANNELS
+        self,
+        input_size: tuple[int, int] = (256, 256),
+        padding: bool = False,
+        out_channels: int = TEACHER_CHANNELS,
     ) -> None:
-        """Build encoder and decoder for ``input_size`` (h, w), both multiples of 32 and >= 64."""
+        """Build encoder and decoder for ``input_size`` (h, w), both multiples of 32 and >= 128."""
         super().__init__()
         h, w = input_size
-        if h % 32 or w % 32 or min(h, w) < 64:
-            raise ValueError(f"autoencoder input size must be multiples of 32 and >= 64, got {input_size}")
+        if h % 32 or w % 32 or min(h, w) < MIN_INPUT_SIZE:
+            raise ValueError(f"input size must be multiples of 32 and >= {MIN_INPUT_SIZE}, got {input_size}")
         self.input_size = (h, w)
         self.out_size = (pdn_out_size(h, padding), pdn_out_size(w, padding))
         self.sizes = list(zip(decoder_sizes(h), decoder_sizes(w), strict=True))
-        if min(min(s) for s in self.sizes) < 1:
-            raise ValueError(f"input size {input_size} too small for the decoder")
         enc: list[nn.Module] = []
         for cin, cout in ((3, 32), (32, 32), (32, 64), (64, 64), (64, 64)):
             enc += [nn.Conv2d(cin, cout, 4, stride=2, padding=1), nn.ReLU()]
         enc.append(nn.Conv2d(64, AE_LATENT, (h // 32, w // 32)))
         self.encoder = nn.Sequential(*enc)
-        self.dec_convs = nn.ModuleList([nn.Conv2d(AE_LATENT if i == 0 else 64, 64, 4, padding=2) for i in range(6)])
+        self.dec_convs = nn.ModuleList(
+            [nn.Conv2d(AE_LATENT if i == 0 else 64, 64, 4, padding=2) for i in range(6)]
+        )
         self.dropout = nn.Dropout(0.2)
         self.dec_conv7 = nn.Conv2d(64, 64, 3, padding=1)
         self.dec_conv8 = nn.Conv2d(64, out_channels, 3, padding=1)
@@ -150,8 +156,12 @@ class FeatureConverter(nn.Module):
     """
 
     def __init__(
-        self, fe_channels: int, trunk_channels: int, out_channels: int = STUDENT_CHANNELS,
-        hidden: int = 256, dropout: float = 0.1,
+        self,
+        fe_channels: int,
+        trunk_channels: int,
+        out_channels: int = STUDENT_CHANNELS,
+        hidden: int = 256,
+        dropout: float = 0.1,
     ) -> None:
         """Build the converter (1x1 -> 3x3 -> 1x1) and the gate (1x1 over [trunk | hidden])."""
         super().__init__()
@@ -177,7 +187,11 @@ class Student(nn.Module):
     """
 
     def __init__(
-        self, size: PdnSize = "s", padding: bool = False, fe_channels: int = 0, use_fm: bool = True,
+        self,
+        size: PdnSize = "s",
+        padding: bool = False,
+        fe_channels: int = 0,
+        use_fm: bool = True,
         fm_dropout: float = 0.1,
     ) -> None:
         """Build the student; ``fe_channels=0`` means no FE (plain EfficientAD student)."""

@@ -20,8 +20,16 @@ from models.preprocess import prepare_image
 log = structlog.get_logger(__name__)
 
 SKIMAGE_PHOTOS = (
-    "astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "colorwheel",
-    "clock", "page", "text", "moon", "cell",
+    "astronaut",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "colorwheel",
+    "clock",
+    "page",
+    "text",
+    "moon",
+    "cell",
 )
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -35,7 +43,8 @@ def _bundled_photos() -> list[np.ndarray]:
     for name in SKIMAGE_PHOTOS:
         try:
             img = np.asarray(getattr(skdata, name)())
-        except Exception:  # noqa: BLE001 - a missing bundled file just shrinks the pool
+        except Exception as exc:  # noqa: BLE001 - a missing bundled file just shrinks the pool
+            log.debug("penalty_photo_unavailable", name=name, error=str(exc))
             continue
         photos.append(prepare_image(img.astype(np.uint8), img.shape[:2]))
     return photos

@@ -155,7 +155,7 @@ def _pose(spec: LineSpec, size: int, rng: np.random.Generator) -> np.ndarray:
     base = _object_base(spec.source, size)
     angle = rng.uniform(-2.0, 2.0)
     scale = rng.uniform(0.97, 1.03)
-    matrix = cv2.getRotationMatrix2D((size / 2 - 0.5, size / 2 - 0.5), angle, scale)
+    matrix = np.asarray(cv2.getRotationMatrix2D((size / 2 - 0.5, size / 2 - 0.5), angle, scale), np.float64)
     matrix[:, 2] += rng.uniform(-0.02, 0.02, size=2) * size
     border = cv2.BORDER_REFLECT_101 if spec.background is None else cv2.BORDER_CONSTANT
     value = spec.background or (0, 0, 0)
@@ -193,9 +193,8 @@ def _product_region(spec: LineSpec, image: np.ndarray) -> np.ndarray | None:
     if spec.foreground_min is None:
         return None
     gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-    region = (gray >= spec.foreground_min).astype(np.uint8)
-    region = cv2.erode(region, np.ones((7, 7), np.uint8))
-    return region > 0
+    region = cv2.erode((gray >= spec.foreground_min).astype(np.uint8), np.ones((7, 7), np.uint8))
+    return np.asarray(region > 0)
 
 
 def render_defect_image(

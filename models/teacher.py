@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.networks import TEACHER_CHANNELS, PDN, PdnSize, pdn_out_size
+from models.networks import PDN, TEACHER_CHANNELS, PdnSize, pdn_out_size
 
 log = structlog.get_logger(__name__)
 
@@ -81,7 +81,7 @@ def load_published_teacher(path: Path, size: PdnSize) -> PDN:
             raw = load_file(str(path))
         else:
             raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any decode failure is the same operator error
+    except Exception as exc:
         raise TeacherError(f"cannot read teacher weights {path}: {exc}") from exc
     if isinstance(raw, dict) and "state_dict" in raw and isinstance(raw["state_dict"], dict):
         raw = raw["state_dict"]
@@ -96,7 +96,8 @@ def load_published_teacher(path: Path, size: PdnSize) -> PDN:
     for name, ref in expected.items():
         if tuple(state[name].shape) != tuple(ref.shape):
             raise TeacherError(
-                f"{path}: {name} has shape {tuple(state[name].shape)}, PDN-{size.upper()} needs {tuple(ref.shape)}"
+                f"{path}: {name} has shape {tuple(state[name].shape)}, "
+                f"PDN-{size.upper()} needs {tuple(ref.shape)}"
             )
     pdn.load_state_dict({k: v.float() for k, v in state.items() if k in expected})
     log.info("teacher_imported", path=str(path), size=size)
@@ -238,7 +239,9 @@ def load_backbone(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return backbone
 
 
-def _distill_target(backbone: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grid: int) -> torch.Tensor:
+def _distill_target(
+    backbone: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grid: int
+) -> torch.Tensor:
     with torch.no_grad():
         f = backbone(x).float()
         f = F.interpolate(f, size=(grid, grid), mode="bilinear", align_corners=False)
@@ -286,7 +289,7 @@ def distill_teacher(
         loss.backward()
         opt.step()
         if step % 100 == 0 or step == steps - 1:
-            log.info("distill_step", step=step, loss=float(loss))
+            log.info("distill_step", step=step, loss=loss.item())
     teacher = PDN(size, TEACHER_CHANNELS, padding=False)
     teacher.load_state_dict(pdn.state_dict())
     return teacher.eval().requires_grad_(False)

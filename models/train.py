@@ -1,4 +1,4 @@
-"""The training loop behind ``space train``: data -> teacher -> student/AE training -> calibration -> artifact.
+"""The training loop behind ``space train``: data -> teacher -> student/AE -> calibration -> artifact.
 
 Owns :class:`TrainConfig` and :func:`train`. Steps (SPACE_SPEC §1.5-1.8, §2.4): scan the MVTec-layout folder
 (:mod:`models.data`), resolve the teacher (:func:`resolve_teacher`), compute teacher channel statistics,
@@ -69,7 +69,7 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
-    input_size: int = Field(256, ge=64)
+    input_size: int = Field(256, ge=128, multiple_of=32)
     batch_size: int = Field(1, ge=1)
     lr: float = 1e-4
     weight_decay: float = 1e-5
@@ -88,12 +88,22 @@ class TrainConfig(BaseModel):
 
     def model_config_for_run(self, teacher_kind: Literal["pdn", "filterbank"]) -> ModelConfig:
         """The :class:`ModelConfig` this run trains."""
-        common = {"size": self.size, "input_size": (self.input_size, self.input_size), "teacher_kind": teacher_kind}
+        common = {
+            "size": self.size,
+            "input_size": (self.input_size, self.input_size),
+            "teacher_kind": teacher_kind,
+        }
         if self.variant == "efficientad":
             return efficientad_config(**common)
         return ModelConfig(
-            variant="space", use_fe=self.use_fe, use_fm=self.use_fm, use_scl=self.use_scl,
-            scl_mask=self.scl_mask, scl_weight=self.scl_weight, scl_augment=self.scl_augment, **common,
+            variant="space",
+            use_fe=self.use_fe,
+            use_fm=self.use_fm,
+            use_scl=self.use_scl,
+            scl_mask=self.scl_mask,
+            scl_weight=self.scl_weight,
+            scl_augment=self.scl_augment,
+            **common,
         )
 
 
@@ -135,13 +145,19 @@ def resolve_teacher(
     spec = DEFAULT_OFFLINE if cfg.teacher == "offline" else cfg.teacher
     if spec in OFFLINE_KINDS:
         kind: Literal["pdn", "filterbank"] = "filterbank" if spec == "filterbank" else "pdn"
-        return build_offline_teacher(spec, cfg.size, cfg.seed), kind, TeacherInfo(source=f"offline:{spec}", seed=cfg.seed)
+        return (
+            build_offline_teacher(spec, cfg.size, cfg.seed),
+            kind,
+            TeacherInfo(source=f"offline:{spec}", seed=cfg.seed),
+        )
     if spec.startswith("distill:"):
         backbone = load_backbone(spec.removeprefix("distill:"))
         rng = np.random.default_rng(cfg.seed + 1)
-        model = SpaceModel(efficientad_config(size=cfg.size, input_size=(cfg.input_size,) * 2, teacher_kind="pdn"))
+        model = SpaceModel(
+            efficientad_config(size=cfg.size, input_size=(cfg.input_size,) * 2, teacher_kind="pdn")
+        )
 
-        def batches():  # noqa: ANN202 - local generator
+        def batches():
             while True:
                 idx = rng.integers(len(train_images), size=8)
                 imgs = train_images[idx]
@@ -207,13 +223,17 @@ def training_losses(
     if aug is not None:
         t_g, s_g = t_all[2 * b : 3 * b], s_all[2 * b : 3 * b]
         mask = scl_mask(aug, t_g, t_clean, use_consistency=cfg.scl_mask)
-        losses["scl"] = lam_scl * (scl_loss(aug, s_g, s_clean, mask) + hard_loss(t_g, s_g[:, :TEACHER_CHANNELS], mask=mask))
+        losses["scl"] = lam_scl * (
+            scl_loss(aug, s_g, s_clean, mask) + hard_loss(t_g, s_g[:, :TEACHER_CHANNELS], mask=mask)
+        )
     losses["total"] = sum(losses.values())  # type: ignore[assignment]
     return losses
 
 
 @torch.no_grad()
-def calibrate(model: SpaceModel, images: np.ndarray, device: torch.device, autocast: torch.dtype | None) -> np.ndarray:
+def calibrate(
+    model: SpaceModel, images: np.ndarray, device: torch.device, autocast: torch.dtype | None
+) -> np.ndarray:
     """Set map quantiles (q_a=0.9, q_b=0.995 of validation pixels, per branch) and return image scores."""
     model.eval()
     st_maps, ae_maps = [], []
@@ -241,13 +261,19 @@ def score_stats(scores: np.ndarray) -> ScoreStats:
     s = scores.astype(np.float64)
     qs = np.quantile(s, [0.5, 0.9, 0.99])
     return ScoreStats(
-        n=len(s), mean=float(s.mean()), std=float(s.std()), min=float(s.min()),
-        q50=float(qs[0]), q90=float(qs[1]), q99=float(qs[2]), max=float(s.max()),
+        n=len(s),
+        mean=float(s.mean()),
+        std=float(s.std()),
+        min=float(s.min()),
+        q50=float(qs[0]),
+        q90=float(qs[1]),
+        q99=float(qs[2]),
+        max=float(s.max()),
     )
 
 
 def default_threshold(stats: ScoreStats) -> float:
-    """Default decision threshold: the 0.99 quantile of normal scores plus a quarter of its spread above the median."""
+    """Default threshold: q99 of normal validation scores plus a quarter of the q50-q99 spread (margin)."""
     return stats.q99 + 0.25 * max(stats.q99 - stats.q50, 0.0)
 
 
@@ -264,7 +290,9 @@ def _split_validation(index: dataset.DatasetIndex, seed: int) -> tuple[list[Path
 
 
 def _run_fingerprint(cfg: TrainConfig, data_hash: str) -> str:
-    keep = cfg.model_dump(mode="json", exclude={"out", "progress", "checkpoint_every", "name", "model_version"})
+    keep = cfg.model_dump(
+        mode="json", exclude={"out", "progress", "checkpoint_every", "name", "model_version"}
+    )
     return hashlib.sha256(json.dumps({"cfg": keep, "data": data_hash}, sort_keys=True).encode()).hexdigest()
 
 
@@ -305,8 +333,15 @@ def train(cfg: TrainConfig) -> Path:
         start_step, elapsed_before = int(resumed.meta["step"]), float(resumed.meta["elapsed_s"])
         log.info("train_resumed", step=start_step, checkpoint=str(ckpt_dir))
     log.info(
-        "train_started", product_line=cfg.product_line, variant=cfg.variant, steps=cfg.steps, device=str(device),
-        precision=str(autocast or "fp32"), n_train=len(train_images), n_val=len(val_images), teacher=teacher_info.source,
+        "train_started",
+        product_line=cfg.product_line,
+        variant=cfg.variant,
+        steps=cfg.steps,
+        device=str(device),
+        precision=str(autocast or "fp32"),
+        n_train=len(train_images),
+        n_val=len(val_images),
+        teacher=teacher_info.source,
     )
     progress = ProgressLine(cfg.steps, enabled=cfg.progress, start=start_step)
     losses: dict[str, float] = {}
@@ -324,15 +359,19 @@ def train(cfg: TrainConfig) -> Path:
         opt.zero_grad(set_to_none=True)
         step_losses["total"].backward()
         opt.step()
-        losses = {k: float(v) for k, v in step_losses.items()}
+        losses = {k: v.item() for k, v in step_losses.items()}
         progress.update(step + 1, losses["total"])
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             meta = {
-                "step": step + 1, "np_rng": rng.bit_generator.state, "model_config": model.config.model_dump(mode="json"),
+                "step": step + 1,
+                "np_rng": rng.bit_generator.state,
+                "model_config": model.config.model_dump(mode="json"),
                 "teacher": teacher_info.model_dump(mode="json"),
                 "elapsed_s": elapsed_before + time.monotonic() - t_loop,
             }
-            save_checkpoint(ckpt_dir, fingerprint, model.state_dict(), opt.state_dict(), torch.get_rng_state(), meta)
+            save_checkpoint(
+                ckpt_dir, fingerprint, model.state_dict(), opt.state_dict(), torch.get_rng_state(), meta
+            )
     progress.close()
     train_s = elapsed_before + time.monotonic() - t_loop
     val_scores = calibrate(model, val_images, device, autocast)
@@ -341,15 +380,31 @@ def train(cfg: TrainConfig) -> Path:
     q = model.quantiles.tolist()
     card = ModelCard(
         name=cfg.name or f"{cfg.product_line}-{cfg.variant}-{cfg.size}",
-        product_line=cfg.product_line, version=version, variant=cfg.variant, size=cfg.size,
-        input_size=size, config=model.config, teacher=teacher_info,
+        product_line=cfg.product_line,
+        version=version,
+        variant=cfg.variant,
+        size=cfg.size,
+        input_size=size,
+        config=model.config,
+        teacher=teacher_info,
         quantiles=Quantiles(qa_st=q[0], qb_st=q[1], qa_ae=q[2], qb_ae=q[3]),
-        default_threshold=default_threshold(stats), threshold_method=THRESHOLD_METHOD, validation_scores=stats,
+        default_threshold=default_threshold(stats),
+        threshold_method=THRESHOLD_METHOD,
+        validation_scores=stats,
         training=TrainingSummary(
-            data_root=str(cfg.data), data_sha256=data_hash, n_train=len(train_images), n_validation=len(val_images),
-            validation_source=val_source, steps=cfg.steps, batch_size=cfg.batch_size, seed=cfg.seed,
-            duration_s=round(time.monotonic() - t_start, 2), device=str(device), precision=str(autocast or "fp32"),
-            penalty_source=penalty.description, final_losses=losses,
+            data_root=str(cfg.data),
+            data_sha256=data_hash,
+            n_train=len(train_images),
+            n_validation=len(val_images),
+            validation_source=val_source,
+            steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            duration_s=round(time.monotonic() - t_start, 2),
+            device=str(device),
+            precision=str(autocast or "fp32"),
+            penalty_source=penalty.description,
+            final_losses=losses,
         ),
     )
     out = save_artifact(Path(cfg.out) / cfg.product_line / version, card, model.state_dict())
@@ -358,7 +413,10 @@ def train(cfg: TrainConfig) -> Path:
     if ckpt_dir.exists():
         ckpt_dir.rmdir()
     log.info(
-        "train_finished", artifact=str(out), train_s=round(train_s, 1), steps_per_s=round((cfg.steps - start_step) / max(train_s - elapsed_before, 1e-9), 2),
+        "train_finished",
+        artifact=str(out),
+        train_s=round(train_s, 1),
+        steps_per_s=round((cfg.steps - start_step) / max(train_s - elapsed_before, 1e-9), 2),
         threshold=card.default_threshold,
     )
     return out

@@ -28,7 +28,10 @@ _RFC3339_RE: Final = re.compile(
 
 
 def _to_utc(value: datetime) -> datetime:
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("datetime is out of range once converted to UTC") from None
 
 
 def _lower(value: str) -> str:
@@ -87,7 +90,7 @@ def parse_rfc3339(text: str) -> datetime:
     fraction = (fraction or "")[:7]
     offset = "+00:00" if offset in ("Z", "z") else offset
     parsed = datetime.fromisoformat(f"{date}T{clock}{fraction}{offset}")
-    return parsed.astimezone(UTC)
+    return _to_utc(parsed)
 
 
 def truncate_utf8(text: str, max_bytes: int) -> str:

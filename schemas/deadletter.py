@@ -6,7 +6,9 @@ result or a dead letter.
 
 Contract:
 
-* The original headers are kept in order, values untouched (null values stay null). Any
+* The original headers are kept in order with their bytes untouched, except that a null header
+  value becomes an empty one (kafka-python, like most producers, cannot send null header
+  values, and a dead letter that cannot be produced would block the partition). Any
   ``error-*`` header already present (a record dead-lettered before and replayed) is removed, and
   the new ``error-*`` headers are appended, so each ``error-*`` name appears exactly once.
 * ``error-detail`` holds at most :data:`MAX_DETAIL_BYTES` UTF-8 bytes; longer text is cut at a
@@ -78,6 +80,7 @@ class DeadLetterReason(StrEnum):
     CLAIM_CHECK_DENIED = "claim-check-denied"
     CLAIM_CHECK_FETCH_FAILED = "claim-check-fetch-failed"
     CLAIM_CHECK_CHECKSUM_MISMATCH = "claim-check-checksum-mismatch"
+    DEADLINE_EXPIRED = "deadline-expired"
     UNKNOWN_PRODUCT_LINE = "unknown-product-line"
     INFERENCE_FAILED = "inference-failed"
     PROCESSING_FAILED = "processing-failed"
@@ -113,6 +116,8 @@ DEAD_LETTER_REASONS: Final[Mapping[DeadLetterReason, str]] = {
     DeadLetterReason.CLAIM_CHECK_FETCH_FAILED: "The claim-check image could not be read (after retries).",
     DeadLetterReason.CLAIM_CHECK_CHECKSUM_MISMATCH: "The fetched image's SHA-256 differs from the "
     "claim check's sha256.",
+    DeadLetterReason.DEADLINE_EXPIRED: "The request's deadline passed before it was scored and the "
+    "worker is set to dead-letter late images (otherwise the result is published with late=true).",
     DeadLetterReason.UNKNOWN_PRODUCT_LINE: "No model is deployed for the product line.",
     DeadLetterReason.INFERENCE_FAILED: "The model could not score this image (e.g. a non-finite score).",
     DeadLetterReason.PROCESSING_FAILED: "Any other per-record failure; error-class and error-detail "
@@ -147,7 +152,7 @@ class DeadLetterInfo(WireModel):
 class DeadLetter(NamedTuple):
     """A dead-letter record ready to publish (key: the original record key)."""
 
-    headers: list[tuple[str, bytes | None]]
+    headers: list[tuple[str, bytes]]
     value: bytes | None
 
 
@@ -176,9 +181,16 @@ def _header_text(info: DeadLetterInfo, field: str) -> str | None:
 
 def dead_letter_headers(
     original_headers: Sequence[tuple[str, bytes | None]], info: DeadLetterInfo
-) -> list[tuple[str, bytes | None]]:
-    """The original headers (previous ``error-*`` removed) followed by ``info`` as ``error-*`` headers."""
-    kept = [(name, value) for name, value in original_headers if not _is_error_header(name)]
+) -> list[tuple[str, bytes]]:
+    """The original headers (previous ``error-*`` removed) followed by ``info`` as ``error-*`` headers.
+
+    Values come back as ``bytes`` (a null value as ``b""``), ready for ``KafkaProducer.send``.
+    """
+    kept = [
+        (name, b"" if value is None else bytes(value))
+        for name, value in original_headers
+        if not _is_error_header(name)
+    ]
     for field, header in _FIELD_HEADERS.items():
         text = _header_text(info, field)
         if text is not None:
@@ -186,9 +198,7 @@ def dead_letter_headers(
     return kept
 
 
-def _is_error_header(name: str | bytes) -> bool:
-    if isinstance(name, bytes):
-        return name.lower().startswith(ERROR_HEADER_PREFIX.encode())
+def _is_error_header(name: str) -> bool:
     return name.lower().startswith(ERROR_HEADER_PREFIX)
 
 

@@ -121,3 +121,46 @@ def make_settings(stack: StackInfo, tmp_path: Path, key_prefix: str) -> Callable
         return load_settings(**base)
 
     return build
+
+
+# ------------------------------------------------------------------------------------------------
+# A small trained model, built once per session and shared by the worker, e2e and demo tests.
+# ------------------------------------------------------------------------------------------------
+TRAINED_LINE = "brick"
+TRAINED_INPUT_PX = 128
+TRAINED_STEPS = int(os.environ.get("SPACE_TEST_TRAIN_STEPS", "150"))
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    """A registry root holding one trained, promoted line, and the dataset it came from."""
+
+    root: Path
+    line: str
+    version: str
+    data: Path
+
+
+@pytest.fixture(scope="session")
+def trained_model(tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
+    """Train the test model (CC0 brick texture with drawn defects, 128 px) into a fresh registry."""
+    import torch
+
+    from models.synthetic import build_product_line
+    from models.train import TrainConfig, train
+    from worker.registry import ModelRegistry
+
+    torch.manual_seed(0)
+    base = tmp_path_factory.mktemp("trained")
+    data = build_product_line(
+        TRAINED_LINE, base / "data", n_train=20, n_val=8, n_test_good=8, n_test_defect=12, size=TRAINED_INPUT_PX, seed=0
+    )
+    root = base / "registry"
+    train(
+        TrainConfig(
+            data=data, product_line=TRAINED_LINE, out=root, steps=TRAINED_STEPS, input_size=TRAINED_INPUT_PX,
+            seed=0, model_version="v1", device="cpu",
+        )
+    )  # fmt: skip
+    ModelRegistry(str(root)).promote(TRAINED_LINE, "v1", by="tests")
+    return TrainedModel(root, TRAINED_LINE, "v1", data)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from worker.settings import DecodeSettings
+from worker.settings import DecodeSettings, S3Settings
 
 os.environ.setdefault(
     "OPENCV_IO_MAX_IMAGE_PIXELS",
@@ -44,7 +44,7 @@ import cv2  # after OPENCV_IO_MAX_IMAGE_PIXELS is set (ruff allows os.environ fi
 import numpy as np
 from botocore.exceptions import BotoCoreError, ClientError
 
-from worker.s3 import parse_s3_uri
+from worker.s3 import make_s3_client, parse_s3_uri
 
 __all__ = [
     "CONTENT_TYPES",
@@ -377,6 +377,12 @@ class ClaimCheckFetcher:
         self._lock = threading.Lock()
         root = settings.claim_check_file_root
         self._file_root = root.resolve() if root is not None else None
+
+    @classmethod
+    def from_settings(cls, decode: DecodeSettings, s3: S3Settings) -> ClaimCheckFetcher:
+        """A fetcher whose S3 client is built from ``s3`` with ``decode.fetch_timeout_ms`` as timeout."""
+        timeout_s = decode.fetch_timeout_ms / 1000.0
+        return cls(decode, lambda: make_s3_client(s3, timeout_s=timeout_s, max_attempts=2))
 
     def fetch(self, uri: str, sha256: str) -> bytes:
         """Download a claim-check image and verify it.

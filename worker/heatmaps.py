@@ -203,12 +203,15 @@ class FileHeatmapStore:
     Args:
         root: the directory (created on first write); resolved once, symlinks included.
         fsync: flush file contents to disk before the rename (durable across power loss, slower).
+        file_mode: permissions of the written files (temp files start as 0600; readers such as a web
+            server usually need more).
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = False) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = False, file_mode: int = 0o644) -> None:
         """Resolve the root."""
         self.root = Path(root).resolve()
         self._fsync = fsync
+        self._file_mode = file_mode
 
     def path_for(self, key: str) -> Path:
         """The file a key maps to; raises ValueError for keys that would leave the root."""
@@ -231,6 +234,7 @@ class FileHeatmapStore:
             with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".tmp-", delete=False) as tmp:
                 tmp_name = tmp.name
                 tmp.write(data)
+                os.fchmod(tmp.fileno(), self._file_mode)
                 if self._fsync:
                     tmp.flush()
                     os.fsync(tmp.fileno())

@@ -39,7 +39,6 @@ def redis_kwargs(settings: RedisSettings) -> dict[str, Any]:
         "health_check_interval": settings.health_check_interval_s,
         "decode_responses": True,
         "retry": Retry(ExponentialBackoff(cap=timeout_s, base=0.01), settings.retries),
-        "client_name": f"{settings.key_prefix}-worker",
     }
     if settings.username:
         kwargs["username"] = settings.username

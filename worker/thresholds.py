@@ -399,8 +399,19 @@ class ThresholdCache:
             record = self._load(line)
         except CONNECTION_ERRORS as exc:
             return self._load_failed(None, line, exc, now, model_version, default)
-        except ValueError as exc:  # a corrupt record affects its line only
+        except (
+            redis.exceptions.RedisError,
+            ValueError,
+        ) as exc:  # e.g. WRONGTYPE, a corrupt record: this line only
             return self._load_failed(line, line, exc, now, model_version, default)
+        if record is not None and record.model_version not in (None, model_version):
+            log.warning(
+                "threshold_model_version_mismatch",
+                product_line=line,
+                record_model_version=record.model_version,
+                model_version=model_version,
+                version=record.version,
+            )
         with self._lock:
             # An invalidation that raced with this load leaves the entry stale: the next call reloads.
             self._entries[line] = _Entry(record, now, stale=generation != self._generation)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import struct
 from pathlib import Path
 
 import cv2
@@ -61,6 +62,21 @@ def test_load_image_rgba_drops_alpha(tmp_path: Path) -> None:
     bgra = np.dstack([cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), np.full((6, 8), 7, np.uint8)])
     out = load_image(_write(tmp_path / "rgba.png", bgra))
     np.testing.assert_array_equal(out, rgb)
+
+
+def test_load_image_applies_exif_orientation(tmp_path: Path) -> None:
+    bgr = np.zeros((20, 40, 3), np.uint8)
+    bgr[:, :10] = (0, 0, 255)  # red band on the left
+    jpeg = cv2.imencode(".jpg", bgr)[1].tobytes()
+    # Minimal big-endian EXIF block: one IFD entry, Orientation (0x0112) = 6, "rotate 90° clockwise".
+    tiff = b"MM\x00\x2a\x00\x00\x00\x08" + struct.pack(">HHHIHHI", 1, 0x0112, 3, 1, 6, 0, 0)
+    app1 = b"Exif\x00\x00" + tiff
+    path = tmp_path / "camera.jpg"
+    path.write_bytes(jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpeg[2:])
+    out = load_image(path)
+    assert out.shape == (40, 20, 3)
+    assert out[:10, :, 0].mean() > 200  # the red band is now on top
+    assert out[-10:, :, 0].mean() < 50
 
 
 @pytest.mark.parametrize("suffix", [".bmp", ".tif", ".tiff", ".webp", ".jpg", ".jpeg", ".PNG"])
@@ -188,6 +204,7 @@ def test_scan_dataset_errors_name_the_folder(tmp_path: Path) -> None:
         scan_dataset(tmp_path / "nope")
     with pytest.raises(DatasetError, match=r"train/good"):
         scan_dataset(tmp_path)
+    assert scan_dataset(tmp_path, require_train=False).train_good == []
     (tmp_path / "train" / "good").mkdir(parents=True)
     (tmp_path / "train" / "good" / "x.png").write_bytes(b"corrupt")
     with pytest.raises(DatasetError, match="no readable image"):

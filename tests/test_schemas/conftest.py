@@ -24,7 +24,6 @@ from schemas import (
 from tests.test_schemas.samples import CAPTURED_AT, SHA
 
 
-
 @pytest.fixture
 def make_request() -> Callable[..., InspectionRequest]:
     """Build a valid image request; keyword arguments override fields."""

@@ -37,7 +37,9 @@ class FakeLoader:
         return self.records.get(line)
 
 
-def record(value: float, version: int = 1, model_version: str | None = "v1", line: str = "L1") -> ThresholdRecord:
+def record(
+    value: float, version: int = 1, model_version: str | None = "v1", line: str = "L1"
+) -> ThresholdRecord:
     return ThresholdRecord(
         product_line=line,
         value=value,
@@ -156,6 +158,17 @@ def test_corrupt_record_backs_off_only_its_own_line(cache, loader, clock):
     assert loader.calls == ["L1", "L2"]
 
 
+def test_a_redis_error_on_one_key_does_not_escape_and_backs_off_only_that_line(cache, loader, clock):
+    loader.records["L1"] = record(0.7)
+    cache.resolve("L1", "v1", 0.5)
+    clock.advance(11)
+    loader.error = redis.exceptions.ResponseError("WRONGTYPE Operation against a key holding the wrong kind")
+    assert cache.resolve("L1", "v1", 0.5).source == "cache"
+    loader.error = None
+    assert cache.resolve("L2", "v1", 0.5).source == "model-default"
+    assert loader.calls == ["L1", "L1", "L2"]
+
+
 @pytest.mark.parametrize("source_state", ["fresh", "cached-after-failure"])
 def test_record_for_another_model_version_is_never_applied(cache, loader, clock, source_state):
     loader.records["L1"] = record(0.7, version=5, model_version="v1")
@@ -233,7 +246,9 @@ def test_entries_are_bounded(loader, clock):
     assert [cache.age_s(f"L{i}") is None for i in range(5)] == [True, True, False, False, False]
 
 
-@pytest.mark.parametrize("kwargs", [{"ttl_s": 0}, {"ttl_s": 1, "retry_interval_s": -1}, {"ttl_s": 1, "max_entries": 0}])
+@pytest.mark.parametrize(
+    "kwargs", [{"ttl_s": 0}, {"ttl_s": 1, "retry_interval_s": -1}, {"ttl_s": 1, "max_entries": 0}]
+)
 def test_cache_rejects_bad_parameters(loader, kwargs):
     with pytest.raises(ValueError):
         ThresholdCache(loader, **kwargs)

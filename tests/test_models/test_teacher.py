@@ -1,0 +1,165 @@
+"""Teacher sources: nelson1425-layout import, offline teachers, distillation from a stand-in backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from models.networks import PDN, pdn_out_size
+from models.teacher import (
+    FilterBankTeacher,
+    TeacherError,
+    build_offline_teacher,
+    distill_teacher,
+    load_backbone,
+    load_published_teacher,
+    map_teacher_keys,
+    random_pdn_teacher,
+)
+
+
+def _nelson_sequential(size: str) -> nn.Sequential:
+    """nelson1425's get_pdn_small / get_pdn_medium layer order (padding off)."""
+    if size == "s":
+        return nn.Sequential(
+            nn.Conv2d(3, 128, 4), nn.ReLU(), nn.AvgPool2d(2, 2),
+            nn.Conv2d(128, 256, 4), nn.ReLU(), nn.AvgPool2d(2, 2),
+            nn.Conv2d(256, 256, 3), nn.ReLU(), nn.Conv2d(256, 384, 4),
+        )
+    return nn.Sequential(
+        nn.Conv2d(3, 256, 4), nn.ReLU(), nn.AvgPool2d(2, 2),
+        nn.Conv2d(256, 512, 4), nn.ReLU(), nn.AvgPool2d(2, 2),
+        nn.Conv2d(512, 512, 1), nn.ReLU(), nn.Conv2d(512, 512, 3), nn.ReLU(),
+        nn.Conv2d(512, 384, 4), nn.ReLU(), nn.Conv2d(384, 384, 1),
+    )
+
+
+@pytest.mark.parametrize("size", ["s", "m"])
+def test_import_nelson_layout_reproduces_the_reference_network(size: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    ref = _nelson_sequential(size).eval()
+    path = tmp_path / f"teacher_{size}.pth"
+    torch.save(ref.state_dict(), path)
+    teacher = load_published_teacher(path, size)  # type: ignore[arg-type]
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x), ref(x))
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_import_anomalib_prefixed_keys(tmp_path: Path) -> None:
+    pdn = PDN("s")
+    path = tmp_path / "full.pth"
+    torch.save({f"teacher.{k}": v for k, v in pdn.state_dict().items()} | {"student.conv1.weight": torch.zeros(1)}, path)
+    teacher = load_published_teacher(path, "s")
+    assert torch.equal(teacher.conv4.weight, pdn.conv4.weight)
+
+
+def test_import_rejects_wrong_size_and_missing_files(tmp_path: Path) -> None:
+    path = tmp_path / "small.pth"
+    torch.save(_nelson_sequential("s").state_dict(), path)
+    with pytest.raises(TeacherError, match="PDN-M"):
+        load_published_teacher(path, "m")
+    with pytest.raises(TeacherError, match="not found"):
+        load_published_teacher(tmp_path / "nope.pth", "s")
+    bad = _nelson_sequential("s").state_dict()
+    bad["8.weight"] = torch.zeros(384, 256, 3, 3)
+    torch.save(bad, path)
+    with pytest.raises(TeacherError, match="shape"):
+        load_published_teacher(path, "s")
+
+
+def test_import_refuses_pickled_objects(tmp_path: Path) -> None:
+    path = tmp_path / "model.pth"
+    torch.save(_nelson_sequential("s"), path)  # a whole module, which needs unpickling code
+    with pytest.raises(TeacherError, match="cannot read"):
+        load_published_teacher(path, "s")
+
+
+def test_map_teacher_keys_rejects_non_conv_index() -> None:
+    with pytest.raises(TeacherError, match="not a conv"):
+        map_teacher_keys({"1.weight": torch.zeros(1)}, "s")
+
+
+def test_filter_bank_is_deterministic_and_on_the_pdn_grid() -> None:
+    a, b = FilterBankTeacher(), FilterBankTeacher()
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        trunk, out = a.forward_with_trunk(x)
+        assert torch.equal(out, b(x))
+    assert out.shape == (2, 384, pdn_out_size(128), pdn_out_size(128))
+    assert trunk.shape[1] == a.trunk_channels
+    assert not torch.equal(FilterBankTeacher(seed=1).projection, a.projection)
+
+
+def test_filter_bank_responds_locally() -> None:
+    teacher = FilterBankTeacher()
+    x = torch.zeros(1, 3, 128, 128)
+    y = x.clone()
+    y[..., 60:68, 60:68] = 2.0  # a spot near the centre
+    with torch.no_grad():
+        diff = (teacher(x) - teacher(y)).abs().sum(1)[0]
+    g = pdn_out_size(128)
+    assert diff.argmax() // g in range(g // 2 - 3, g // 2 + 3)
+    assert diff[0, 0] == 0
+
+
+def test_random_pdn_is_seeded_and_frozen() -> None:
+    a, b = random_pdn_teacher("s", 3), random_pdn_teacher("s", 3)
+    assert torch.equal(a.conv1.weight, b.conv1.weight)
+    assert not torch.equal(a.conv1.weight, random_pdn_teacher("s", 4).conv1.weight)
+    with pytest.raises(TeacherError):
+        build_offline_teacher("imagenet", "s")
+
+
+class TinyBackbone(nn.Module):
+    """Stand-in for a pretrained backbone: stride-8 features with 48 channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(123)
+        self.conv = nn.Conv2d(3, 48, 8, stride=8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x))
+
+
+def tiny_backbone() -> nn.Module:
+    return TinyBackbone()
+
+
+def test_distillation_from_a_user_backbone_lowers_the_loss() -> None:
+    backbone = load_backbone("tests.test_models.test_teacher:tiny_backbone")
+    gen = torch.Generator().manual_seed(0)
+
+    def batches():
+        while True:
+            yield torch.randn(2, 3, 128, 128, generator=gen)
+
+    teacher = distill_teacher(backbone, batches(), "s", steps=1, lr=0.0)
+    assert not teacher.padding and teacher(torch.zeros(1, 3, 128, 128)).shape == (1, 384, 24, 24)
+    untrained = PDN("s", padding=True)
+    untrained.load_state_dict(teacher.state_dict())
+    trained = distill_teacher(backbone, batches(), "s", steps=30, lr=1e-3)
+    padded = PDN("s", padding=True)
+    padded.load_state_dict(trained.state_dict())
+    x = torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        target = backbone(x)
+        target = torch.nn.functional.interpolate(target, size=(32, 32), mode="bilinear")
+        target = torch.nn.functional.adaptive_avg_pool1d(target.permute(0, 2, 3, 1).reshape(-1, 1, 48), 384)
+        target = target.reshape(4, 32, 32, 384).permute(0, 3, 1, 2)
+        target = (target - target.mean((0, 2, 3), keepdim=True)) / (target.std((0, 2, 3), keepdim=True) + 1e-6)
+        before = torch.nn.functional.mse_loss(untrained(x), target)
+        after = torch.nn.functional.mse_loss(padded(x), target)
+    assert after < 0.8 * before
+
+
+def test_load_backbone_errors() -> None:
+    with pytest.raises(TeacherError, match="module:factory"):
+        load_backbone("no_colon")
+    with pytest.raises(TeacherError, match="cannot import"):
+        load_backbone("tests.test_models.test_teacher:missing")
