@@ -118,15 +118,15 @@ def _to_uint8(image: np.ndarray, path: Path) -> np.ndarray:
 
 
 def _decode(path: Path) -> np.ndarray:
-    """Decode a file with OpenCV at its own bit depth (bytes, so any path works).
+    """Decode a file with OpenCV at its own bit depth and channel count (bytes, so any path works).
 
-    ``ANYDEPTH | ANYCOLOR`` keeps 16-bit and gray data, drops alpha and, unlike ``IMREAD_UNCHANGED``,
-    applies the EXIF orientation of camera JPEGs, so images arrive upright as viewers show them.
+    ``IMREAD_UNCHANGED`` like ``worker/decode.py``: training and serving must see the same pixels,
+    so the EXIF orientation of camera JPEGs is ignored in both (images stay in sensor orientation).
     """
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         raise DatasetError(f"not an image file (suffix {path.suffix or 'none'!r}): {path}")
     data = np.frombuffer(_read_bytes(path), dtype=np.uint8)
-    image = cv2.imdecode(data, cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR) if data.size else None
+    image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if image is None or image.size == 0:
         raise DatasetError(f"cannot decode image {path} (corrupt, truncated or unsupported)")
     return image

@@ -18,8 +18,8 @@ import pytest
 # Keep torch and OpenCV from fighting over the two cores of CI machines.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-from worker.settings import Settings, load_settings  # noqa: E402
-from worker.stack import Stack  # noqa: E402
+from worker.settings import Settings, load_settings
+from worker.stack import Stack
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,12 @@ class Topics:
     dlq: str
 
     def as_settings(self) -> dict[str, str]:
-        return {"requests_topic": self.requests, "results_topic": self.results, "alerts_topic": self.alerts, "dlq_topic": self.dlq}
+        return {
+            "requests_topic": self.requests,
+            "results_topic": self.results,
+            "alerts_topic": self.alerts,
+            "dlq_topic": self.dlq,
+        }
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +90,9 @@ def topics(stack: StackInfo, request: pytest.FixtureRequest) -> Iterator[Topics]
     names = Topics(f"req-{suffix}", f"res-{suffix}", f"alert-{suffix}", f"dlq-{suffix}")
     partitions = getattr(request, "param", 4)
     settings = load_settings(kafka={"bootstrap_servers": stack.bootstrap_servers})
-    ensure_topics(settings.kafka, {names.requests: partitions, names.results: partitions, names.alerts: 1, names.dlq: 1})
+    ensure_topics(
+        settings.kafka, {names.requests: partitions, names.results: partitions, names.alerts: 1, names.dlq: 1}
+    )
     yield names
     admin = make_admin(settings.kafka)
     try:

@@ -17,7 +17,9 @@ def produce(
     settings: Settings, topic: str, records: Iterable[tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]]
 ) -> int:
     """Send (key, value, headers) records and wait until all are acknowledged."""
-    producer = KafkaProducer(**settings.kafka.client_kwargs(), acks="all", max_request_size=settings.kafka.max_request_size)
+    producer = KafkaProducer(
+        **settings.kafka.client_kwargs(), acks="all", max_request_size=settings.kafka.max_request_size
+    )
     try:
         futures = [producer.send(topic, key=k, value=v, headers=h) for k, v, h in records]
         producer.flush(30)
@@ -74,7 +76,11 @@ def collect(
                 break
             if until is not None and until(out):
                 break
-            if idle_s is not None and time.monotonic() - last_new > idle_s and (expected is None or len(out) >= expected):
+            if (
+                idle_s is not None
+                and time.monotonic() - last_new > idle_s
+                and (expected is None or len(out) >= expected)
+            ):
                 break
         return out
     finally:

@@ -16,7 +16,7 @@ import structlog
 
 from worker.decode import ClaimCheckFetcher
 from worker.heatmaps import open_heatmap_store
-from worker.http import Heartbeats, HealthServer
+from worker.http import HealthServer, Heartbeats
 from worker.kafka_clients import make_consumer, make_producer
 from worker.metrics import WorkerMetrics
 from worker.model_manager import ModelManager
@@ -85,7 +85,7 @@ class App:
             try:
                 self.models.refresh()
                 self.worker.heartbeats.beat("model-refresh")
-            except Exception:  # noqa: BLE001 - a registry hiccup must not kill serving
+            except Exception:
                 log.exception("model_refresh_failed")
 
     def install_signal_handlers(self) -> None:
@@ -120,10 +120,14 @@ def build_app(settings: Settings, *, detector_loader: Any | None = None) -> App:
     )
     redis_client = make_redis(settings.redis)
     store = ThresholdStore(redis_client, settings.redis.key_prefix, settings.thresholds.history_max)
-    cache = ThresholdCache(store.get, settings.thresholds.cache_ttl_s)
-    watcher = ThresholdWatcher(lambda: make_redis(settings.redis), store.channel, cache)
+    cache = ThresholdCache(
+        store.get, settings.thresholds.cache_ttl_s, retry_interval_s=settings.thresholds.retry_interval_s
+    )
+    watcher = ThresholdWatcher(
+        lambda: make_redis(settings.redis), store.channel, cache, backoff_max_s=settings.thresholds.watch_backoff_max_s
+    )
     heatmaps = open_heatmap_store(settings.heatmaps, settings.s3)
-    fetcher = ClaimCheckFetcher(settings.decode, s3_factory)
+    fetcher = ClaimCheckFetcher.from_settings(settings.decode, settings.s3)
     consumer = make_consumer(settings.kafka, client_id=f"{settings.kafka.client_id}-{settings.worker.id}")
     producer = make_producer(settings.kafka, client_id=f"{settings.kafka.client_id}-{settings.worker.id}")
     worker = Worker(
@@ -140,6 +144,11 @@ def build_app(settings: Settings, *, detector_loader: Any | None = None) -> App:
     http = None
     if settings.http.enabled:
         http = HealthServer(
-            settings.http.host, settings.http.port, metrics.registry, heartbeats, settings.http.healthy_after_s, worker.readiness
+            settings.http.host,
+            settings.http.port,
+            metrics.registry,
+            heartbeats,
+            settings.http.healthy_after_s,
+            worker.readiness,
         )
     return App(settings, worker, http, watcher, redis_client, registry, models)

@@ -68,7 +68,9 @@ class HealthServer:
                     self._send(200 if not stale else 503, json.dumps(doc).encode(), "application/json")
                 elif self.path == "/readyz":
                     ready, detail = readiness()
-                    self._send(200 if ready else 503, json.dumps({"ready": ready, **detail}).encode(), "application/json")
+                    self._send(
+                        200 if ready else 503, json.dumps({"ready": ready, **detail}).encode(), "application/json"
+                    )
                 else:
                     self._send(404, b"not found\n", "text/plain")
 
@@ -79,7 +81,7 @@ class HealthServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+            def log_message(self, format: str, *args: Any) -> None:
                 return  # probes every few seconds would flood the logs
 
         self._server = ThreadingHTTPServer((host, port), Handler)

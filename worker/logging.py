@@ -54,7 +54,9 @@ def configure_logging(level: str = "INFO", fmt: str = "auto", *, force: bool = F
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(levelname)s %(name)s %(message)s"
+    )
     # kafka-python logs every reconnect at WARNING/ERROR; keep them, but not its INFO chatter.
     logging.getLogger("kafka").setLevel(max(numeric, logging.WARNING))
     _configured = True

@@ -21,7 +21,9 @@ class WorkerMetrics:
         self.results_published = Counter(
             "space_results_published", "Results acknowledged by the broker.", ["product_line", "verdict"], registry=r
         )
-        self.dead_letters = Counter("space_dead_letters", "Records sent to the dead-letter topic.", ["reason"], registry=r)
+        self.dead_letters = Counter(
+            "space_dead_letters", "Records sent to the dead-letter topic.", ["reason"], registry=r
+        )
         self.queue_seconds = Histogram(
             "space_queue_seconds", "Wait in the batcher queue.", buckets=_LATENCY_BUCKETS, registry=r
         )
@@ -41,7 +43,10 @@ class WorkerMetrics:
             "space_batch_size", "Images per model call.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
         )
         self.batch_fill_ratio = Histogram(
-            "space_batch_fill_ratio", "Batch size / max_batch_size.", buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 1.0), registry=r
+            "space_batch_fill_ratio",
+            "Batch size / max_batch_size.",
+            buckets=(0.1, 0.25, 0.5, 0.75, 0.9, 1.0),
+            registry=r,
         )
         self.batches = Counter("space_batches", "Model calls.", ["reason"], registry=r)
         self.inflight_images = Gauge("space_inflight_images", "Polled but unanswered images.", registry=r)

@@ -132,9 +132,16 @@ class ModelManager:
         except Exception as exc:
             self._on_load(line, "failed")
             log.error("model_load_failed", product_line=line, model_version=version, error=str(exc))
-            raise ModelUnavailable(line, f"model version {version!r} failed to load: {exc}", unknown_line=False) from exc
+            raise ModelUnavailable(
+                line, f"model version {version!r} failed to load: {exc}", unknown_line=False
+            ) from exc
         self._on_load(line, "ok")
-        log.info("model_loaded", product_line=line, model_version=version, load_ms=round((time.monotonic() - start) * 1000, 1))
+        log.info(
+            "model_loaded",
+            product_line=line,
+            model_version=version,
+            load_ms=round((time.monotonic() - start) * 1000, 1),
+        )
         return LoadedModel(line, version, detector, time.monotonic())
 
     def refresh(self) -> list[str]:

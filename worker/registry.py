@@ -5,6 +5,11 @@ The pointer is ``<root>/<line>/ACTIVE.json``: ``{"version": ..., "history": [...
 ``rollback``. Roots are directories or ``s3://bucket/prefix``; S3 artifacts are fetched into a
 local cache directory (keyed by line and version, verified by the artifact's own checksums when
 loaded). Line and version names are validated, so they never become path traversal.
+
+Versions are immutable: publish a new version folder instead of overwriting one (S3 copies are cached
+by line and version). :meth:`ModelRegistry.verify` checks an artifact (card valid, weights' sha256
+matches, card's line and version match the folder) without building the network; ``space models
+promote`` calls it before moving the pointer, :meth:`ModelRegistry.promote` itself does not.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ class _Backend(Protocol):
     def list_dirs(self, prefix: str) -> list[str]: ...
     def exists(self, key: str) -> bool: ...
     def materialize(self, prefix: str, cache_dir: Path) -> Path: ...
+    def discard(self, prefix: str, cache_dir: Path) -> None: ...
 
 
 class _FileBackend:
@@ -87,6 +93,9 @@ class _FileBackend:
     def materialize(self, prefix: str, cache_dir: Path) -> Path:
         return self._path(prefix)
 
+    def discard(self, prefix: str, cache_dir: Path) -> None:
+        """Nothing to drop: files are read in place."""
+
 
 class _S3Backend:
     def __init__(self, bucket: str, prefix: str, client: Any) -> None:
@@ -105,7 +114,9 @@ class _S3Backend:
         return str(obj["Body"].read().decode("utf-8"))
 
     def write_text(self, key: str, text: str) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=text.encode(), ContentType="application/json")
+        self.client.put_object(
+            Bucket=self.bucket, Key=self._key(key), Body=text.encode(), ContentType="application/json"
+        )
 
     def list_dirs(self, prefix: str) -> list[str]:
         full = self._key(prefix).rstrip("/") + "/" if prefix or self.prefix else ""
@@ -134,8 +145,14 @@ class _S3Backend:
             os.replace(tmp, target)
         except Exception as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if (target / "model.json").is_file() and (target / "model.safetensors").is_file():
+                return target  # another thread finished the same download first
             raise RegistryError(f"cannot fetch s3://{self.bucket}/{self._key(prefix)}: {exc}") from exc
         return target
+
+    def discard(self, prefix: str, cache_dir: Path) -> None:
+        """Drop a cached copy (after it failed to load, so the next try downloads it again)."""
+        shutil.rmtree(cache_dir / prefix, ignore_errors=True)
 
 
 class ModelRegistry:
@@ -176,7 +193,11 @@ class ModelRegistry:
     def versions(self, line: str) -> list[str]:
         """Versions of ``line`` that hold a model card."""
         check_name("product line", line)
-        return [v for v in self._backend.list_dirs(line) if _NAME.match(v) and self._backend.exists(f"{line}/{v}/model.json")]
+        return [
+            v
+            for v in self._backend.list_dirs(line)
+            if _NAME.match(v) and self._backend.exists(f"{line}/{v}/model.json")
+        ]
 
     def pointer(self, line: str) -> ActivePointer | None:
         """The active pointer of ``line``, or None when never promoted."""
@@ -207,7 +228,9 @@ class ModelRegistry:
         check_name("product line", line)
         check_name("version", version)
         if version not in self.versions(line):
-            raise RegistryError(f"line {line!r} has no version {version!r} (have: {', '.join(self.versions(line)) or 'none'})")
+            raise RegistryError(
+                f"line {line!r} has no version {version!r} (have: {', '.join(self.versions(line)) or 'none'})"
+            )
         current = self.pointer(line)
         history: list[str] = []
         if current is not None and current.version != version:

@@ -62,7 +62,9 @@ def build_request(
     claim = None
     value = data
     if claim_check_uri is not None:
-        claim = ClaimCheck(image_uri=claim_check_uri, sha256=hashlib.sha256(data).hexdigest(), content_type=content_type)
+        claim = ClaimCheck(
+            image_uri=claim_check_uri, sha256=hashlib.sha256(data).hexdigest(), content_type=content_type
+        )
         value = build_claim_check_value(claim)
         content_type = "application/json"
     request = InspectionRequest(

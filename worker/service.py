@@ -66,7 +66,6 @@ from worker.thresholds import ThresholdCache
 log = structlog.get_logger(__name__)
 
 
-
 @dataclass
 class Item:
     """One request record on its way through the worker."""
@@ -233,7 +232,7 @@ class Worker:
             while self._fatal is None and self._inflight_count > 0 and time.monotonic() < deadline:
                 self.consumer.poll(timeout_ms=50)
                 self._commit(force=True)
-        except Exception:  # noqa: BLE001 - shutdown must go on
+        except Exception:
             log.exception("drain_failed")
         self.batcher.close()
         for t in self._threads:
@@ -249,13 +248,13 @@ class Worker:
         left = self._inflight_count
         try:
             self.consumer.close()  # LeaveGroup: partitions move at once, not after session timeout
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("consumer_close_failed")
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
         self._heatmap_pool.shutdown(wait=False, cancel_futures=True)
         try:
             self.producer.close(timeout=5)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("producer_close_failed")
         if self._fatal is not None:
             log.error("worker_stopped_on_error", error=repr(self._fatal), uncommitted_inflight=left)
@@ -299,7 +298,9 @@ class Worker:
         self.metrics.inflight_images.set(count)
         self.metrics.inflight_bytes.set(nbytes)
         over = count >= b.max_inflight_images or nbytes >= b.max_inflight_bytes
-        under = count <= b.max_inflight_images * b.resume_fraction and nbytes <= b.max_inflight_bytes * b.resume_fraction
+        under = (
+            count <= b.max_inflight_images * b.resume_fraction and nbytes <= b.max_inflight_bytes * b.resume_fraction
+        )
         if over and not self._paused and self._assigned:
             self._paused = set(self._assigned)
             self.consumer.pause(*self._paused)
@@ -357,7 +358,9 @@ class Worker:
         self._commit(force=True, only=revoked_set, sync=False)
         self._forget(revoked)
         log.info(
-            "partitions_revoked", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in revoked), abandoned_inflight=left
+            "partitions_revoked",
+            partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in revoked),
+            abandoned_inflight=left,
         )
 
     def _on_lost(self, lost: list[TopicPartition]) -> None:
@@ -402,12 +405,11 @@ class Worker:
         except ModelUnavailable as exc:
             reason = DeadLetterReason.UNKNOWN_PRODUCT_LINE if exc.unknown_line else DeadLetterReason.PROCESSING_FAILED
             item.failure = (reason, type(exc).__name__, str(exc))
-        except Exception as exc:  # noqa: BLE001 - one bad record must never stop the worker
+        except Exception as exc:
             log.exception("decode_unexpected_error", offset=item.offset, partition=item.tp.partition)
             item.failure = (DeadLetterReason.PROCESSING_FAILED, type(exc).__name__, str(exc))
         item.decode_s = time.monotonic() - start
         self.metrics.decode_seconds.observe(item.decode_s)
-        self.heartbeats.beat("decode")
         self.sequencer.complete(item.tp, item.offset, item, self._release)
 
     def _release(self, item: Item) -> None:
@@ -454,7 +456,9 @@ class Worker:
                 item.late = True
                 self.metrics.late_images.inc()
                 if self.settings.batching.late_policy == "dead_letter":
-                    self._dead_letter(item, DeadLetterReason.PROCESSING_FAILED, "DeadlineExceeded", "deadline exceeded before inference")
+                    self._dead_letter(
+                        item, DeadLetterReason.DEADLINE_EXPIRED, "DeadlineExpired", "deadline passed before inference"
+                    )
                     continue
             items.append(item)
         if not items:
@@ -467,7 +471,21 @@ class Worker:
             prediction = model.detector.predict(images)
             scores = np.asarray(prediction.scores, dtype=np.float32)
             maps = np.asarray(prediction.maps, dtype=np.float32)
-        except Exception as exc:  # noqa: BLE001 - a failing batch is dead-lettered, not fatal
+            finite = np.isfinite(scores)
+            if not finite.all():
+                for it, ok in zip(list(items), finite, strict=True):
+                    if not ok:
+                        self._dead_letter(
+                            it,
+                            DeadLetterReason.INFERENCE_FAILED,
+                            "NonFiniteScore",
+                            "the model returned a non-finite score",
+                        )
+                items = [it for it, ok in zip(items, finite, strict=True) if ok]
+                scores, maps = scores[finite], maps[finite]
+                if not items:
+                    return
+        except Exception as exc:
             log.exception("inference_failed", product_line=model.line, model_version=model.version, size=len(items))
             for it in items:
                 self._dead_letter(it, DeadLetterReason.INFERENCE_FAILED, type(exc).__name__, str(exc))
@@ -492,7 +510,11 @@ class Worker:
     # ------------------------------------------------------------------------------------------
     def _publish_loop(self) -> None:
         while True:
-            scored = self._scored.get()
+            try:
+                scored = self._scored.get(timeout=0.5)
+            except queue.Empty:
+                self.heartbeats.beat("publish")  # idle is healthy: /healthz must not fail overnight
+                continue
             if scored is None:
                 return
             try:
@@ -519,7 +541,13 @@ class Worker:
             if policy == "all" or (policy == "anomalous" and verdicts[i] == "anomalous"):
                 assert it.request is not None
                 futures[i] = self._heatmap_pool.submit(
-                    save_heatmap, self.heatmaps, model.line, it.captured_at, it.request.message_id, scored.maps[i], threshold.value
+                    save_heatmap,
+                    self.heatmaps,
+                    model.line,
+                    it.captured_at,
+                    it.request.message_id,
+                    scored.maps[i],
+                    threshold.value,
                 )
         k = self.settings.kafka
         anomalous = 0
@@ -552,9 +580,11 @@ class Worker:
                 score=score,
                 normalized_score=normalize_score(score, threshold.value),
                 threshold=ThresholdInfo(
-                    value=threshold.value, version=threshold.version, source=threshold.source,
+                    value=threshold.value,
+                    version=threshold.version,
+                    source=threshold.source,
                     model_version=threshold.model_version,
-                ),  # fmt: skip
+                ),
                 verdict=verdicts[i],
                 late=it.late,
                 heatmap=heatmap,
@@ -624,7 +654,9 @@ class Worker:
         def on_error(exc: BaseException) -> None:
             # The producer retried until delivery_timeout_ms: the record stays uncommitted and the
             # worker stops with an error so the group re-delivers it.
-            log.error("send_failed", topic=item.tp.topic, partition=item.tp.partition, offset=item.offset, error=repr(exc))
+            log.error(
+                "send_failed", topic=item.tp.topic, partition=item.tp.partition, offset=item.offset, error=repr(exc)
+            )
             self._fatal = exc
             self._stop.set()
 
@@ -649,8 +681,12 @@ class Worker:
             source_partition=item.tp.partition,
             source_offset=item.offset,
         )
-        letter = build_dead_letter(item.headers, item.value, info, max_value_bytes=self.settings.decode.max_value_bytes)
-        self._send_all(item, [(self.settings.kafka.dlq_topic, item.key, letter.value or b"", letter.headers)], on_done=lambda: None)
+        letter = build_dead_letter(
+            item.headers, item.value, info, max_value_bytes=self.settings.kafka.dlq_max_value_bytes
+        )
+        self._send_all(
+            item, [(self.settings.kafka.dlq_topic, item.key, letter.value or b"", letter.headers)], on_done=lambda: None
+        )
 
     def _finish(self, item: Item) -> None:
         with self._inflight_lock:

@@ -15,16 +15,41 @@ import os
 import socket
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from worker.errors import ConfigError
+
+
+def _split_list(value: Any) -> Any:
+    """Lists in env vars: JSON (``[1, 8]``) or comma-separated (``1,8``)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+StrList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_split_list)]
+IntList = Annotated[tuple[int, ...], NoDecode, BeforeValidator(_split_list)]
 
 ENV_PREFIX = "SPACE_"
 ENV_NESTED_DELIMITER = "__"
@@ -56,6 +81,9 @@ class KafkaSettings(_Section):
     max_partition_fetch_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Per-partition fetch cap.")
     fetch_max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Per-fetch cap.")
     max_request_size: int = Field(16 * 1024 * 1024, ge=1024, description="Producer request cap (inline images).")
+    dlq_max_value_bytes: int = Field(
+        8 * 1024 * 1024, ge=0, description="Dead letters keep at most this much of the original value."
+    )
     compression_type: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
         "none", description="Producer compression for results and dead letters."
     )
@@ -86,6 +114,8 @@ class KafkaSettings(_Section):
 
     @model_validator(mode="after")
     def _check_security(self) -> KafkaSettings:
+        if self.dlq_max_value_bytes + 64 * 1024 > self.max_request_size:
+            raise ValueError("dlq_max_value_bytes must leave 64 KiB of max_request_size for headers")
         if self.delivery_timeout_ms <= self.linger_ms + self.request_timeout_ms:
             raise ValueError("delivery_timeout_ms must exceed linger_ms + request_timeout_ms")
         if self.security_protocol.startswith("SASL"):
@@ -130,9 +160,7 @@ class RedisSettings(_Section):
     health_check_interval_s: int = Field(
         10, ge=0, le=3_600, description="PING a connection idle this long before reuse (0 = never)."
     )
-    retries: int = Field(
-        1, ge=0, le=10, description="Retries after a connection error or timeout (each adds latency)."
-    )
+    retries: int = Field(1, ge=0, le=10, description="Retries after a connection error or timeout (each adds latency).")
     key_prefix: str = Field("space", min_length=1, description="Prefix of every key and channel.")
 
     @field_validator("url")
@@ -172,8 +200,8 @@ class DecodeSettings(_Section):
     workers: int = Field(2, ge=1, le=64, description="Decode threads (OpenCV releases the GIL).")
     max_pixels: int = Field(40_000_000, ge=1, description="Refuse images larger than this before decoding.")
     max_value_bytes: int = Field(32 * 1024 * 1024, ge=1, description="Refuse record values larger than this.")
-    claim_check_schemes: tuple[str, ...] = Field(("s3",), description="Allowed claim-check URI schemes.")
-    claim_check_buckets: tuple[str, ...] = Field((), description="Allowed S3 buckets; empty allows any.")
+    claim_check_schemes: StrList = Field(("s3",), description="Allowed claim-check URI schemes.")
+    claim_check_buckets: StrList = Field((), description="Allowed S3 buckets; empty allows any.")
     claim_check_file_root: Path | None = Field(
         None, description="If set, file:// claim checks are allowed only under this directory."
     )
@@ -191,8 +219,8 @@ class ModelSettings(_Section):
     refresh_interval_s: float = Field(5.0, gt=0, le=3_600, description="How often active versions are checked.")
     warmup: bool = Field(True, description="Run a warm-up batch before serving a model.")
     threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads (default: torch's).")
-    preload: tuple[str, ...] = Field((), description="Lines loaded and warmed at start-up; /readyz waits for them.")
-    warmup_batch_sizes: tuple[int, ...] = Field((1,), description="Batch sizes run once before a model serves.")
+    preload: StrList = Field((), description="Lines loaded and warmed at start-up; /readyz waits for them.")
+    warmup_batch_sizes: IntList = Field((1,), description="Batch sizes run once before a model serves.")
 
 
 class HeatmapSettings(_Section):
@@ -365,6 +393,8 @@ def load_settings(**overrides: Any) -> Settings:
     """Build the settings or raise :class:`ConfigError` with one line naming the variable and reason."""
     try:
         return Settings(**overrides)
+    except SettingsError as exc:
+        raise ConfigError(f"{ENV_PREFIX}*: {exc}") from None
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = tuple(first["loc"])

@@ -241,7 +241,9 @@ class Stack:
                 return ServiceState(name, self.host, port, proc.pid, str(log_file), True)
             time.sleep(0.02)
         _terminate(proc.pid, 2.0)
-        raise StackError(f"{name} did not listen on {self.host}:{port} within {READY_TIMEOUT_S:.0f} s (log: {log_file})")
+        raise StackError(
+            f"{name} did not listen on {self.host}:{port} within {READY_TIMEOUT_S:.0f} s (log: {log_file})"
+        )
 
     def _start_broker(self, port: int | None) -> ServiceState:
         binary = tansu_binary()

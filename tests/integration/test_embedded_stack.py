@@ -58,7 +58,9 @@ def test_group_manual_commit_then_restart_resumes_from_committed_offset(make_set
     second.subscribe([topics.requests])
     rest = _drain(second, 6)
     second.close()
-    expected_rest = {(r.partition, r.offset) for r in got if r.offset >= committed[TopicPartition(r.topic, r.partition)].offset}
+    expected_rest = {
+        (r.partition, r.offset) for r in got if r.offset >= committed[TopicPartition(r.topic, r.partition)].offset
+    }
     assert {(r.partition, r.offset) for r in rest} == expected_rest
     assert len(rest) == 6
 

@@ -14,7 +14,6 @@ from models.detector import Detector
 from models.metrics import image_auroc
 from tests.kafka_helpers import collect, header, produce
 from tests.worker_harness import request_record, running_worker
-from worker.registry import ModelRegistry
 from worker.thresholds import ThresholdStore
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
@@ -68,17 +67,23 @@ def test_every_request_gets_one_result_with_the_detector_score_and_order_per_cam
     assert image_auroc(labels, [b["score"] for b in bodies]) >= 0.9
 
     # Per camera, results appear in the order the camera's requests were sent.
-    sent_order = {mid: n for n, (_, _, hdrs) in enumerate(records) for k, v in hdrs if k == "ce_id" for mid in [v.decode()]}
+    sent_order = {
+        mid: n for n, (_, _, hdrs) in enumerate(records) for k, v in hdrs if k == "ce_id" for mid in [v.decode()]
+    }
     for camera in {c for _, _, c in expected.values()}:
         seq = [sent_order[b["message_id"]] for b in bodies if expected[b["message_id"]][2] == camera]
         assert seq == sorted(seq), f"{camera} results out of order"
 
     # Alerts: exactly the anomalous results, same result ids.
     alerts = collect(settings, topics.alerts, idle_s=0.5, timeout_s=10)
-    assert sorted(header(a, "ce_id") for a in alerts) == sorted(b["result_id"] for b in bodies if b["verdict"] == "anomalous")
+    assert sorted(header(a, "ce_id") for a in alerts) == sorted(
+        b["result_id"] for b in bodies if b["verdict"] == "anomalous"
+    )
 
 
-def test_threshold_written_to_redis_changes_verdicts_within_one_second(make_settings, topics, trained_model, redis_client) -> None:
+def test_threshold_written_to_redis_changes_verdicts_within_one_second(
+    make_settings, topics, trained_model, redis_client
+) -> None:
     import time
 
     settings = make_settings(topics, models={"root": str(trained_model.root), "preload": (trained_model.line,)},
@@ -86,13 +91,17 @@ def test_threshold_written_to_redis_changes_verdicts_within_one_second(make_sett
     good = next(p for p, a in _test_images(trained_model.data) if not a)
     store = ThresholdStore(redis_client, settings.redis.key_prefix, 100)
     with running_worker(settings):
-        produce(settings, topics.requests, [request_record(good, line=trained_model.line, camera="c", message_id="before")])
+        produce(
+            settings, topics.requests, [request_record(good, line=trained_model.line, camera="c", message_id="before")]
+        )
         first = collect(settings, topics.results, expected=1, timeout_s=30)
         assert json.loads(first[0].value)["threshold"]["source"] == "model-default"
         record = store.set(trained_model.line, -1.0, model_version=trained_model.version, method="manual",
                            updated_by="test", force=True)  # fmt: skip
         time.sleep(1.0)
-        produce(settings, topics.requests, [request_record(good, line=trained_model.line, camera="c", message_id="after")])
+        produce(
+            settings, topics.requests, [request_record(good, line=trained_model.line, camera="c", message_id="after")]
+        )
         results = collect(settings, topics.results, expected=2, timeout_s=30)
     after = next(json.loads(r.value) for r in results if json.loads(r.value)["message_id"] == "after")
     assert after["threshold"] == {"value": -1.0, "version": record.version, "source": "redis", "model_version": "v1"}
@@ -108,13 +117,21 @@ def test_bad_records_become_dead_letters_and_the_rest_is_served(make_settings, t
 
     big = cv2.imencode(".png", np.zeros((400, 400, 3), np.uint8))[1].tobytes()
     bad = {
-        "corrupt": request_record(None, line=trained_model.line, camera="c", message_id="corrupt", data=png[: len(png) // 3]),
-        "wrong-type": request_record(None, line=trained_model.line, camera="c", message_id="wrong-type", data=png,
-                                     content_type="image/jpeg"),  # fmt: skip
+        "corrupt": request_record(
+            None, line=trained_model.line, camera="c", message_id="corrupt", data=png[: len(png) // 3]
+        ),
+        "wrong-type": request_record(
+            None, line=trained_model.line, camera="c", message_id="wrong-type", data=png, content_type="image/jpeg"
+        ),
         "unknown-line": request_record(good, line="no-such-line", camera="c", message_id="unknown-line"),
         "too-big": request_record(None, line=trained_model.line, camera="c", message_id="too-big", data=big),
-        "bad-claim": request_record(None, line=trained_model.line, camera="c", message_id="bad-claim",
-                                    claim_check={"image_uri": "file:///etc/passwd", "sha256": "0" * 64}),  # fmt: skip
+        "bad-claim": request_record(
+            None,
+            line=trained_model.line,
+            camera="c",
+            message_id="bad-claim",
+            claim_check={"image_uri": "file:///etc/passwd", "sha256": "0" * 64},
+        ),
     }
     no_id_key, no_id_value, no_id_headers = request_record(good, line=trained_model.line, camera="c", message_id="x")
     no_id_headers = [(k, v) for k, v in no_id_headers if k != "ce_id"]

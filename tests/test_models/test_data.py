@@ -64,7 +64,8 @@ def test_load_image_rgba_drops_alpha(tmp_path: Path) -> None:
     np.testing.assert_array_equal(out, rgb)
 
 
-def test_load_image_applies_exif_orientation(tmp_path: Path) -> None:
+def test_load_image_keeps_sensor_orientation_like_the_worker(tmp_path: Path) -> None:
+    # worker/decode.py ignores EXIF orientation; training must see the same pixels as serving.
     bgr = np.zeros((20, 40, 3), np.uint8)
     bgr[:, :10] = (0, 0, 255)  # red band on the left
     jpeg = cv2.imencode(".jpg", bgr)[1].tobytes()
@@ -74,9 +75,9 @@ def test_load_image_applies_exif_orientation(tmp_path: Path) -> None:
     path = tmp_path / "camera.jpg"
     path.write_bytes(jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + jpeg[2:])
     out = load_image(path)
-    assert out.shape == (40, 20, 3)
-    assert out[:10, :, 0].mean() > 200  # the red band is now on top
-    assert out[-10:, :, 0].mean() < 50
+    assert out.shape == (20, 40, 3)
+    assert out[:, :10, 0].mean() > 200  # the red band is still on the left
+    assert out[:, -10:, 0].mean() < 50
 
 
 @pytest.mark.parametrize("suffix", [".bmp", ".tif", ".tiff", ".webp", ".jpg", ".jpeg", ".PNG"])
@@ -236,3 +237,30 @@ def test_dataset_fingerprint(tmp_path: Path) -> None:
     assert dataset_fingerprint(renamed) != first
     with pytest.raises(DatasetError):
         dataset_fingerprint([tmp_path / "gone.png"])
+
+
+@pytest.mark.parametrize(
+    ("suffix", "shape", "dtype"),
+    [
+        (".png", (9, 7, 3), np.uint8),
+        (".png", (9, 7), np.uint8),
+        (".png", (9, 7), np.uint16),
+        (".png", (9, 7, 3), np.uint16),
+        (".png", (9, 7, 4), np.uint8),
+        (".jpg", (16, 16, 3), np.uint8),
+        (".bmp", (9, 7, 3), np.uint8),
+        (".tiff", (9, 7), np.uint16),
+    ],
+)
+def test_training_and_serving_decode_the_same_pixels(
+    tmp_path: Path, suffix: str, shape: tuple[int, ...], dtype: type
+) -> None:
+    from worker.decode import decode_image
+
+    info = np.iinfo(dtype)
+    image = np.random.default_rng(3).integers(0, int(info.max) + 1, size=shape).astype(dtype)
+    data = cv2.imencode(suffix, image)[1].tobytes()
+    path = tmp_path / f"x{suffix}"
+    path.write_bytes(data)
+    served = decode_image(data, None, max_pixels=1 << 20, max_value_bytes=1 << 20)
+    np.testing.assert_array_equal(load_image(path), served)

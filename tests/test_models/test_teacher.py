@@ -116,15 +116,11 @@ def test_random_pdn_is_seeded_and_frozen() -> None:
 
 
 class TinyBackbone(nn.Module):
-    """Stand-in for a pretrained backbone: stride-8 features with 48 channels."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(123)
-        self.conv = nn.Conv2d(3, 48, 8, stride=8)
+    """Stand-in for a pretrained backbone: stride-4 local colour means and their squares (6 channels)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.conv(x))
+        m = torch.nn.functional.avg_pool2d(x, 4)
+        return torch.cat([m, m * m], dim=1)
 
 
 def tiny_backbone() -> nn.Module:
@@ -135,27 +131,30 @@ def test_distillation_from_a_user_backbone_lowers_the_loss() -> None:
     backbone = load_backbone("tests.test_models.test_teacher:tiny_backbone")
     gen = torch.Generator().manual_seed(0)
 
+    def smooth(n: int, g: torch.Generator) -> torch.Tensor:
+        return torch.nn.functional.interpolate(torch.randn(n, 3, 16, 16, generator=g), size=(128, 128), mode="bilinear")
+
     def batches():
         while True:
-            yield torch.randn(2, 3, 128, 128, generator=gen)
+            yield smooth(4, gen)
 
     teacher = distill_teacher(backbone, batches(), "s", steps=1, lr=0.0)
     assert not teacher.padding and teacher(torch.zeros(1, 3, 128, 128)).shape == (1, 384, 24, 24)
     untrained = PDN("s", padding=True)
     untrained.load_state_dict(teacher.state_dict())
-    trained = distill_teacher(backbone, batches(), "s", steps=30, lr=1e-3)
+    trained = distill_teacher(backbone, batches(), "s", steps=40, lr=1e-3)
     padded = PDN("s", padding=True)
     padded.load_state_dict(trained.state_dict())
-    x = torch.randn(4, 3, 128, 128, generator=torch.Generator().manual_seed(9))
+    x = smooth(4, torch.Generator().manual_seed(9))
     with torch.no_grad():
         target = backbone(x)
         target = torch.nn.functional.interpolate(target, size=(32, 32), mode="bilinear")
-        target = torch.nn.functional.adaptive_avg_pool1d(target.permute(0, 2, 3, 1).reshape(-1, 1, 48), 384)
+        target = torch.nn.functional.adaptive_avg_pool1d(target.permute(0, 2, 3, 1).reshape(-1, 1, 6), 384)
         target = target.reshape(4, 32, 32, 384).permute(0, 3, 1, 2)
         target = (target - target.mean((0, 2, 3), keepdim=True)) / (target.std((0, 2, 3), keepdim=True) + 1e-6)
         before = torch.nn.functional.mse_loss(untrained(x), target)
         after = torch.nn.functional.mse_loss(padded(x), target)
-    assert after < 0.8 * before
+    assert after < 0.7 * before
 
 
 def test_load_backbone_errors() -> None:

@@ -14,7 +14,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--product-line", required=True, help="ce_productline of every request.")
     parser.add_argument("--camera", default="camera-1", help="ce_cameraid and record key (default camera-1).")
     parser.add_argument("--rate", type=float, default=None, help="Images per second (default: as fast as possible).")
-    parser.add_argument("--claim-check", default=None, help="Upload to s3://bucket/prefix or file:///dir and send references.")
+    parser.add_argument(
+        "--claim-check", default=None, help="Upload to s3://bucket/prefix or file:///dir and send references."
+    )
     parser.add_argument("--limit", type=int, default=None, help="Send at most this many images.")
     parser.add_argument("--repeat", type=int, default=1, help="Send the folder this many times.")
     parser.add_argument("--deadline-ms", type=float, default=None, help="Set ce_deadline this far after sending.")

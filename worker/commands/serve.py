@@ -11,7 +11,9 @@ HELP = "Run a worker: consume inspection requests, batch them for the model, pub
 def configure(parser: argparse.ArgumentParser) -> None:
     """Options override the matching settings for quick local runs."""
     parser.add_argument("--model-root", default=None, help="Override SPACE_MODELS__ROOT.")
-    parser.add_argument("--preload", nargs="*", default=None, help="Lines to load before serving (SPACE_MODELS__PRELOAD).")
+    parser.add_argument(
+        "--preload", nargs="*", default=None, help="Lines to load before serving (SPACE_MODELS__PRELOAD)."
+    )
     parser.add_argument("--max-batch-size", type=int, default=None, help="Override SPACE_BATCHING__MAX_BATCH_SIZE.")
     parser.add_argument("--max-wait-ms", type=float, default=None, help="Override SPACE_BATCHING__MAX_WAIT_MS.")
 

@@ -50,7 +50,10 @@ def run(args: argparse.Namespace) -> int:
         for name, (svc, ok) in services.items():
             all_ok &= ok
             owner = f"pid {svc.pid}" if svc.started_by_stack else "external"
-            print(f"{name:6} {svc.address:22} {'up' if ok else 'DOWN':5} {owner}" + (f"  log {svc.log_file}" if svc.log_file else ""))
+            print(
+                f"{name:6} {svc.address:22} {'up' if ok else 'DOWN':5} {owner}"
+                + (f"  log {svc.log_file}" if svc.log_file else "")
+            )
         return 0 if all_ok else 1
     stopped = stack.down()
     print("stopped: " + (", ".join(stopped) if stopped else "nothing (no service was started by this stack)"))

@@ -1,0 +1,270 @@
+"""End-to-end benchmark: raw Detector vs the whole worker (broker -> worker -> results topic).
+
+One run, side by side on the same machine and model:
+
+1. raw Detector throughput at the configured batch size (images already decoded and resized);
+2. end-to-end throughput: a backlog of N requests (encoded PNGs) through the real worker on the
+   embedded broker, counted on the results topic; the ratio to (1) is the serving overhead;
+3. end-to-end latency p50/p99 at 50% and 90% of that throughput (paced producer, latency =
+   result produced_at - request capture time, same host clock);
+4. the same backlog with max_batch_size=1 (what dynamic batching buys).
+
+Usage: ``.venv/bin/python bench/e2e.py [--size 128] [--batch 16] [--images 400] [--device auto]``.
+It trains a throwaway model (scores do not matter here) unless ``--model-root`` names a registry.
+Prints a table and a JSON line; numbers go to docs/performance.md with the machine they came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def train_model(root: Path, size: int, steps: int, device: str) -> tuple[str, str]:
+    from models.synthetic import build_product_line
+    from models.train import TrainConfig, train
+    from worker.registry import ModelRegistry
+
+    data = build_product_line(
+        "brick", root / "data", n_train=12, n_val=4, n_test_good=2, n_test_defect=2, size=size, seed=0
+    )
+    train(TrainConfig(data=data, product_line="brick", out=root / "registry", steps=steps, input_size=size, seed=0,
+                      model_version="bench", device=device))  # fmt: skip
+    ModelRegistry(str(root / "registry")).promote("brick", "bench", by="bench")
+    return "brick", "bench"
+
+
+def raw_throughput(detector: Any, batch: int, seconds: float) -> tuple[float, float]:
+    """Images/s of Detector.predict on prepared uint8 batches, and the mean batch time (s)."""
+    h, w = detector.input_size
+    x = np.random.default_rng(0).integers(0, 255, (batch, h, w, 3), dtype=np.uint8)
+    detector.predict(x)
+    detector.predict(x)
+    n, times = 0, []
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        detector.predict(x)
+        times.append(time.perf_counter() - t0)
+        n += batch
+    return n / (time.perf_counter() - start), statistics.mean(times)
+
+
+def encoded_images(size: int, count: int) -> list[bytes]:
+    from models.synthetic import render_good_image
+
+    rng = np.random.default_rng(1)
+    out = []
+    for _ in range(min(count, 32)):
+        img = render_good_image("brick", rng, size=size)
+        out.append(cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))[1].tobytes())
+    return [out[i % len(out)] for i in range(count)]
+
+
+def requests(images: list[bytes], line: str, cameras: int = 8) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
+    from datetime import UTC, datetime
+
+    from schemas.request import InspectionRequest, build_request_headers
+
+    recs = []
+    for i, data in enumerate(images):
+        cam = f"cam-{i % cameras}"
+        req = InspectionRequest(message_id=uuid.uuid4().hex, source=f"bench/{cam}", time=datetime.now(UTC), product_line=line,
+                                camera_id=cam, content_type="image/png")  # fmt: skip
+        recs.append((cam.encode(), data, build_request_headers(req)))
+    return recs
+
+
+def run_worker_on(
+    settings: Any, produce_fn: Any, expected: int, timeout_s: float
+) -> tuple[float, list[dict[str, Any]]]:
+    """Start a worker, let ``produce_fn`` feed it, return (seconds from first to last result, results)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from tests.worker_harness import running_worker
+
+    consumer = KafkaConsumer(**settings.kafka.client_kwargs(), group_id=None, enable_auto_commit=False)
+    parts = [
+        TopicPartition(settings.kafka.results_topic, p)
+        for p in consumer.partitions_for_topic(settings.kafka.results_topic)
+    ]
+    consumer.assign(parts)
+    consumer.seek_to_end()
+    for tp in parts:
+        consumer.position(tp)
+    results: list[dict[str, Any]] = []
+    arrival: list[float] = []
+    with running_worker(settings, ready_timeout_s=120):
+        feeder = threading.Thread(target=produce_fn, daemon=True)
+        feeder.start()
+        deadline = time.monotonic() + timeout_s
+        while len(results) < expected and time.monotonic() < deadline:
+            for recs in consumer.poll(timeout_ms=100).values():
+                for r in recs:
+                    results.append(json.loads(r.value))
+                    arrival.append(time.monotonic())
+        feeder.join(timeout=5)
+    consumer.close()
+    if len(results) < expected:
+        raise RuntimeError(f"only {len(results)} of {expected} results within {timeout_s} s")
+    # First-to-last result: excludes start-up and the broker's group join (Tansu waits session/2).
+    return arrival[-1] - arrival[0], results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=128, help="Model input size (px).")
+    parser.add_argument("--batch", type=int, default=16, help="max_batch_size of the worker and raw batch.")
+    parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--images", type=int, default=400, help="Backlog size for throughput runs.")
+    parser.add_argument("--latency-images", type=int, default=200, help="Images per paced latency run.")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
+    parser.add_argument("--decode-workers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20, help="Training steps of the throwaway model.")
+    parser.add_argument("--model-root", default=None, help="Use this registry (line brick must be promoted).")
+    parser.add_argument("--raw-seconds", type=float, default=8.0)
+    args = parser.parse_args()
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from models.detector import Detector
+    from tests.kafka_helpers import produce
+    from worker.kafka_clients import ensure_topics
+    from worker.logging import configure_logging
+    from worker.registry import ModelRegistry
+    from worker.settings import load_settings
+    from worker.stack import Stack
+
+    configure_logging("WARNING", "console")
+    work = Path(tempfile.mkdtemp(prefix="space-bench-"))
+    if args.model_root:
+        root, line = Path(args.model_root), "brick"
+        version = ModelRegistry(str(root)).active_version(line)
+    else:
+        line, version = train_model(
+            work,
+            args.size,
+            args.steps,
+            "cpu" if args.device == "auto" and not torch.cuda.is_available() else args.device,
+        )
+        root = work / "registry"
+    detector = Detector.load(root / line / version, device=args.device, precision=args.precision)
+    raw_ips, batch_s = raw_throughput(detector, args.batch, args.raw_seconds)
+    raw1_ips, _ = raw_throughput(detector, 1, args.raw_seconds / 2)
+    del detector
+
+    stack = Stack(work / "stack", redis_url=os.environ.get("SPACE_REDIS__URL", "redis://127.0.0.1:6379/0"))
+    stack.up()
+    env = stack.env()
+    report: dict[str, Any] = {
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()} cpus={os.cpu_count()}",
+        "device": str(torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")),
+        "torch_threads": torch.get_num_threads(), "input_px": args.size, "batch": args.batch, "precision": args.precision,
+        "raw_images_per_s": round(raw_ips, 1), "raw_batch_ms": round(batch_s * 1000, 2),
+        "raw_batch1_images_per_s": round(raw1_ips, 1),
+    }  # fmt: skip
+    try:
+
+        def settings_for(batch: int, tag: str) -> Any:
+            suffix = uuid.uuid4().hex[:6]
+            s = load_settings(
+                kafka={"bootstrap_servers": env["SPACE_KAFKA__BOOTSTRAP_SERVERS"], "group_id": f"bench-{tag}-{suffix}",
+                       "requests_topic": f"bench-req-{suffix}", "results_topic": f"bench-res-{suffix}",
+                       "alerts_topic": f"bench-alert-{suffix}", "dlq_topic": f"bench-dlq-{suffix}",
+                       "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000},
+                redis={"url": env["SPACE_REDIS__URL"], "key_prefix": f"bench-{suffix}"},
+                models={"root": str(root), "preload": (line,), "device": args.device, "precision": args.precision,
+                        "warmup_batch_sizes": (1, batch)},
+                batching={"max_batch_size": batch, "max_wait_ms": args.max_wait_ms},
+                decode={"workers": args.decode_workers},
+                heatmaps={"store_uri": f"file://{work / 'heatmaps'}", "policy": "all"},
+                http={"enabled": False}, worker={"state_dir": str(work / "state")},
+            )  # fmt: skip
+            ensure_topics(
+                s.kafka,
+                {s.kafka.requests_topic: 8, s.kafka.results_topic: 8, s.kafka.alerts_topic: 1, s.kafka.dlq_topic: 1},
+            )
+            return s
+
+        images = encoded_images(args.size, args.images)
+
+        def backlog(batch: int, tag: str) -> float:
+            s = settings_for(batch, tag)
+            recs = requests(images, line)
+            produce(s, s.kafka.requests_topic, recs)  # a backlog: the worker drains as fast as it can
+            elapsed, _ = run_worker_on(s, lambda: None, len(recs), timeout_s=600)
+            return (len(recs) - 1) / elapsed
+
+        e2e_ips = backlog(args.batch, "tput")
+        e2e1_ips = backlog(1, "b1")
+        report.update(e2e_images_per_s=round(e2e_ips, 1), e2e_over_raw=round(e2e_ips / raw_ips, 3),
+                      e2e_batch1_images_per_s=round(e2e1_ips, 1), batching_gain=round(e2e_ips / e2e1_ips, 2))  # fmt: skip
+
+        for load in (0.5, 0.9):
+            rate = load * e2e_ips
+            s = settings_for(args.batch, f"lat{int(load * 100)}")
+            lat_images = images[: args.latency_images]
+
+            def paced(s: Any = s, rate: float = rate, lat_images: list[bytes] = lat_images) -> None:
+                from worker.kafka_clients import make_producer
+
+                producer = make_producer(s.kafka, linger_ms=0)
+                start = time.monotonic()
+                for i, rec in enumerate(requests(lat_images, line)):
+                    delay = start + i / rate - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                    key, value, _ = rec
+                    _, _, headers = requests([value], line)[0]  # fresh capture time at send
+                    producer.send(s.kafka.requests_topic, key=key, value=value, headers=headers)
+                producer.flush()
+                producer.close()
+
+            _, results = run_worker_on(s, paced, len(lat_images), timeout_s=600)
+            from datetime import datetime
+
+            lat = [
+                (datetime.fromisoformat(r["produced_at"]) - datetime.fromisoformat(r["captured_at"])).total_seconds()
+                * 1000
+                for r in results
+            ]
+            report[f"p50_ms_at_{int(load * 100)}pct"] = round(_percentile(lat, 50), 1)
+            report[f"p99_ms_at_{int(load * 100)}pct"] = round(_percentile(lat, 99), 1)
+            report[f"mean_batch_at_{int(load * 100)}pct"] = round(statistics.mean(r["batch_size"] for r in results), 2)
+        report["p99_budget_ms"] = round(args.max_wait_ms + 3 * batch_s * 1000, 1)
+    finally:
+        stack.down()
+
+    print("\nspace-worker end-to-end benchmark")
+    for key, value in report.items():
+        print(f"  {key:28} {value}")
+    print(
+        f"\n  end-to-end / raw = {report['e2e_over_raw']:.2f} (target >= 0.85);"
+        f" p99 at 50% = {report['p99_ms_at_50pct']} ms (budget {report['p99_budget_ms']} ms);"
+        f" batching gain x{report['batching_gain']}"
+    )
+    print("JSON " + json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
