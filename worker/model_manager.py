@@ -4,7 +4,9 @@ A line's model loads on first use (the active version in the registry). ``refres
 background thread every ``refresh_interval_s``) notices a promotion, loads the new version beside
 the old one, warms it, and swaps the reference atomically; batches already formed keep the object
 they hold, so nothing in flight fails. A load that fails leaves the old version serving, logged and
-counted. At most ``max_loaded`` lines stay in memory (least recently used go first).
+counted, and that version is tried again only after a back-off. At most ``max_loaded`` lines stay
+in memory (least recently used go first). Unknown lines and lines whose first load failed are
+remembered for ``negative_ttl_s``, so a stream of images for them does not hit the registry per image.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from worker.registry import ModelRegistry, RegistryError
 
 log = structlog.get_logger(__name__)
 
+_MAX_REMEMBERED = 1024  # unknown / failed lines remembered at once
+
 
 class ModelUnavailable(SpaceError):
     """No model can serve this product line (unknown line, or its model fails to load)."""
@@ -31,6 +35,7 @@ class ModelUnavailable(SpaceError):
     def __init__(self, line: str, detail: str, *, unknown_line: bool) -> None:
         super().__init__(f"product line {line!r}: {detail}")
         self.line = line
+        self.detail = detail
         self.unknown_line = unknown_line
 
 
@@ -65,7 +70,12 @@ class ModelManager:
         max_loaded: Lines kept in memory.
         warmup_batch_sizes: Batch sizes run once before a model serves (empty: no warm-up).
         on_load: Callback ``(line, outcome)`` for metrics (outcome: ok | failed).
-        negative_ttl_s: How long an unknown line is remembered as unknown.
+        negative_ttl_s: How long an unknown line, or a line whose first load failed, is answered
+            from memory instead of asking the registry (and loading) again for every image.
+        swap_retry_s: After a promoted version failed to load, :meth:`refresh` tries that same
+            version again only after this long (doubling up to 16x), so a broken artifact does not
+            cost a download and a failed load every refresh interval.
+        clock: Monotonic seconds (injected in tests).
     """
 
     def __init__(
@@ -77,17 +87,24 @@ class ModelManager:
         warmup_batch_sizes: Sequence[int] = (1,),
         on_load: Callable[[str, str], None] | None = None,
         negative_ttl_s: float = 5.0,
+        swap_retry_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        if max_loaded < 1:
+            raise ValueError("max_loaded must be >= 1")
         self.registry = registry
         self._load = load
         self.max_loaded = max_loaded
         self.warmup_batch_sizes = tuple(warmup_batch_sizes)
         self._on_load = on_load or (lambda line, outcome: None)
         self._negative_ttl_s = negative_ttl_s
+        self._swap_retry_s = swap_retry_s
         self._clock = clock
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
-        self._unknown: dict[str, tuple[float, str]] = {}
+        # line -> (retry_at, message, unknown_line): lines that cannot serve right now.
+        self._unavailable: dict[str, tuple[float, str, bool]] = {}
+        # line -> (version, retry_at, delay_s): a promoted version that failed to load.
+        self._failed_swaps: dict[str, tuple[str, float, float]] = {}
         self._lock = threading.Lock()
         self._line_locks: dict[str, threading.Lock] = {}
 
@@ -98,29 +115,52 @@ class ModelManager:
             if model is not None:
                 self._models.move_to_end(line)
                 return model
-            unknown = self._unknown.get(line)
-            if unknown is not None and self._clock() < unknown[0]:
-                raise ModelUnavailable(line, unknown[1], unknown_line=True)
+            self._raise_if_remembered(line)
             line_lock = self._line_locks.setdefault(line, threading.Lock())
         with line_lock:  # one loader per line; others wait for its result
             with self._lock:
                 model = self._models.get(line)
                 if model is not None:
                     return model
+                self._raise_if_remembered(line)  # the loader we waited for failed
             try:
                 version = self.registry.active_version(line)
-            except RegistryError as exc:
+                model = self._load_version(line, version)
+            except (RegistryError, ModelUnavailable) as exc:
+                unknown = isinstance(exc, RegistryError)
+                detail = str(exc) if isinstance(exc, RegistryError) else exc.detail
                 with self._lock:
-                    self._unknown[line] = (self._clock() + self._negative_ttl_s, str(exc))
-                raise ModelUnavailable(line, str(exc), unknown_line=True) from exc
-            model = self._load_version(line, version)
+                    self._remember_unavailable(line, detail, unknown=unknown)
+                if unknown:
+                    raise ModelUnavailable(line, detail, unknown_line=True) from exc
+                raise
             with self._lock:
                 self._models[line] = model
                 self._models.move_to_end(line)
+                self._unavailable.pop(line, None)
                 while len(self._models) > self.max_loaded:
                     evicted, _ = self._models.popitem(last=False)
                     log.info("model_evicted", product_line=evicted)
             return model
+
+    def _remember_unavailable(self, line: str, detail: str, *, unknown: bool) -> None:
+        """Remember a failure; bounded, since product lines come from message headers (holds the lock)."""
+        self._unavailable.pop(line, None)
+        self._unavailable[line] = (self._clock() + self._negative_ttl_s, detail, unknown)
+        while len(self._unavailable) > _MAX_REMEMBERED:
+            self._unavailable.pop(next(iter(self._unavailable)))
+        if line not in self._models:
+            self._line_locks.pop(line, None)  # a waiter still holds it; new callers see the failure first
+
+    def _raise_if_remembered(self, line: str) -> None:
+        """Raise the remembered failure of ``line`` while it is fresh (caller holds the lock)."""
+        entry = self._unavailable.get(line)
+        if entry is None:
+            return
+        retry_at, detail, unknown = entry
+        if self._clock() < retry_at:
+            raise ModelUnavailable(line, detail, unknown_line=unknown)
+        del self._unavailable[line]
 
     def _load_version(self, line: str, version: str) -> LoadedModel:
         start = time.monotonic()
@@ -129,47 +169,77 @@ class ModelManager:
             detector = self._load(path)
             if self.warmup_batch_sizes:
                 detector.warmup(self.warmup_batch_sizes)
-        except Exception as exc:
+        except Exception as exc:  # any load failure: counted, logged, the old model (if any) kept
             self._on_load(line, "failed")
             log.error("model_load_failed", product_line=line, model_version=version, error=str(exc))
-            raise ModelUnavailable(
-                line, f"model version {version!r} failed to load: {exc}", unknown_line=False
-            ) from exc
+            self._discard(line, version)
+            detail = f"model version {version!r} failed to load: {exc}"
+            raise ModelUnavailable(line, detail, unknown_line=False) from exc
         self._on_load(line, "ok")
-        log.info(
-            "model_loaded",
-            product_line=line,
-            model_version=version,
-            load_ms=round((time.monotonic() - start) * 1000, 1),
-        )
+        load_ms = round((time.monotonic() - start) * 1000, 1)
+        log.info("model_loaded", product_line=line, model_version=version, load_ms=load_ms)
         return LoadedModel(line, version, detector, time.monotonic())
 
+    def _discard(self, line: str, version: str) -> None:
+        try:
+            self.registry.discard_local(line, version)
+        except (RegistryError, OSError) as exc:
+            log.warning("model_cache_discard_failed", product_line=line, model_version=version, error=str(exc))
+
     def refresh(self) -> list[str]:
-        """Swap in promoted versions of the loaded lines; returns the lines swapped."""
+        """Swap in promoted (or rolled back) versions of the loaded lines; returns the lines swapped.
+
+        The new version is loaded and warmed beside the old one, then the reference is swapped; a
+        version that fails to load leaves the old one serving (``model_swap_failed``) and is tried
+        again after ``swap_retry_s``.
+        """
         with self._lock:
-            current = dict(self._models)
+            lines = list(self._models)
+            # New lines may have been published; failed loads keep their own expiry.
+            self._unavailable = {k: v for k, v in self._unavailable.items() if not v[2]}
         swapped = []
-        for line, model in current.items():
+        for line in lines:
+            if self._refresh_line(line):
+                swapped.append(line)
+        return swapped
+
+    def _refresh_line(self, line: str) -> bool:
+        with self._lock:
+            line_lock = self._line_locks.setdefault(line, threading.Lock())
+        with line_lock:
+            with self._lock:
+                model = self._models.get(line)
+            if model is None:  # evicted meanwhile: the next get() loads the active version
+                return False
             try:
                 version = self.registry.active_version(line)
-            except RegistryError as exc:
+            except Exception as exc:  # noqa: BLE001 - a registry hiccup (S3 down, bad pointer) keeps the model
                 log.warning("model_pointer_unreadable", product_line=line, error=str(exc))
-                continue
+                return False
             if version == model.version:
-                continue
+                self._failed_swaps.pop(line, None)
+                return False
+            failed = self._failed_swaps.get(line)
+            if failed is not None and failed[0] == version and self._clock() < failed[1]:
+                return False
             try:
                 new = self._load_version(line, version)
-            except ModelUnavailable:
-                log.error("model_swap_failed", product_line=line, serving_version=model.version, wanted_version=version)
-                continue
+            except ModelUnavailable as exc:
+                delay = self._swap_retry_s if failed is None or failed[0] != version else min(
+                    failed[2] * 2, self._swap_retry_s * 16
+                )
+                self._failed_swaps[line] = (version, self._clock() + delay, delay)
+                log.error(
+                    "model_swap_failed", product_line=line, serving_version=model.version, wanted_version=version,
+                    error=str(exc.__cause__ or exc), retry_in_s=delay,
+                )  # fmt: skip
+                return False
+            self._failed_swaps.pop(line, None)
             with self._lock:
                 if line in self._models:
                     self._models[line] = new
-            swapped.append(line)
             log.info("model_swapped", product_line=line, old_version=model.version, new_version=version)
-        with self._lock:
-            self._unknown.clear()  # new lines may have appeared
-        return swapped
+            return True
 
     def loaded(self) -> dict[str, LoadedModel]:
         """The serving model of every loaded line."""

@@ -25,7 +25,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+import structlog
+
 from worker.errors import SpaceError
+
+log = structlog.get_logger(__name__)
 
 POINTER = "ACTIVE.json"
 HISTORY_MAX = 20
@@ -188,7 +192,7 @@ class ModelRegistry:
 
     def lines(self) -> list[str]:
         """Product lines that have at least one version."""
-        return [d for d in self._backend.list_dirs("") if _NAME.match(d)]
+        return [d for d in self._backend.list_dirs("") if _NAME.match(d) and self.versions(d)]
 
     def versions(self, line: str) -> list[str]:
         """Versions of ``line`` that hold a model card."""
@@ -200,20 +204,26 @@ class ModelRegistry:
         ]
 
     def pointer(self, line: str) -> ActivePointer | None:
-        """The active pointer of ``line``, or None when never promoted."""
+        """The active pointer of ``line``, or None when never promoted.
+
+        Raises:
+            RegistryError: the pointer exists but is not valid JSON of the expected shape.
+        """
         check_name("product line", line)
         text = self._backend.read_text(f"{line}/{POINTER}")
         if text is None:
             return None
         try:
             data = json.loads(text)
+            if not isinstance(data.get("history", []), list):
+                raise TypeError("history is not a list")
             return ActivePointer(
                 version=check_name("version", data["version"]),
-                history=tuple(data.get("history", [])),
+                history=tuple(check_name("version", v) for v in data.get("history", [])),
                 updated_at=str(data.get("updated_at", "")),
                 updated_by=str(data.get("updated_by", "")),
             )
-        except (ValueError, KeyError, TypeError) as exc:
+        except (RegistryError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise RegistryError(f"the active pointer of line {line!r} is corrupt: {exc}") from exc
 
     def active_version(self, line: str) -> str:
@@ -224,14 +234,21 @@ class ModelRegistry:
         raise RegistryError(f"product line {line!r} has no active model: `space models promote {line} VERSION`")
 
     def promote(self, line: str, version: str, *, by: str = "unknown") -> ActivePointer:
-        """Make ``version`` the active one (it must exist)."""
+        """Make ``version`` the active one (it must exist; its artifact is not checked here).
+
+        A corrupt pointer is replaced (its history is lost, and a warning says so), so that
+        promoting is always the way out of a broken pointer.
+        """
         check_name("product line", line)
         check_name("version", version)
-        if version not in self.versions(line):
-            raise RegistryError(
-                f"line {line!r} has no version {version!r} (have: {', '.join(self.versions(line)) or 'none'})"
-            )
-        current = self.pointer(line)
+        versions = self.versions(line)
+        if version not in versions:
+            raise RegistryError(f"line {line!r} has no version {version!r} (have: {', '.join(versions) or 'none'})")
+        try:
+            current = self.pointer(line)
+        except RegistryError as exc:
+            log.warning("model_pointer_replaced", product_line=line, error=str(exc))
+            current = None
         history: list[str] = []
         if current is not None and current.version != version:
             history = [current.version, *current.history][:HISTORY_MAX]
@@ -240,12 +257,67 @@ class ModelRegistry:
         return self._write_pointer(line, version, history, by)
 
     def rollback(self, line: str, *, by: str = "unknown") -> ActivePointer:
-        """Go back to the previous active version."""
+        """Go back to the previous active version (which must still exist)."""
         current = self.pointer(line)
         if current is None or not current.history:
             raise RegistryError(f"line {line!r} has no previous version to roll back to")
         previous, *rest = current.history
+        if previous not in self.versions(line):
+            raise RegistryError(
+                f"line {line!r}: previous version {previous!r} no longer exists; promote a version instead"
+            )
         return self._write_pointer(line, previous, rest, by)
+
+    def card_text(self, line: str, version: str) -> str:
+        """The raw ``model.json`` of a version, read without fetching the weights."""
+        check_name("product line", line)
+        check_name("version", version)
+        text = self._backend.read_text(f"{line}/{version}/model.json")
+        if text is None:
+            raise RegistryError(f"line {line!r} has no version {version!r}")
+        return text
+
+    def verify(self, line: str, version: str) -> Any:
+        """Check an artifact without building its network: card valid, weights' sha256, names.
+
+        Fetches the artifact first for S3 roots. The card's ``product_line`` and ``version`` must
+        match the folder: results and thresholds key on the folder's version, calibration writes
+        the card's, and a mismatch would silently keep every threshold from applying.
+
+        Returns:
+            The :class:`models.artifact.ModelCard`.
+
+        Raises:
+            RegistryError: the artifact is missing, corrupt, or names another line or version.
+        """
+        from models.artifact import ArtifactError, load_card, sha256_file
+
+        path = self.local_path(line, version)
+        try:
+            card = load_card(path)
+            weights = path / card.weights_file
+            if not weights.is_file():
+                raise ArtifactError(f"{weights}: weights file missing")
+            digest = sha256_file(weights)
+            if digest != card.weights_sha256:
+                raise ArtifactError(
+                    f"{weights}: sha256 {digest[:12]} does not match the card's {card.weights_sha256[:12]}"
+                )
+        except (ArtifactError, OSError) as exc:
+            self.discard_local(line, version)
+            raise RegistryError(f"line {line!r} version {version!r} is not a valid artifact: {exc}") from exc
+        if card.product_line != line or card.version != version:
+            raise RegistryError(
+                f"{line}/{version}/model.json says product line {card.product_line!r} version "
+                f"{card.version!r}; the folder must match the card"
+            )
+        return card
+
+    def discard_local(self, line: str, version: str) -> None:
+        """Forget a downloaded copy (S3 roots), so the next :meth:`local_path` fetches it again."""
+        check_name("product line", line)
+        check_name("version", version)
+        self._backend.discard(f"{line}/{version}", self.cache_dir)
 
     def _write_pointer(self, line: str, version: str, history: list[str], by: str) -> ActivePointer:
         pointer = ActivePointer(version, tuple(history), self._clock().isoformat(), by)

@@ -19,6 +19,7 @@ exits non-zero so the orchestrator restarts it and the group re-delivers the rec
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -174,6 +175,7 @@ class Worker:
         self._infer_done = threading.Event()
         self._fatal: BaseException | None = None
         self._last_commit = 0.0
+        self._last_lag = 0.0
         self._assigned: set[TopicPartition] = set()
         self._joined = False
         self._threads: list[threading.Thread] = []
@@ -275,6 +277,23 @@ class Worker:
                 self._accept(tp, rec)
         self._apply_backpressure()
         self._commit()
+        self._update_lag()
+
+    def _update_lag(self) -> None:
+        now = time.monotonic()
+        if now - self._last_lag < 1.0:
+            return
+        self._last_lag = now
+        for tp in list(self._assigned):
+            highwater = self.consumer.highwater(tp)  # cached from fetch responses: no request
+            if highwater is None:
+                continue
+            try:
+                position = self.consumer.position(tp, timeout_ms=0)
+            except Exception:  # noqa: BLE001 - lag is best effort; never disturb the poll loop
+                continue
+            if position is not None:
+                self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
 
     def _accept(self, tp: TopicPartition, rec: Any) -> None:
         if not self.tracker.track(tp, rec.offset):
@@ -377,6 +396,9 @@ class Worker:
             self._finish(item)
         self._assigned.difference_update(gone)
         self._paused.difference_update(gone)
+        for tp in gone:
+            with contextlib.suppress(KeyError):
+                self.metrics.consumer_lag.remove(tp.topic, str(tp.partition))
         self.metrics.assigned_partitions.set(len(self._assigned))
 
     # ------------------------------------------------------------------------------------------

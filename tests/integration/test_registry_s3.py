@@ -1,0 +1,149 @@
+"""The model registry on an s3:// root (moto server): listing, pointer, download cache, verification,
+hot-swap through ModelManager, and ``space models`` configured by environment variables."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from models.artifact import ModelCard, load_artifact, save_artifact
+from tests.integration.test_heatmaps_s3 import moto_endpoint, s3_client, s3_settings  # noqa: F401 - fixtures
+from worker.cli import main
+from worker.model_manager import ModelManager
+from worker.registry import ModelRegistry, RegistryError
+
+pytestmark = pytest.mark.s3
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModelCard, dict[str, Any]]:
+    from tests.test_models.model_fixtures import make_card, make_model
+
+    model = make_model()
+    folder = save_artifact(tmp_path_factory.mktemp("s3-artifact") / "v1", make_card(model), model.state_dict())
+    return load_artifact(folder)
+
+
+def _upload(client: Any, bucket: str, key_prefix: str, folder: Path) -> None:
+    for name in ("model.safetensors", "model.json"):  # weights first, like a careful uploader
+        client.upload_file(str(folder / name), bucket, f"{key_prefix}/{name}")
+
+
+@pytest.fixture
+def s3_root(s3_client: Any, artifact: tuple[ModelCard, dict[str, Any]], tmp_path: Path) -> str:  # noqa: F811
+    """A bucket with brick/v1 and brick/v2 under ``models/``; returns the root URI."""
+    bucket = f"models-{uuid.uuid4().hex[:8]}"
+    s3_client.create_bucket(Bucket=bucket)
+    card, state = artifact
+    for version in ("v1", "v2"):
+        folder = save_artifact(tmp_path / "src" / version, card.model_copy(update={"version": version}), state)
+        _upload(s3_client, bucket, f"models/brick/{version}", folder)
+    s3_client.put_object(Bucket=bucket, Key="models/brick/partial/model.safetensors", Body=b"no card yet")
+    return f"s3://{bucket}/models"
+
+
+def _registry(root: str, client: Any, tmp_path: Path) -> ModelRegistry:
+    return ModelRegistry(root, s3_client_factory=lambda: client, cache_dir=tmp_path / "cache")
+
+
+def test_s3_registry_lists_promotes_rolls_back_and_downloads(
+    s3_root: str, s3_client: Any, tmp_path: Path  # noqa: F811
+) -> None:
+    registry = _registry(s3_root, s3_client, tmp_path)
+    assert registry.lines() == ["brick"]
+    assert registry.versions("brick") == ["v1", "v2"]  # 'partial' has no card
+    assert registry.pointer("brick") is None
+    registry.promote("brick", "v1", by="alice")
+    registry.promote("brick", "v2", by="bob")
+    bucket = s3_root.removeprefix("s3://").split("/")[0]
+    stored = json.loads(s3_client.get_object(Bucket=bucket, Key="models/brick/ACTIVE.json")["Body"].read())
+    assert stored["version"] == "v2" and stored["history"] == ["v1"] and stored["updated_by"] == "bob"
+    assert registry.rollback("brick").version == "v1"
+
+    assert json.loads(registry.card_text("brick", "v2"))["version"] == "v2"
+    assert not (tmp_path / "cache" / "brick" / "v2").exists()  # reading a card fetches no weights
+    path = registry.local_path("brick", "v2")
+    assert path == tmp_path / "cache" / "brick" / "v2"
+    card, _ = load_artifact(path)  # the downloaded copy passes the checksum
+    assert card.version == "v2"
+    assert registry.verify("brick", "v2").version == "v2"
+    with pytest.raises(RegistryError, match="no version"):
+        registry.promote("brick", "partial")
+
+
+def test_s3_corrupt_upload_is_refused_and_its_cached_copy_dropped(
+    s3_root: str, s3_client: Any, tmp_path: Path, artifact: tuple[ModelCard, dict[str, Any]]  # noqa: F811
+) -> None:
+    registry = _registry(s3_root, s3_client, tmp_path)
+    bucket, prefix = s3_root.removeprefix("s3://").split("/", 1)
+    card, state = artifact
+    good = save_artifact(tmp_path / "src" / "v3", card.model_copy(update={"version": "v3"}), state)
+    weights = bytearray((good / "model.safetensors").read_bytes())
+    weights[-1] ^= 0xFF
+    s3_client.put_object(Bucket=bucket, Key=f"{prefix}/brick/v3/model.safetensors", Body=bytes(weights))
+    s3_client.upload_file(str(good / "model.json"), bucket, f"{prefix}/brick/v3/model.json")
+    with pytest.raises(RegistryError, match="not a valid artifact.*sha256"):
+        registry.verify("brick", "v3")
+    assert not (tmp_path / "cache" / "brick" / "v3").exists()
+    _upload(s3_client, bucket, f"{prefix}/brick/v3", good)  # fixed upload of the same version
+    assert registry.verify("brick", "v3").version == "v3"
+
+
+def test_model_manager_hot_swaps_from_s3_and_recovers_after_a_fixed_upload(
+    s3_root: str, s3_client: Any, tmp_path: Path, artifact: tuple[ModelCard, dict[str, Any]]  # noqa: F811
+) -> None:
+    registry = _registry(s3_root, s3_client, tmp_path)
+    registry.promote("brick", "v1")
+    now = [0.0]
+    outcomes: list[str] = []
+
+    def load(path: Path) -> Any:
+        loaded_card, _ = load_artifact(path)  # checksum-verified, like Detector.load
+        return SimpleNamespace(card=loaded_card)
+
+    manager = ModelManager(
+        registry, load, warmup_batch_sizes=(), clock=lambda: now[0], swap_retry_s=10,
+        on_load=lambda line, outcome: outcomes.append(outcome),
+    )  # fmt: skip
+    assert manager.get("brick").detector.card.version == "v1"
+
+    bucket, prefix = s3_root.removeprefix("s3://").split("/", 1)
+    card, state = artifact
+    good = save_artifact(tmp_path / "src" / "v3", card.model_copy(update={"version": "v3"}), state)
+    s3_client.upload_file(str(good / "model.json"), bucket, f"{prefix}/brick/v3/model.json")
+    s3_client.put_object(Bucket=bucket, Key=f"{prefix}/brick/v3/model.safetensors", Body=b"truncated")
+    registry.promote("brick", "v3")  # bypasses the CLI's check
+    assert manager.refresh() == []
+    assert manager.get("brick").version == "v1"
+    assert outcomes == ["ok", "failed"]
+
+    _upload(s3_client, bucket, f"{prefix}/brick/v3", good)
+    now[0] = 11.0
+    assert manager.refresh() == ["brick"]  # downloaded again: the broken copy was not kept
+    assert manager.get("brick").detector.card.version == "v3"
+
+
+def test_models_cli_on_an_s3_root(
+    s3_root: str, moto_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    monkeypatch.setattr("worker.logging.configure_logging", lambda *args, **kwargs: None)
+    for name, value in {
+        "SPACE_MODELS__ROOT": s3_root,
+        "SPACE_S3__ENDPOINT_URL": moto_endpoint,
+        "SPACE_S3__ACCESS_KEY_ID": "test",
+        "SPACE_S3__SECRET_ACCESS_KEY": "test",
+        "SPACE_WORKER__STATE_DIR": str(tmp_path / "state"),
+    }.items():
+        monkeypatch.setenv(name, value)
+    assert main(["models", "promote", "brick", "v2", "--by", "ci"]) == 0
+    assert main(["models", "list", "--json"]) == 0
+    out = capsys.readouterr().out
+    listing = json.loads(out[out.index("{") :])
+    assert listing["root"] == s3_root
+    assert [(v["version"], v["active"]) for v in listing["lines"][0]["versions"]] == [("v1", False), ("v2", True)]

@@ -1,0 +1,67 @@
+"""Artifact round trip and integrity: bit-exact tensors, sha256 checked, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.artifact import CARD_FILE, WEIGHTS_FILE, ArtifactError, ModelCard, load_artifact, save_artifact
+from tests.test_models.model_fixtures import make_card, make_model
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor], ModelCard]:
+    model = make_model("space")
+    card = make_card(model)
+    state = model.state_dict()
+    return save_artifact(tmp_path / "brick" / "v1", card, state), state, card
+
+
+def test_round_trip_is_bit_exact(saved: tuple[Path, dict[str, torch.Tensor], ModelCard]) -> None:
+    path, state, card = saved
+    loaded_card, loaded = load_artifact(path)
+    assert set(loaded) == set(state)
+    for key, value in state.items():
+        assert loaded[key].dtype == value.dtype
+        assert torch.equal(loaded[key], value), key
+    assert loaded_card.weights_sha256 and len(loaded_card.weights_sha256) == 64
+    assert loaded_card.model_dump(exclude={"weights_sha256"}) == card.model_dump(exclude={"weights_sha256"})
+    assert not list(path.glob(".*tmp"))
+
+
+def test_card_json_is_plain_and_records_the_hash(saved: tuple[Path, dict[str, torch.Tensor], ModelCard]) -> None:
+    path, _, _ = saved
+    doc = json.loads((path / CARD_FILE).read_text())
+    assert doc["variant"] == "space" and doc["input_size"] == [128, 128]
+    assert doc["config"]["use_scl"] is True
+    assert set(doc["quantiles"]) == {"qa_st", "qb_st", "qa_ae", "qb_ae"}
+
+
+def test_tampered_weights_are_rejected(saved: tuple[Path, dict[str, torch.Tensor], ModelCard]) -> None:
+    path, _, _ = saved
+    weights = path / WEIGHTS_FILE
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=r"model\.safetensors: sha256 .* does not match"):
+        load_artifact(path)
+
+
+def test_missing_files_and_bad_card_are_clear_errors(
+    saved: tuple[Path, dict[str, torch.Tensor], ModelCard], tmp_path: Path
+) -> None:
+    path, _, _ = saved
+    with pytest.raises(ArtifactError, match="folder not found"):
+        load_artifact(tmp_path / "nowhere")
+    (path / WEIGHTS_FILE).unlink()
+    with pytest.raises(ArtifactError, match="weights file missing"):
+        load_artifact(path)
+    (path / CARD_FILE).write_text("{not json")
+    with pytest.raises(ArtifactError, match="invalid model card"):
+        load_artifact(path)
+    (path / CARD_FILE).unlink()
+    with pytest.raises(ArtifactError, match="model card missing"):
+        load_artifact(path)

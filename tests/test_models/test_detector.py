@@ -1,0 +1,112 @@
+"""The runtime contract of docs/architecture.md: load, prepare, predict, warmup, precision rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.artifact import save_artifact
+from models.detector import Detector, DetectorError, Prediction
+from tests.test_models.model_fixtures import SIZE, make_card, make_model
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = make_model("space")
+    return save_artifact(tmp_path_factory.mktemp("art") / "v1", make_card(model), model.state_dict())
+
+
+@pytest.fixture(scope="module")
+def detector(artifact: Path) -> Detector:
+    return Detector.load(artifact, device="cpu", precision="fp32", channels_last=True)
+
+
+def _images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
+
+
+def test_load_exposes_card_and_input_size(detector: Detector) -> None:
+    assert detector.input_size == (SIZE, SIZE)
+    assert detector.card.variant == "space"
+    assert detector.device.type == "cpu"
+
+
+@pytest.mark.parametrize(
+    "shape", [(50, 70), (50, 70, 1), (300, 200, 3), (64, 64, 4), (SIZE, SIZE, 3)]
+)
+def test_prepare_accepts_gray_rgb_rgba_of_any_size(detector: Detector, shape: tuple[int, ...]) -> None:
+    img = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    out = detector.prepare(img)
+    assert out.shape == (SIZE, SIZE, 3) and out.dtype == np.uint8
+    if len(shape) == 2:
+        assert (out[..., 0] == out[..., 1]).all()
+
+
+def test_prepare_rejects_bad_input(detector: Detector) -> None:
+    with pytest.raises(DetectorError):
+        detector.prepare(np.zeros((10, 10, 2), np.uint8))
+    with pytest.raises(DetectorError):
+        detector.prepare(np.zeros((10, 10, 3), np.float32))
+
+
+def test_predict_shapes_and_score_is_map_max(detector: Detector) -> None:
+    pred = detector.predict(_images(3))
+    assert isinstance(pred, Prediction)
+    assert pred.scores.shape == (3,) and pred.scores.dtype == np.float32
+    assert pred.maps.shape == (3, SIZE, SIZE) and pred.maps.dtype == np.float32
+    np.testing.assert_array_equal(pred.scores, pred.maps.reshape(3, -1).max(1))
+    assert np.isfinite(pred.maps).all()
+
+
+def test_predict_matches_the_model_combination(detector: Detector) -> None:
+    batch = _images(2, seed=5)
+    pred = detector.predict(batch)
+    x = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255
+    with torch.inference_mode():
+        st, ae = detector.model.branch_maps(x)
+    q = detector.card.quantiles
+    expected = 0.5 * 0.1 * (st - q.qa_st) / (q.qb_st - q.qa_st) + 0.5 * 0.1 * (ae - q.qa_ae) / (q.qb_ae - q.qa_ae)
+    np.testing.assert_allclose(pred.maps, expected.squeeze(1).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_predict_is_deterministic_and_batch_independent(detector: Detector) -> None:
+    batch = _images(4, seed=1)
+    a, b = detector.predict(batch), detector.predict(batch)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    single = detector.predict(batch[2:3])
+    np.testing.assert_allclose(single.maps[0], a.maps[2], rtol=1e-4, atol=1e-5)
+
+
+def test_list_input_and_original_map_size(detector: Detector) -> None:
+    imgs = [np.zeros((90, 120), np.uint8), np.full((300, 200, 4), 128, np.uint8)]
+    pred = detector.predict(imgs, map_size="original")
+    assert [m.shape for m in pred.maps] == [(90, 120), (300, 200)]
+    same = detector.predict(np.stack([detector.prepare(i) for i in imgs]))
+    np.testing.assert_allclose(pred.scores, same.scores, rtol=1e-5)
+
+
+def test_bf16_is_close_to_fp32(artifact: Path, detector: Detector) -> None:
+    bf16 = Detector.load(artifact, device="cpu", precision="bf16", channels_last=True)
+    batch = _images(2, seed=3)
+    a, b = detector.predict(batch), bf16.predict(batch)
+    spread = float(a.maps.max() - a.maps.min())
+    assert np.abs(a.maps - b.maps).mean() < 0.05 * spread
+
+
+def test_fp16_on_cpu_and_missing_cuda_are_clear_errors(artifact: Path) -> None:
+    with pytest.raises(DetectorError, match="fp16 needs a CUDA"):
+        Detector.load(artifact, device="cpu", precision="fp16")
+    if not torch.cuda.is_available():
+        with pytest.raises(DetectorError, match="no CUDA"):
+            Detector.load(artifact, device="cuda")
+
+
+def test_warmup_and_uncalibrated_model(detector: Detector) -> None:
+    detector.warmup(batch_sizes=(1, 2))
+    model = make_model("efficientad")
+    model.calibrated.fill_(False)
+    with pytest.raises(DetectorError, match="not calibrated"):
+        Detector.from_model(model, detector.card)
