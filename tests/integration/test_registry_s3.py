@@ -87,7 +87,7 @@ def test_s3_corrupt_upload_is_refused_and_its_cached_copy_dropped(
     weights[-1] ^= 0xFF
     s3_client.put_object(Bucket=bucket, Key=f"{prefix}/brick/v3/model.safetensors", Body=bytes(weights))
     s3_client.upload_file(str(good / "model.json"), bucket, f"{prefix}/brick/v3/model.json")
-    with pytest.raises(RegistryError, match="not a valid artifact.*sha256"):
+    with pytest.raises(RegistryError, match=r"not a valid artifact.*sha256"):
         registry.verify("brick", "v3")
     assert not (tmp_path / "cache" / "brick" / "v3").exists()
     _upload(s3_client, bucket, f"{prefix}/brick/v3", good)  # fixed upload of the same version

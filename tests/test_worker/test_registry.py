@@ -153,7 +153,7 @@ def test_verify_accepts_a_good_artifact_and_refuses_corrupt_or_mismatched_ones(
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(RegistryError, match="not a valid artifact.*sha256"):
+    with pytest.raises(RegistryError, match=r"not a valid artifact.*sha256"):
         registry.verify("brick", "v3")
 
     (root / "brick" / "v4").mkdir()

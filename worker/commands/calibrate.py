@@ -61,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
     from models.data import DatasetError, scan_dataset
     from models.detector import Detector, DetectorError
     from worker.errors import SpaceError
+    from worker.logging import configure_logging
 
+    configure_logging("WARNING")  # stdout is the result; only warnings and errors go to stderr
     if not args.model.is_dir():
         raise SpaceError(f"--model {args.model} is not a folder")
     try:

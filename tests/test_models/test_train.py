@@ -1,0 +1,115 @@
+"""Training end to end: a short run on a synthetic texture line reaches image AUROC >= 0.9; CLI; resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models import data as dataset
+from models.artifact import load_artifact
+from models.detector import Detector
+from models.metrics import image_auroc
+from models.synthetic import build_product_line
+from models.train import TrainConfig, default_threshold, score_stats, train
+from worker.cli import main as cli_main
+
+LINE = "brick"
+
+
+@pytest.fixture(scope="module")
+def line_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_product_line(
+        LINE, tmp_path_factory.mktemp("synth"), n_train=12, n_val=4, n_test_good=8, n_test_defect=8, size=128, seed=0
+    )
+
+
+def _cfg(line_dir: Path, out: Path, **kw: object) -> TrainConfig:
+    base = {"data": line_dir, "product_line": LINE, "out": out, "input_size": 128, "penalty": "procedural"}
+    return TrainConfig.model_validate(base | kw)
+
+
+def test_short_training_detects_drawn_defects(line_dir: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    out = train(_cfg(line_dir, tmp_path, variant="space", steps=12, model_version="v1"))
+    assert out == tmp_path / LINE / "v1"
+    det = Detector.load(out, device="cpu", precision="bf16")
+    index = dataset.scan_dataset(line_dir)
+    labels = np.array([s.defect_type != "good" for s in index.test])
+    scores = det.predict([dataset.load_image(s.path) for s in index.test]).scores
+    assert image_auroc(labels, scores) >= 0.9
+    card = det.card
+    assert card.training.steps == 12 and card.training.n_validation == 4
+    assert card.training.validation_source == "validation_good"
+    assert len(card.training.data_sha256) == 64
+    assert card.default_threshold >= card.validation_scores.q99
+    assert card.quantiles.qb_st > card.quantiles.qa_st
+    assert not (tmp_path / LINE / ".checkpoint").exists()
+
+
+def test_cli_trains_efficientad_with_holdout_validation(line_dir: Path, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "train" / "good").symlink_to(line_dir / "train" / "good")
+    rc = cli_main([
+        "train", "--data", str(data), "--product-line", "p1", "--out", str(tmp_path / "models"),
+        "--variant", "efficientad", "--steps", "2", "--input-size", "128", "--penalty", "none",
+        "--model-version", "v7", "--no-progress",
+    ])
+    assert rc == 0
+    out = Path(capsys.readouterr().out.strip().splitlines()[-1])  # logs may precede it
+    card, state = load_artifact(out)
+    assert card.variant == "efficientad" and not card.config.use_scl and not card.config.use_fe
+    assert card.training.validation_source == "train_holdout" and card.training.n_validation == 1
+    assert card.training.n_train == 11
+    assert not any(k.startswith("student.fm") for k in state)
+
+
+def test_cli_operator_errors_are_one_line(tmp_path: Path, capsys) -> None:
+    (tmp_path / "empty" / "train" / "good").mkdir(parents=True)
+    rc = cli_main(["train", "--data", str(tmp_path / "empty"), "--product-line", "x", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc != 0 and err.startswith("space: error:") and err.count("\n") == 1
+    rc = cli_main(["train", "--data", str(tmp_path), "--product-line", "x", "--out", str(tmp_path),
+                   "--input-size", "100"])
+    assert rc != 0 and "input_size" in capsys.readouterr().err
+
+
+def test_resume_after_interruption_gives_identical_weights(
+    line_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kw = {"variant": "space", "steps": 2, "checkpoint_every": 1, "model_version": "v1", "penalty": "none"}
+    straight = train(_cfg(line_dir, tmp_path / "a", **kw))
+
+    import models.train as train_mod
+
+    real_save = train_mod.save_checkpoint
+    calls = {"n": 0}
+
+    def crash_after_first(*args: object, **kwargs: object) -> None:
+        real_save(*args, **kwargs)
+        calls["n"] += 1
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(line_dir, tmp_path / "b", **kw))
+    state = json.loads((tmp_path / "b" / LINE / ".checkpoint" / "checkpoint.json").read_text())
+    assert state["step"] == 1 and calls["n"] == 1
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    resumed = train(_cfg(line_dir, tmp_path / "b", **kw))
+    _, a = load_artifact(straight)
+    _, b = load_artifact(resumed)
+    assert set(a) == set(b)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_default_threshold_is_above_the_normal_scores() -> None:
+    stats = score_stats(np.array([0.1, 0.12, 0.11, 0.3], dtype=np.float32))
+    thr = default_threshold(stats)
+    assert thr > stats.q99 and thr > stats.q50
+    assert thr == pytest.approx(stats.q99 + 0.25 * (stats.q99 - stats.q50))

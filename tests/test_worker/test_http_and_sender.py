@@ -1,0 +1,79 @@
+"""Health endpoints, heartbeats and the sender's pacing (pure logic plus a loopback HTTP server)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+from prometheus_client import CollectorRegistry, Counter
+
+from worker.http import HealthServer, Heartbeats
+from worker.sender import paced
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_heartbeats_report_stale_loops() -> None:
+    clock = FakeClock()
+    beats = Heartbeats(clock)
+    beats.beat("poll")
+    beats.beat("infer")
+    clock.now = 10
+    beats.beat("poll")
+    assert beats.stale(5) == {"infer": 10}
+    assert beats.ages() == {"poll": 0, "infer": 10}
+
+
+def _get(port: int, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_health_server_endpoints() -> None:
+    clock = FakeClock()
+    beats = Heartbeats(clock)
+    registry = CollectorRegistry()
+    Counter("space_test_total", "A test counter.", registry=registry).inc(3)
+    ready = {"value": False}
+    server = HealthServer("127.0.0.1", 0, registry, beats, 30.0, lambda: (ready["value"], {"joined": ready["value"]}))
+    server.start()
+    try:
+        beats.beat("poll")
+        assert _get(server.port, "/healthz")[0] == 200
+        clock.now = 31
+        code, body = _get(server.port, "/healthz")
+        assert code == 503
+        assert json.loads(body)["stale_loops"] == {"poll": 31}
+        assert _get(server.port, "/readyz")[0] == 503
+        ready["value"] = True
+        code, body = _get(server.port, "/readyz")
+        assert code == 200
+        assert json.loads(body) == {"ready": True, "joined": True}
+        code, body = _get(server.port, "/metrics")
+        assert code == 200
+        assert b"space_test_total 3.0" in body
+        assert _get(server.port, "/nope")[0] == 404
+    finally:
+        server.stop()
+
+
+def test_paced_sender_keeps_a_fixed_schedule_without_drift() -> None:
+    clock = FakeClock()
+    sent_at = []
+    for _ in paced(range(5), 10.0, clock=clock, sleep=clock.sleep):
+        sent_at.append(round(clock.now, 6))
+        clock.now += 0.03  # work per item shorter than the 0.1 s period
+    assert sent_at == [0.0, 0.1, 0.2, 0.3, 0.4]
