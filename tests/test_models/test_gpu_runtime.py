@@ -1,0 +1,82 @@
+"""Bucketed runtime: bucket choice, padding, warm-up bookkeeping (CPU); CUDA parts where present."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.gpu import BucketedRunner, bucket_for, bucket_sizes, pad_batch, split_to_buckets
+
+
+def test_bucket_sizes_are_powers_of_two_capped_by_the_max() -> None:
+    assert bucket_sizes(1) == (1,)
+    assert bucket_sizes(16) == (1, 2, 4, 8, 16)
+    assert bucket_sizes(24) == (1, 2, 4, 8, 16, 24)
+    with pytest.raises(ValueError, match="max_batch"):
+        bucket_sizes(0)
+
+
+@pytest.mark.parametrize(("n", "bucket"), [(1, 1), (2, 2), (3, 4), (5, 8), (9, 16), (16, 16), (17, 24)])
+def test_bucket_for_picks_the_smallest_that_fits(n: int, bucket: int) -> None:
+    assert bucket_for(n, bucket_sizes(24)) == bucket
+
+
+def test_bucket_for_rejects_empty_and_oversized() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        bucket_for(0, (1, 2))
+    with pytest.raises(ValueError, match="exceeds"):
+        bucket_for(3, (1, 2))
+
+
+def test_split_to_buckets_covers_every_image() -> None:
+    assert split_to_buckets(37, bucket_sizes(16)) == [16, 16, 5]
+    assert split_to_buckets(16, bucket_sizes(16)) == [16]
+    assert sum(split_to_buckets(1000, bucket_sizes(64))) == 1000
+
+
+def test_pad_batch_repeats_the_last_image() -> None:
+    x = np.arange(3 * 2 * 2 * 3, dtype=np.uint8).reshape(3, 2, 2, 3)
+    padded = pad_batch(x, 4)
+    assert padded.shape == (4, 2, 2, 3)
+    assert np.array_equal(padded[:3], x)
+    assert np.array_equal(padded[3], x[2])
+    assert pad_batch(x, 3) is x
+    with pytest.raises(ValueError, match="do not fit"):
+        pad_batch(x, 2)
+
+
+def _forward(x: torch.Tensor) -> torch.Tensor:
+    # A stand-in "anomaly map": per-pixel mean over channels (b, h, w); padding must not leak.
+    return x.mean(dim=1)
+
+
+def test_runner_on_cpu_matches_direct_computation_and_tracks_warm_buckets() -> None:
+    runner = BucketedRunner(_forward, (4, 6), max_batch=8, device=torch.device("cpu"))
+    assert runner.warmed() == ()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (19, 4, 6, 3), dtype=np.uint8)
+    maps = runner.run(images)
+    expected = images.astype(np.float32).mean(axis=3) / 255
+    assert maps.shape == (19, 4, 6)
+    np.testing.assert_allclose(maps, expected, rtol=1e-6)
+    assert runner.warmed() == (4, 8)  # 19 = 8 + 8 + 3 -> buckets 8, 8 and 4 (3 padded to 4)
+    runner.warmup()
+    assert runner.warmed() == (1, 2, 4, 8)
+
+
+def test_cuda_graphs_require_cuda() -> None:
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        BucketedRunner(_forward, (4, 4), max_batch=2, device=torch.device("cpu"), cuda_graphs=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("graphs", [False, True])
+def test_runner_on_cuda_matches_cpu(graphs: bool) -> None:  # pragma: no cover - GPU hosts only
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 255, (13, 8, 8, 3), dtype=np.uint8)
+    cpu = BucketedRunner(_forward, (8, 8), max_batch=8, device=torch.device("cpu")).run(images)
+    gpu = BucketedRunner(_forward, (8, 8), max_batch=8, device=torch.device("cuda"), cuda_graphs=graphs)
+    gpu.warmup()
+    np.testing.assert_allclose(gpu.run(images), cpu, rtol=1e-5)
