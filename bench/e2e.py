@@ -28,8 +28,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import sys
+
 import cv2
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _percentile(values: list[float], q: float) -> float:

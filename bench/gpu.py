@@ -1,0 +1,158 @@
+"""GPU benchmark: model images/s across batch sizes, precisions, variants, sizes; share of matmul peak.
+
+One run of a few minutes on a CUDA host (``bench/gpu.sh`` calls it, then ``bench/e2e.py``):
+
+* the card's measured dense matmul peak (8192^3 products, bf16 / fp16 / tf32);
+* for ``efficientad`` and ``space``, sizes ``s`` and ``m``, precisions fp32 / bf16 / fp16, batch
+  1..128: images/s through :class:`models.gpu.BucketedRunner` (uint8 upload, pinned buffers, copy
+  stream), with and without CUDA graphs, and batch-1 latency;
+* achieved FLOP/s as a share of the measured peak (76 GFLOP per image for EfficientAD-S, 235 for M,
+  per SPACE_SPEC; SPACE adds the FM on top, so its share is a lower bound).
+
+Writes ``gpu.json`` (and prints a markdown table) into ``--out``. Untrained but calibrated models:
+weights do not change the cost. Exits with a clear message on a machine without CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.gpu import BucketedRunner
+from models.model import ModelConfig, SpaceModel, efficientad_config
+
+GFLOP_PER_IMAGE = {"s": 76.0, "m": 235.0}  # EfficientAD at 256 px, no padding (SPACE_SPEC §1.2)
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 8192, reps: int = 10) -> float:
+    """Measured dense matmul TFLOP/s on random data (mean of ``reps`` after 3 warm-ups)."""
+    a = torch.randn(n, n, device="cuda", dtype=dtype)
+    b = torch.randn(n, n, device="cuda", dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def build(variant: str, size: str, px: int, teacher: str) -> SpaceModel:
+    common: dict[str, Any] = {"size": size, "input_size": (px, px), "teacher_kind": teacher}
+    cfg = ModelConfig(**common) if variant == "space" else efficientad_config(**common)
+    torch.manual_seed(0)
+    model = SpaceModel(cfg)
+    model.calibrated.fill_(True)
+    return model.eval().cuda().to(memory_format=torch.channels_last)
+
+
+def throughput(runner: BucketedRunner, batch: int, seconds: float) -> float:
+    """Images/s with two batches in flight (the copy of n+1 overlaps compute of n)."""
+    h, w = runner.input_size
+    x = np.random.default_rng(0).integers(0, 255, (batch, h, w, 3), dtype=np.uint8)
+    for _ in range(3):
+        runner.submit(x).result()
+    n = 0
+    start = time.perf_counter()
+    pending = runner.submit(x)
+    while time.perf_counter() - start < seconds:
+        nxt = runner.submit(x)
+        pending.result()
+        pending = nxt
+        n += batch
+    pending.result()
+    n += batch
+    return n / (time.perf_counter() - start)
+
+
+def latency_ms(runner: BucketedRunner, reps: int = 200) -> float:
+    h, w = runner.input_size
+    x = np.zeros((1, h, w, 3), np.uint8)
+    for _ in range(20):
+        runner.submit(x).result()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        runner.submit(x).result()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1000)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=".", help="Folder for gpu.json.")
+    parser.add_argument("--px", type=int, default=256)
+    parser.add_argument("--batches", default="1,8,16,32,64,128")
+    parser.add_argument("--seconds", type=float, default=1.0, help="Timed seconds per configuration.")
+    parser.add_argument("--teacher", default="pdn", choices=["pdn", "filterbank"], help="Teacher network kind.")
+    parser.add_argument("--quick", action="store_true", help="Only S models and bf16 (a smoke run).")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench/gpu.py needs a CUDA device (torch.cuda.is_available() is False)")
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    props = torch.cuda.get_device_properties(0)
+    report: dict[str, Any] = {
+        "device": props.name,
+        "sms": props.multi_processor_count,
+        "torch": torch.__version__,
+        "px": args.px,
+        "teacher": args.teacher,
+        "peak_tflops": {
+            "bf16": round(matmul_peak(torch.bfloat16), 1),
+            "fp16": round(matmul_peak(torch.float16), 1),
+            "fp32": round(matmul_peak(torch.float32), 1),
+        },
+        "rows": [],
+    }
+    print(f"# {props.name}: matmul peak TFLOP/s {report['peak_tflops']}", flush=True)
+    batches = [int(b) for b in args.batches.split(",")]
+    sizes = ("s",) if args.quick else ("s", "m")
+    precisions = ("bf16",) if args.quick else ("fp32", "bf16", "fp16")
+    print("| variant | size | precision | graphs | batch | images/s | share of peak |")
+    print("|---|---|---|---|---|---|---|")
+    for variant in ("efficientad", "space"):
+        for size in sizes:
+            model = build(variant, size, args.px, args.teacher)
+            for precision in precisions:
+                for graphs in (False, True):
+                    runner = BucketedRunner(
+                        model.anomaly_map, (args.px, args.px), max(batches), torch.device("cuda"),
+                        autocast=DTYPES[precision], cuda_graphs=graphs,
+                    )  # fmt: skip
+                    runner.warmup()
+                    lat = latency_ms(runner)
+                    for batch in batches:
+                        ips = throughput(runner, batch, args.seconds)
+                        peak = report["peak_tflops"]["fp32" if precision == "fp32" else precision]
+                        share = ips * GFLOP_PER_IMAGE[size] * (args.px / 256) ** 2 / 1000 / peak
+                        row = {"variant": variant, "size": size, "precision": precision, "graphs": graphs,
+                               "batch": batch, "images_per_s": round(ips, 1), "share_of_peak": round(share, 4),
+                               "batch1_latency_ms": round(lat, 3)}  # fmt: skip
+                        report["rows"].append(row)
+                        print(f"| {variant} | {size} | {precision} | {graphs} | {batch} | {ips:,.0f} | {share:.1%} |", flush=True)
+                    del runner
+                    torch.cuda.empty_cache()
+            report.setdefault("memory_mib", {})[f"{variant}-{size}"] = round(torch.cuda.max_memory_allocated() / 2**20)
+            torch.cuda.reset_peak_memory_stats()
+            del model
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu.json").write_text(json.dumps(report, indent=2))
+    print(f"wrote {out / 'gpu.json'}")
+
+
+if __name__ == "__main__":
+    main()
