@@ -21,14 +21,13 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
 from typing import Any
-
-import sys
 
 import cv2
 import numpy as np
