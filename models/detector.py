@@ -18,7 +18,7 @@ import numpy as np
 import structlog
 import torch
 
-from models.artifact import ModelCard, load_artifact
+from models.artifact import ArtifactError, ModelCard, load_artifact
 from models.model import SpaceModel
 from models.preprocess import prepare_image
 
@@ -96,7 +96,11 @@ class Detector:
         autocast = resolve_precision(precision, dev)
         card, state = load_artifact(Path(path))
         model = SpaceModel(card.config)
-        model.load_state_dict(state)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise ArtifactError(f"{path}: weights do not fit the card's model config ({first})") from exc
         log.info(
             "detector_loaded",
             path=str(path),

@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from models.networks import TEACHER_CHANNELS
+from models.networks import TEACHER_CHANNELS, pdn_out_size
 
 QUANTILE_MAX_ELEMENTS = 2**24  # torch.quantile's input limit (anomalib subsamples the same way)
 RF_SIZE = 33  # receptive field of one PDN output position
@@ -88,13 +88,42 @@ def color_augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     return torch.stack(out)
 
 
+_OPS: dict[str, tuple[str, ...]] = {
+    "hflip": ("flipw",),
+    "vflip": ("fliph",),
+    "rot1": ("transpose", "fliph"),  # == torch.rot90(k=1)
+    "rot2": ("fliph", "flipw"),
+    "rot3": ("transpose", "flipw"),
+}
+
+
+def flip_offset(side: int) -> int:
+    """Pixels between the image's mirror axis and the unpadded PDN grid's (3 for 128 and 256 inputs).
+
+    Output cell q sees pixels 4q .. 4q+32, so the grid is symmetric about (4(g-1)+32)/2, not (side-1)/2.
+    Mirroring about the grid's axis instead makes flips and turns exact permutations of the grid.
+    """
+    return side - 1 - (RF_STRIDE * (pdn_out_size(side) - 1) + RF_SIZE - 1)
+
+
+def _flip_image(x: torch.Tensor, dim: int) -> torch.Tensor:
+    d = flip_offset(x.shape[dim])
+    y = x.flip(dim)
+    if d <= 0:
+        return y
+    # y[p] = x[side-1-p]; we want x[side-1-d-p] = y[p+d]; the last d pixels are outside every receptive field.
+    kept = y.narrow(dim, d, y.shape[dim] - d)
+    return torch.cat([kept, y.narrow(dim, y.shape[dim] - d, d)], dim=dim)
+
+
 @dataclass(frozen=True)
 class SpatialAug:
     """An exactly invertible spatial augmentation of the image and its warp on the feature grid.
 
-    ``kind`` is ``hflip``, ``vflip``, ``rot`` (``k`` quarter turns) or ``shift`` (``dy, dx`` whole
-    feature cells, i.e. 4 px each, with reflected fill). Flips and turns permute the grid (up to the
-    one-pixel offset of the unpadded PDN's receptive-field centres); shifts are exact on the valid part.
+    ``kind`` is ``hflip``, ``vflip``, ``rot`` (``k`` quarter turns, square inputs) or ``shift`` (``dy, dx``
+    whole feature cells, i.e. 4 px each, with reflected fill). Flips and turns mirror the image about the
+    PDN grid's axis (:func:`flip_offset`), so they permute the feature grid exactly; shifts are exact on
+    the valid part given by :meth:`valid_mask`.
     """
 
     kind: Literal["hflip", "vflip", "rot", "shift"]
@@ -102,36 +131,41 @@ class SpatialAug:
     dy: int = 0
     dx: int = 0
 
-    def _op(self, x: torch.Tensor, inverse: bool) -> torch.Tensor:
-        if self.kind == "hflip":
-            return x.flip(-1)
-        if self.kind == "vflip":
-            return x.flip(-2)
-        if self.kind == "rot":
-            return torch.rot90(x, -self.k if inverse else self.k, dims=(-2, -1))
-        sign = -1 if inverse else 1
-        return torch.roll(x, (sign * self.dy, sign * self.dx), dims=(-2, -1))
+    def _ops(self) -> tuple[str, ...]:
+        return _OPS[f"rot{self.k % 4}"] if self.kind == "rot" else _OPS[self.kind]
+
+    def _grid_op(self, x: torch.Tensor, inverse: bool) -> torch.Tensor:
+        if self.kind == "shift":
+            sign = -1 if inverse else 1
+            return torch.roll(x, (sign * self.dy, sign * self.dx), dims=(-2, -1))
+        if self.kind == "rot" and self.k % 4 == 0:
+            return x
+        for op in reversed(self._ops()) if inverse else self._ops():
+            x = x.transpose(-2, -1) if op == "transpose" else x.flip(-1 if op == "flipw" else -2)
+        return x
 
     def apply_image(self, x: torch.Tensor) -> torch.Tensor:
         """g(x) for an image batch (N, C, H, W)."""
         if self.kind != "shift":
-            return self._op(x, inverse=False)
+            if self.kind == "rot" and self.k % 4 == 0:
+                return x
+            for op in self._ops():
+                x = x.transpose(-2, -1) if op == "transpose" else _flip_image(x, -1 if op == "flipw" else -2)
+            return x
         py, px = RF_STRIDE * self.dy, RF_STRIDE * self.dx
         # Shift with reflected fill: the fill region is excluded from SCL by valid_mask.
-        padded = torch.nn.functional.pad(
-            x, (max(px, 0), max(-px, 0), max(py, 0), max(-py, 0)), mode="reflect"
-        )
+        padded = torch.nn.functional.pad(x, (max(px, 0), max(-px, 0), max(py, 0), max(-py, 0)), mode="reflect")
         h, w = x.shape[-2:]
         y0, x0 = max(-py, 0), max(-px, 0)
         return padded[..., y0 : y0 + h, x0 : x0 + w]
 
     def warp(self, f: torch.Tensor) -> torch.Tensor:
         """W_g: map features of x onto the grid of g(x)."""
-        return self._op(f, inverse=False)
+        return self._grid_op(f, inverse=False)
 
     def unwarp(self, f: torch.Tensor) -> torch.Tensor:
         """W_g⁻¹: map features of g(x) back onto the grid of x."""
-        return self._op(f, inverse=True)
+        return self._grid_op(f, inverse=True)
 
     def valid_mask(self, grid: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
         """V_g on the augmented grid (g, g) bool: receptive field inside real image content."""

@@ -20,7 +20,7 @@ PdnSize = Literal["s", "m"]
 TEACHER_CHANNELS = 384
 STUDENT_CHANNELS = 2 * TEACHER_CHANNELS
 AE_LATENT = 64
-MIN_INPUT_SIZE = 128  # the first decoder stage is H/64 - 1 >= 1
+MIN_INPUT_SIZE = 64  # below 128 the first decoder stage is clamped to 1 (H/64 - 1 would be 0)
 
 
 def pdn_out_size(size: int, padding: bool = False) -> int:
@@ -101,9 +101,9 @@ class PDN(nn.Module):
 
 
 def decoder_sizes(input_size: int) -> list[int]:
-    """Sizes of the six decoder upsampling stages (anomalib's generic formulas, §1.3)."""
+    """Sizes of the six decoder upsampling stages (anomalib's generic formulas, §1.3, each at least 1)."""
     h = input_size
-    return [h // 64 - 1, h // 32, h // 16 - 1, h // 8, h // 4 - 1, h // 2 - 1]
+    return [max(1, s) for s in (h // 64 - 1, h // 32, h // 16 - 1, h // 8, h // 4 - 1, h // 2 - 1)]
 
 
 class AutoEncoder(nn.Module):
@@ -119,7 +119,7 @@ class AutoEncoder(nn.Module):
         padding: bool = False,
         out_channels: int = TEACHER_CHANNELS,
     ) -> None:
-        """Build encoder and decoder for ``input_size`` (h, w), both multiples of 32 and >= 128."""
+        """Build encoder and decoder for ``input_size`` (h, w), both multiples of 32 and >= 64."""
         super().__init__()
         h, w = input_size
         if h % 32 or w % 32 or min(h, w) < MIN_INPUT_SIZE:

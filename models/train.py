@@ -69,7 +69,7 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     seed: int = 0
-    input_size: int = Field(256, ge=128, multiple_of=32)
+    input_size: int = Field(256, ge=64, multiple_of=32)
     batch_size: int = Field(1, ge=1)
     lr: float = 1e-4
     weight_decay: float = 1e-5

@@ -176,6 +176,11 @@ class ModelManager:
             detail = f"model version {version!r} failed to load: {exc}"
             raise ModelUnavailable(line, detail, unknown_line=False) from exc
         self._on_load(line, "ok")
+        card_version = getattr(getattr(detector, "card", None), "version", version)
+        if card_version != version:  # results say `version`; `space calibrate` writes card_version
+            log.warning(
+                "model_card_version_mismatch", product_line=line, model_version=version, card_version=card_version
+            )
         load_ms = round((time.monotonic() - start) * 1000, 1)
         log.info("model_loaded", product_line=line, model_version=version, load_ms=load_ms)
         return LoadedModel(line, version, detector, time.monotonic())
@@ -225,8 +230,10 @@ class ModelManager:
             try:
                 new = self._load_version(line, version)
             except ModelUnavailable as exc:
-                delay = self._swap_retry_s if failed is None or failed[0] != version else min(
-                    failed[2] * 2, self._swap_retry_s * 16
+                delay = (
+                    self._swap_retry_s
+                    if failed is None or failed[0] != version
+                    else min(failed[2] * 2, self._swap_retry_s * 16)
                 )
                 self._failed_swaps[line] = (version, self._clock() + delay, delay)
                 log.error(

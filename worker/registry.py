@@ -239,11 +239,7 @@ class ModelRegistry:
         A corrupt pointer is replaced (its history is lost, and a warning says so), so that
         promoting is always the way out of a broken pointer.
         """
-        check_name("product line", line)
-        check_name("version", version)
-        versions = self.versions(line)
-        if version not in versions:
-            raise RegistryError(f"line {line!r} has no version {version!r} (have: {', '.join(versions) or 'none'})")
+        self._require_version(line, version)
         try:
             current = self.pointer(line)
         except RegistryError as exc:
@@ -292,6 +288,7 @@ class ModelRegistry:
         """
         from models.artifact import ArtifactError, load_card, sha256_file
 
+        self._require_version(line, version)
         path = self.local_path(line, version)
         try:
             card = load_card(path)
@@ -318,6 +315,13 @@ class ModelRegistry:
         check_name("product line", line)
         check_name("version", version)
         self._backend.discard(f"{line}/{version}", self.cache_dir)
+
+    def _require_version(self, line: str, version: str) -> None:
+        check_name("product line", line)
+        check_name("version", version)
+        versions = self.versions(line)
+        if version not in versions:
+            raise RegistryError(f"line {line!r} has no version {version!r} (have: {', '.join(versions) or 'none'})")
 
     def _write_pointer(self, line: str, version: str, history: list[str], by: str) -> ActivePointer:
         pointer = ActivePointer(version, tuple(history), self._clock().isoformat(), by)

@@ -1,6 +1,7 @@
 """The model registry on an s3:// root (moto server): listing, pointer, download cache, verification,
 hot-swap through ModelManager, and ``space models`` configured by environment variables."""
 
+# ruff: noqa: F811 - the moto fixtures are imported from test_heatmaps_s3 and used as arguments
 from __future__ import annotations
 
 import json
@@ -35,7 +36,7 @@ def _upload(client: Any, bucket: str, key_prefix: str, folder: Path) -> None:
 
 
 @pytest.fixture
-def s3_root(s3_client: Any, artifact: tuple[ModelCard, dict[str, Any]], tmp_path: Path) -> str:  # noqa: F811
+def s3_root(s3_client: Any, artifact: tuple[ModelCard, dict[str, Any]], tmp_path: Path) -> str:
     """A bucket with brick/v1 and brick/v2 under ``models/``; returns the root URI."""
     bucket = f"models-{uuid.uuid4().hex[:8]}"
     s3_client.create_bucket(Bucket=bucket)
@@ -51,9 +52,7 @@ def _registry(root: str, client: Any, tmp_path: Path) -> ModelRegistry:
     return ModelRegistry(root, s3_client_factory=lambda: client, cache_dir=tmp_path / "cache")
 
 
-def test_s3_registry_lists_promotes_rolls_back_and_downloads(
-    s3_root: str, s3_client: Any, tmp_path: Path  # noqa: F811
-) -> None:
+def test_s3_registry_lists_promotes_rolls_back_and_downloads(s3_root: str, s3_client: Any, tmp_path: Path) -> None:
     registry = _registry(s3_root, s3_client, tmp_path)
     assert registry.lines() == ["brick"]
     assert registry.versions("brick") == ["v1", "v2"]  # 'partial' has no card
@@ -77,7 +76,7 @@ def test_s3_registry_lists_promotes_rolls_back_and_downloads(
 
 
 def test_s3_corrupt_upload_is_refused_and_its_cached_copy_dropped(
-    s3_root: str, s3_client: Any, tmp_path: Path, artifact: tuple[ModelCard, dict[str, Any]]  # noqa: F811
+    s3_root: str, s3_client: Any, tmp_path: Path, artifact: tuple[ModelCard, dict[str, Any]]
 ) -> None:
     registry = _registry(s3_root, s3_client, tmp_path)
     bucket, prefix = s3_root.removeprefix("s3://").split("/", 1)
@@ -95,7 +94,7 @@ def test_s3_corrupt_upload_is_refused_and_its_cached_copy_dropped(
 
 
 def test_model_manager_hot_swaps_from_s3_and_recovers_after_a_fixed_upload(
-    s3_root: str, s3_client: Any, tmp_path: Path, artifact: tuple[ModelCard, dict[str, Any]]  # noqa: F811
+    s3_root: str, s3_client: Any, tmp_path: Path, artifact: tuple[ModelCard, dict[str, Any]]
 ) -> None:
     registry = _registry(s3_root, s3_client, tmp_path)
     registry.promote("brick", "v1")
@@ -129,7 +128,7 @@ def test_model_manager_hot_swaps_from_s3_and_recovers_after_a_fixed_upload(
 
 
 def test_models_cli_on_an_s3_root(
-    s3_root: str, moto_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    s3_root: str, moto_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     monkeypatch.setattr("worker.logging.configure_logging", lambda *args, **kwargs: None)

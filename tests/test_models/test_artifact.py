@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.artifact import CARD_FILE, WEIGHTS_FILE, ArtifactError, ModelCard, load_artifact, save_artifact
-from tests.test_models.model_fixtures import make_card, make_model
+from tests.test_models.model_fixtures import SIZE, make_card, make_model
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def test_round_trip_is_bit_exact(saved: tuple[Path, dict[str, torch.Tensor], Mod
 def test_card_json_is_plain_and_records_the_hash(saved: tuple[Path, dict[str, torch.Tensor], ModelCard]) -> None:
     path, _, _ = saved
     doc = json.loads((path / CARD_FILE).read_text())
-    assert doc["variant"] == "space" and doc["input_size"] == [128, 128]
+    assert doc["variant"] == "space" and doc["input_size"] == [SIZE, SIZE]
     assert doc["config"]["use_scl"] is True
     assert set(doc["quantiles"]) == {"qa_st", "qb_st", "qa_ae", "qb_ae"}
 

@@ -110,3 +110,13 @@ def test_warmup_and_uncalibrated_model(detector: Detector) -> None:
     model.calibrated.fill_(False)
     with pytest.raises(DetectorError, match="not calibrated"):
         Detector.from_model(model, detector.card)
+
+
+def test_weights_that_do_not_fit_the_card_are_an_artifact_error(tmp_path: Path) -> None:
+    from models.artifact import ArtifactError
+
+    model = make_model("efficientad")
+    card = make_card(make_model("space"))  # card says space (with FM), weights are efficientad
+    path = save_artifact(tmp_path / "v1", card, model.state_dict())
+    with pytest.raises(ArtifactError, match="do not fit"):
+        Detector.load(path, device="cpu")

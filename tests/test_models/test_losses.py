@@ -137,3 +137,32 @@ def test_color_augment_is_seeded_and_bounded() -> None:
     assert torch.equal(a, b)
     assert a.min() >= 0 and a.max() <= 1
     assert not torch.equal(a, x)
+
+
+@pytest.mark.parametrize(
+    "aug", [SpatialAug("hflip"), SpatialAug("vflip"), SpatialAug("rot", k=1), SpatialAug("rot", k=2),
+            SpatialAug("rot", k=3), SpatialAug("shift", dy=-1, dx=2)],
+)
+def test_augmentations_permute_the_receptive_field_grid_exactly(aug: SpatialAug) -> None:
+    """Which grid cells see a pixel (33x33 fields, stride 4) must move exactly as W_g says."""
+    probe = torch.zeros(1, 1, 128, 128)
+    probe[..., 20, 36] = 1.0
+    probe[..., 90, 7] = 1.0
+    cells = torch.nn.functional.max_pool2d(probe, 33, stride=4)  # (1, 1, 24, 24), like the PDN grid
+    cells_aug = torch.nn.functional.max_pool2d(aug.apply_image(probe), 33, stride=4)
+    valid = aug.valid_mask(cells.shape[-2:])[None, None]
+    assert cells.sum() > 0
+    assert torch.equal(aug.warp(cells)[valid], cells_aug[valid])
+
+
+def test_shift_is_exact_for_a_real_pdn() -> None:
+    from models.networks import PDN
+
+    torch.manual_seed(0)
+    pdn = PDN("s").eval()
+    aug = SpatialAug("shift", dy=-1, dx=2)
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        expected, got = aug.warp(pdn(x)), pdn(aug.apply_image(x))
+    valid = aug.valid_mask(got.shape[-2:]).expand_as(got)
+    torch.testing.assert_close(got[valid], expected[valid], rtol=1e-4, atol=1e-4)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from models.model import SpaceModel, normalize_map
+from models.networks import pdn_out_size
 from models.train import training_losses
 from tests.test_models.model_fixtures import SIZE, make_model
 
@@ -73,7 +74,7 @@ def test_anomaly_map_is_half_half_of_normalised_branches() -> None:
     torch.testing.assert_close(combined, expected.squeeze(1))
     # pad-by-4 then resize: the border of the map comes from the zero padding, i.e. raw value 0
     raw = model.raw_maps(x)
-    assert raw.st.shape[-1] == 24 and model.upsample(raw.st).shape[-1] == SIZE
+    assert raw.st.shape[-1] == pdn_out_size(SIZE) and model.upsample(raw.st).shape[-1] == SIZE
 
 
 def test_teacher_stays_in_eval_mode() -> None:

@@ -30,7 +30,7 @@ class FakeDetector:
     def __init__(self, path: Path, on_warmup: Any = None) -> None:
         self.path = path
         self.version = path.name
-        self.card = SimpleNamespace(name=f"{path.parent.name}-model", default_threshold=0.5)
+        self.card = SimpleNamespace(name=f"{path.parent.name}-model", default_threshold=0.5, version=path.name)
         self.warmed: list[tuple[int, ...]] = []
         self._on_warmup = on_warmup
 
@@ -49,6 +49,7 @@ class FakeLoader:
         self.gate: threading.Event | None = None
         self.started = threading.Event()
         self.on_warmup: Any = None
+        self.card_version: str | None = None  # overrides the version the card names
         self._lock = threading.Lock()
 
     def __call__(self, path: Path) -> FakeDetector:
@@ -59,7 +60,10 @@ class FakeLoader:
             assert self.gate.wait(10), "test gate never opened"
         if path.name in self.broken:
             raise ValueError(f"{path}: sha256 mismatch")
-        return FakeDetector(path, self.on_warmup)
+        detector = FakeDetector(path, self.on_warmup)
+        if self.card_version is not None:
+            detector.card.version = self.card_version
+        return detector
 
 
 def _add(root: Path, line: str, version: str) -> None:
@@ -94,7 +98,9 @@ def loads() -> list[tuple[str, str]]:
 
 
 @pytest.fixture
-def manager(registry: ModelRegistry, loader: FakeLoader, clock: FakeClock, loads: list[tuple[str, str]]) -> ModelManager:
+def manager(
+    registry: ModelRegistry, loader: FakeLoader, clock: FakeClock, loads: list[tuple[str, str]]
+) -> ModelManager:
     return ModelManager(
         registry, loader, max_loaded=2, warmup_batch_sizes=(1, 4), clock=clock,
         on_load=lambda line, outcome: loads.append((line, outcome)), negative_ttl_s=5.0, swap_retry_s=30.0,
@@ -207,7 +213,9 @@ def test_failed_swap_keeps_the_old_version_and_retries_with_backoff(
     assert manager.get("brick").version == "v2"
 
 
-def test_failed_warmup_counts_as_a_failed_load(manager: ModelManager, registry: ModelRegistry, loader: FakeLoader) -> None:
+def test_failed_warmup_counts_as_a_failed_load(
+    manager: ModelManager, registry: ModelRegistry, loader: FakeLoader
+) -> None:
     old = manager.get("brick")
     registry.promote("brick", "v2")
 
@@ -280,3 +288,15 @@ def test_remembered_failures_are_bounded(manager: ModelManager) -> None:
             manager.get(f"ghost-{i}")
     assert len(manager._unavailable) == model_manager._MAX_REMEMBERED
     assert len(manager._line_locks) == 0
+
+
+def test_a_card_naming_another_version_is_served_but_logged(manager: ModelManager, loader: FakeLoader) -> None:
+    loader.card_version = "v9"  # e.g. a version folder copied without re-saving its card
+    with capture_logs() as logs:
+        assert manager.get("brick").version == "v1"
+    mismatch = next(e for e in logs if e["event"] == "model_card_version_mismatch")
+    assert (mismatch["model_version"], mismatch["card_version"]) == ("v1", "v9")
+    loader.card_version = None
+    with capture_logs() as logs:
+        manager.get("tile")
+    assert not any(e["event"] == "model_card_version_mismatch" for e in logs)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_models.model_fixtures import SIZE
 from worker.cli import main
 from worker.registry import HISTORY_MAX, POINTER, ModelRegistry, RegistryError, check_name
 
@@ -135,9 +136,7 @@ def test_pointer_write_is_atomic_and_leaves_no_temporary_file(registry: ModelReg
     assert sorted(p.name for p in (tmp_path / "brick").iterdir()) == [POINTER, "v1", "v2", "v3"]
 
 
-def test_verify_accepts_a_good_artifact_and_refuses_corrupt_or_mismatched_ones(
-    artifact: Path, tmp_path: Path
-) -> None:
+def test_verify_accepts_a_good_artifact_and_refuses_corrupt_or_mismatched_ones(artifact: Path, tmp_path: Path) -> None:
     root = tmp_path / "reg"
     shutil.copytree(artifact, root / "brick" / "v1")
     registry = ModelRegistry(str(root))
@@ -172,7 +171,9 @@ def cli_root(artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     root = tmp_path / "models"
     shutil.copytree(artifact, root / "brick" / "v1")
     card, state = load_artifact(artifact)
-    save_artifact(root / "brick" / "v2", card.model_copy(update={"version": "v2", "metrics": {"image_auroc": 0.97}}), state)
+    save_artifact(
+        root / "brick" / "v2", card.model_copy(update={"version": "v2", "metrics": {"image_auroc": 0.97}}), state
+    )
     # The command configures process-wide logging (cached loggers); keep tests' structlog untouched.
     monkeypatch.setattr("worker.logging.configure_logging", lambda *args, **kwargs: None)
     monkeypatch.setenv("SPACE_MODELS__ROOT", str(root))
@@ -189,7 +190,9 @@ def test_models_cli_promote_list_show_rollback(cli_root: Path, capsys: pytest.Ca
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:4] == ["LINE", "VERSION", "ACTIVE", "VARIANT"]
     v2_row = next(r for r in table if r.split()[1] == "v2")
-    assert v2_row.split()[2] == "*" and "space-s" in v2_row and "128x128" in v2_row and "image_auroc=0.97" in v2_row
+    assert (
+        v2_row.split()[2] == "*" and "space-s" in v2_row and f"{SIZE}x{SIZE}" in v2_row and "image_auroc=0.97" in v2_row
+    )
 
     assert main(["models", "list", "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
@@ -200,7 +203,9 @@ def test_models_cli_promote_list_show_rollback(cli_root: Path, capsys: pytest.Ca
 
     assert main(["models", "show", "brick"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["version"] == "v2" and shown["pointer"]["history"] == ["v1"] and shown["pointer"]["updated_by"] == "bob"
+    assert (
+        shown["version"] == "v2" and shown["pointer"]["history"] == ["v1"] and shown["pointer"]["updated_by"] == "bob"
+    )
     assert shown["card"]["version"] == "v2"
 
     assert main(["models", "rollback", "brick", "--by", "carol"]) == 0
@@ -230,3 +235,4 @@ def test_models_cli_errors_are_one_line(cli_root: Path, capsys: pytest.CaptureFi
     assert main(["models", "show", "nope"]) == 1
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 3 and all(e.startswith("space: error: ") for e in errors)
+    assert "no version 'v7' (have: v1, v2)" in errors[1]

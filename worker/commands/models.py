@@ -53,9 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from worker.settings import load_settings
 
     settings = load_settings()
-    configure_logging(
-        "WARNING" if settings.log.level in ("DEBUG", "INFO") else settings.log.level, settings.log.format
-    )
+    configure_logging("WARNING" if settings.log.level in ("DEBUG", "INFO") else settings.log.level, settings.log.format)
     registry = ModelRegistry(
         settings.models.root,
         s3_client_factory=lambda: make_s3_client(settings.s3),

@@ -48,7 +48,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--input-size", type=int, default=256, help="Square input side, multiple of 32, >= 128."
+        "--input-size", type=int, default=256, help="Square input side, multiple of 32, >= 64 (256 = paper)."
     )
     parser.add_argument("--batch-size", type=int, default=1, help="Images per step (paper: 1).")
     parser.add_argument(
