@@ -24,6 +24,9 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -m "slow" $(PYTEST_ARGS)
 
+demo: $(STAMP)
+	$(PY) -m worker demo $(DEMO_ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check worker models schemas tests bench
 	$(VENV)/bin/ruff format --check worker models schemas

@@ -85,6 +85,7 @@ class App:
             try:
                 self.models.refresh()
                 self.worker.heartbeats.beat("model-refresh")
+                self.worker.metrics.set_serving({line: m.version for line, m in self.models.loaded().items()})
             except Exception:
                 log.exception("model_refresh_failed")
 
@@ -117,6 +118,8 @@ def build_app(settings: Settings, *, detector_loader: Any | None = None) -> App:
         max_loaded=settings.models.max_loaded,
         warmup_batch_sizes=settings.models.warmup_batch_sizes if settings.models.warmup else (),
         on_load=lambda line, outcome: metrics.model_loads.labels(line, outcome).inc(),
+        negative_ttl_s=settings.models.negative_ttl_s,
+        swap_retry_s=settings.models.swap_retry_s,
     )
     redis_client = make_redis(settings.redis)
     store = ThresholdStore(redis_client, settings.redis.key_prefix, settings.thresholds.history_max)

@@ -66,3 +66,17 @@ class WorkerMetrics:
         self.heatmap_failures = Counter("space_heatmap_failures", "Heatmaps not stored after retries.", registry=r)
         self.model_loads = Counter("space_model_loads", "Model loads.", ["product_line", "outcome"], registry=r)
         self.late_images = Counter("space_late_images", "Images past their deadline.", registry=r)
+        self.model_serving = Gauge(
+            "space_model_serving", "1 for the model version serving each line.", ["product_line", "version"], registry=r
+        )
+        self._serving: dict[str, str] = {}
+
+    def set_serving(self, versions: dict[str, str]) -> None:
+        """Publish which version serves each line (old label sets are removed on a swap)."""
+        for line, version in list(self._serving.items()):
+            if versions.get(line) != version:
+                self.model_serving.remove(line, version)
+                del self._serving[line]
+        for line, version in versions.items():
+            self.model_serving.labels(line, version).set(1)
+            self._serving[line] = version

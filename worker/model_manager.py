@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 
 from worker.errors import SpaceError
-from worker.registry import ModelRegistry, RegistryError
+from worker.registry import ModelRegistry, NoActiveModel, RegistryError
 
 log = structlog.get_logger(__name__)
 
@@ -127,12 +127,13 @@ class ModelManager:
                 version = self.registry.active_version(line)
                 model = self._load_version(line, version)
             except (RegistryError, ModelUnavailable) as exc:
-                unknown = isinstance(exc, RegistryError)
+                # Only "never promoted" is an unknown line; a corrupt pointer is a processing failure.
+                unknown = isinstance(exc, NoActiveModel)
                 detail = str(exc) if isinstance(exc, RegistryError) else exc.detail
                 with self._lock:
                     self._remember_unavailable(line, detail, unknown=unknown)
-                if unknown:
-                    raise ModelUnavailable(line, detail, unknown_line=True) from exc
+                if isinstance(exc, RegistryError):
+                    raise ModelUnavailable(line, detail, unknown_line=unknown) from exc
                 raise
             with self._lock:
                 self._models[line] = model

@@ -40,6 +40,10 @@ class RegistryError(SpaceError):
     """A line or version is unknown or the registry is inconsistent."""
 
 
+class NoActiveModel(RegistryError):
+    """The product line has no promoted version (an unknown line, as far as serving goes)."""
+
+
 def check_name(kind: str, value: str) -> str:
     """Validate a product line or version name (it becomes part of paths and keys)."""
     if not _NAME.match(value) or value in {".", ".."}:
@@ -231,7 +235,7 @@ class ModelRegistry:
         pointer = self.pointer(line)
         if pointer is not None:
             return pointer.version
-        raise RegistryError(f"product line {line!r} has no active model: `space models promote {line} VERSION`")
+        raise NoActiveModel(f"product line {line!r} has no active model: `space models promote {line} VERSION`")
 
     def promote(self, line: str, version: str, *, by: str = "unknown") -> ActivePointer:
         """Make ``version`` the active one (it must exist; its artifact is not checked here).

@@ -220,6 +220,8 @@ class ModelSettings(_Section):
     warmup: bool = Field(True, description="Run a warm-up batch before serving a model.")
     threads: int | None = Field(None, ge=1, le=256, description="torch intra-op threads (default: torch's).")
     preload: StrList = Field((), description="Lines loaded and warmed at start-up; /readyz waits for them.")
+    negative_ttl_s: float = Field(5.0, ge=0, le=3_600, description="Remember an unknown or failing line this long.")
+    swap_retry_s: float = Field(30.0, ge=0, le=86_400, description="Retry a failed promoted version after this.")
     warmup_batch_sizes: IntList = Field((1,), description="Batch sizes run once before a model serves.")
 
 
