@@ -75,12 +75,17 @@ class Detector:
         autocast: torch.dtype | None,
         channels_last: bool,
     ) -> None:
-        """Wrap ``model`` (use :meth:`load` or :meth:`from_model`)."""
+        """Wrap ``model`` (use :meth:`load` or :meth:`from_model`); the detector takes ownership of it."""
         if not bool(model.calibrated):
             raise DetectorError("model is not calibrated (no map quantiles)")
-        self.model = model.eval().to(device)
+        self.model = model.eval().to(device).requires_grad_(False)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if autocast is not None:
+            # Autocast would re-cast every fp32 weight on every call (a third of a CPU batch-1 pass);
+            # weights kept in the compute dtype give the same numbers. Buffers (calibration) stay fp32.
+            for p in self.model.parameters():
+                p.data = p.data.to(autocast)
         self.card = card
         self.device = device
         self.autocast = autocast

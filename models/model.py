@@ -60,6 +60,13 @@ def efficientad_config(**kw: object) -> ModelConfig:
     return ModelConfig.model_validate({**base, **kw})
 
 
+def imagenet_normalize(x: torch.Tensor) -> torch.Tensor:
+    """ImageNet mean/std normalisation of an RGB batch in [0, 1] (N, 3, H, W)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
 class Maps(NamedTuple):
     """Raw per-branch maps on the feature grid: local (student-teacher) and global (student-AE)."""
 

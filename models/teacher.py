@@ -276,7 +276,7 @@ def distill_teacher(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         pdn = PDN(size, TEACHER_CHANNELS, padding=True)
-    opt = torch.optim.Adam(pdn.parameters(), lr=lr, weight_decay=1e-5)
+    opt = torch.optim.Adam(pdn.parameters(), lr=lr, weight_decay=1e-5, fused=True)
     mean = std = None
     for step in range(steps):
         x = next(batches)

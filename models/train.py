@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import structlog
@@ -23,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models import data as dataset
 from models.artifact import ModelCard, Quantiles, ScoreStats, TeacherInfo, TrainingSummary, save_artifact
-from models.checkpoint import load_checkpoint, save_checkpoint
+from models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from models.losses import (
     ae_loss,
     color_augment,
@@ -35,8 +38,16 @@ from models.losses import (
     scl_weight,
     student_ae_loss,
 )
-from models.model import ModelConfig, SpaceModel, efficientad_config
+from models.model import ModelConfig, SpaceModel, efficientad_config, imagenet_normalize
 from models.networks import TEACHER_CHANNELS
+from models.normalization import (
+    THRESHOLD_METHOD,
+    calibrate,
+    default_threshold,
+    score_stats,
+    teacher_statistics,
+    to_tensor,
+)
 from models.penalty import PenaltySource
 from models.preprocess import prepare_image
 from models.progress import ProgressLine
@@ -50,8 +61,6 @@ from models.teacher import (
 )
 
 log = structlog.get_logger(__name__)
-
-THRESHOLD_METHOD = "q99 + 0.25*(q99 - q50) of validation normal image scores"
 
 
 class TrainConfig(BaseModel):
@@ -133,11 +142,6 @@ def _load_images(paths: list[Path], size: tuple[int, int]) -> np.ndarray:
     return np.stack([prepare_image(dataset.load_image(p), size) for p in paths])
 
 
-def _to_tensor(batch: np.ndarray, device: torch.device) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2).float().div_(255)
-    return x.contiguous(memory_format=torch.channels_last)
-
-
 def resolve_teacher(
     cfg: TrainConfig, train_images: np.ndarray, penalty: PenaltySource, device: torch.device
 ) -> tuple[torch.nn.Module, Literal["pdn", "filterbank"], TeacherInfo]:
@@ -153,9 +157,6 @@ def resolve_teacher(
     if spec.startswith("distill:"):
         backbone = load_backbone(spec.removeprefix("distill:"))
         rng = np.random.default_rng(cfg.seed + 1)
-        model = SpaceModel(
-            efficientad_config(size=cfg.size, input_size=(cfg.input_size,) * 2, teacher_kind="pdn")
-        )
 
         def batches():
             while True:
@@ -163,7 +164,7 @@ def resolve_teacher(
                 imgs = train_images[idx]
                 if penalty.enabled:
                     imgs = np.concatenate([imgs, penalty.sample(rng, 8)])
-                yield model.normalize(_to_tensor(imgs, torch.device("cpu")))
+                yield imagenet_normalize(to_tensor(imgs, torch.device("cpu")))
 
         teacher = distill_teacher(backbone, batches(), cfg.size, cfg.distill_steps, seed=cfg.seed)
         return teacher, "pdn", TeacherInfo(source="distilled", detail=spec, seed=cfg.seed)
@@ -171,23 +172,6 @@ def resolve_teacher(
     teacher = load_published_teacher(path, cfg.size)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return teacher, "pdn", TeacherInfo(source="imported", detail=f"{path.name} sha256={digest}")
-
-
-@torch.no_grad()
-def teacher_statistics(model: SpaceModel, images: np.ndarray, device: torch.device, batch: int = 8) -> None:
-    """Set the teacher's per-channel mean/std over all positions of the training images (§1.5)."""
-    total = torch.zeros(TEACHER_CHANNELS, dtype=torch.float64, device=device)
-    total_sq = torch.zeros_like(total)
-    count = 0
-    for i in range(0, len(images), batch):
-        t = model.teacher(model.normalize(_to_tensor(images[i : i + batch], device))).double()
-        total += t.sum(dim=(0, 2, 3))
-        total_sq += t.pow(2).sum(dim=(0, 2, 3))
-        count += t.shape[0] * t.shape[2] * t.shape[3]
-    mean = total / count
-    std = (total_sq / count - mean.pow(2)).clamp_min(1e-12).sqrt()
-    model.teacher_mean.copy_(mean.float().view(1, -1, 1, 1))
-    model.teacher_std.copy_(std.float().view(1, -1, 1, 1))
 
 
 def training_losses(
@@ -230,53 +214,6 @@ def training_losses(
     return losses
 
 
-@torch.no_grad()
-def calibrate(
-    model: SpaceModel, images: np.ndarray, device: torch.device, autocast: torch.dtype | None
-) -> np.ndarray:
-    """Set map quantiles (q_a=0.9, q_b=0.995 of validation pixels, per branch) and return image scores."""
-    model.eval()
-    st_maps, ae_maps = [], []
-    for i in range(0, len(images), 8):
-        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            st, ae = model.branch_maps(_to_tensor(images[i : i + 8], device))
-        st_maps.append(st.float().flatten())
-        ae_maps.append(ae.float().flatten())
-    q = []
-    for maps in (torch.cat(st_maps), torch.cat(ae_maps)):
-        sample = maps[torch.randperm(maps.numel(), generator=torch.Generator().manual_seed(0))[: 2**24]]
-        q += [float(torch.quantile(sample, 0.9)), float(torch.quantile(sample, 0.995))]
-    model.quantiles.copy_(torch.tensor(q))
-    model.calibrated.fill_(True)
-    scores = []
-    for i in range(0, len(images), 8):
-        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            m = model.anomaly_map(_to_tensor(images[i : i + 8], device))
-        scores.append(m.float().flatten(1).amax(dim=1).cpu())
-    return torch.cat(scores).numpy()
-
-
-def score_stats(scores: np.ndarray) -> ScoreStats:
-    """Summary of validation image scores."""
-    s = scores.astype(np.float64)
-    qs = np.quantile(s, [0.5, 0.9, 0.99])
-    return ScoreStats(
-        n=len(s),
-        mean=float(s.mean()),
-        std=float(s.std()),
-        min=float(s.min()),
-        q50=float(qs[0]),
-        q90=float(qs[1]),
-        q99=float(qs[2]),
-        max=float(s.max()),
-    )
-
-
-def default_threshold(stats: ScoreStats) -> float:
-    """Default threshold: q99 of normal validation scores plus a quarter of the q50-q99 spread (margin)."""
-    return stats.q99 + 0.25 * max(stats.q99 - stats.q50, 0.0)
-
-
 def _split_validation(index: dataset.DatasetIndex, seed: int) -> tuple[list[Path], list[Path], str]:
     if index.validation_good:
         return list(index.train_good), list(index.validation_good), "validation_good"
@@ -290,10 +227,108 @@ def _split_validation(index: dataset.DatasetIndex, seed: int) -> tuple[list[Path
 
 
 def _run_fingerprint(cfg: TrainConfig, data_hash: str) -> str:
-    keep = cfg.model_dump(
-        mode="json", exclude={"out", "progress", "checkpoint_every", "name", "model_version"}
-    )
+    keep = cfg.model_dump(mode="json", exclude={"out", "progress", "checkpoint_every", "name", "model_version"})
     return hashlib.sha256(json.dumps({"cfg": keep, "data": data_hash}, sort_keys=True).encode()).hexdigest()
+
+
+def _match_state_layout(opt: torch.optim.Optimizer) -> None:
+    """Give loaded Adam moments their parameter's memory format (safetensors stores them contiguous).
+
+    The fused CPU Adam kernel walks raw memory, so channels_last weights with contiguous moments would
+    silently mix elements; with matching layouts a resumed run is bit-identical to an uninterrupted one.
+    """
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape:
+                    state[key] = torch.empty_like(p).copy_(value)
+
+
+@dataclass
+class _Data:
+    train_images: np.ndarray  # (N, H, W, 3) uint8 at the input size
+    val_images: np.ndarray
+    val_source: Literal["validation_good", "train_holdout"]
+    data_hash: str
+
+
+def _load_data(cfg: TrainConfig) -> _Data:
+    index = dataset.scan_dataset(cfg.data)
+    train_paths, val_paths, val_source = _split_validation(index, cfg.seed)
+    size = (cfg.input_size, cfg.input_size)
+    return _Data(
+        _load_images(train_paths, size),
+        _load_images(val_paths, size),
+        val_source,  # type: ignore[arg-type]
+        dataset.dataset_fingerprint(index.train_good, root=cfg.data),
+    )
+
+
+def _build_model(
+    cfg: TrainConfig, data: _Data, penalty: PenaltySource, device: torch.device, resumed: Checkpoint | None
+) -> tuple[SpaceModel, TeacherInfo]:
+    """A fresh model with a resolved, normalised teacher, or the model of the checkpoint being resumed."""
+    if resumed is not None:
+        model = SpaceModel(ModelConfig.model_validate(resumed.meta["model_config"]))
+        model.load_state_dict(resumed.model_state)
+        teacher_info = TeacherInfo.model_validate(resumed.meta["teacher"])
+        return model.to(device).to(memory_format=torch.channels_last), teacher_info
+    teacher, kind, teacher_info = resolve_teacher(cfg, data.train_images, penalty, device)
+    model = SpaceModel(cfg.model_config_for_run(kind))
+    model.teacher.load_state_dict(teacher.state_dict())
+    model = model.to(device).to(memory_format=torch.channels_last)
+    teacher_statistics(model, data.train_images, device)
+    return model, teacher_info
+
+
+def _restore(opt: torch.optim.Optimizer, rng: np.random.Generator, resumed: Checkpoint | None) -> tuple[int, float]:
+    """Load optimizer and RNG states; returns (first step, seconds already trained)."""
+    if resumed is None:
+        return 0, 0.0
+    opt.load_state_dict(resumed.optimizer_state)
+    _match_state_layout(opt)
+    rng.bit_generator.state = resumed.meta["np_rng"]
+    torch.set_rng_state(resumed.torch_rng)
+    return int(resumed.meta["step"]), float(resumed.meta["elapsed_s"])
+
+
+def _make_card(
+    cfg: TrainConfig,
+    model: SpaceModel,
+    teacher_info: TeacherInfo,
+    data: _Data,
+    penalty: PenaltySource,
+    stats: ScoreStats,
+    extra: dict[str, Any],
+) -> ModelCard:
+    q = model.quantiles.tolist()
+    return ModelCard(
+        name=cfg.name or f"{cfg.product_line}-{cfg.variant}-{cfg.size}",
+        product_line=cfg.product_line,
+        version=cfg.model_version or datetime.now(UTC).strftime("%Y%m%d-%H%M%S"),
+        variant=cfg.variant,
+        size=cfg.size,
+        input_size=(cfg.input_size, cfg.input_size),
+        config=model.config,
+        teacher=teacher_info,
+        quantiles=Quantiles(qa_st=q[0], qb_st=q[1], qa_ae=q[2], qb_ae=q[3]),
+        default_threshold=default_threshold(stats),
+        threshold_method=THRESHOLD_METHOD,
+        validation_scores=stats,
+        training=TrainingSummary(
+            data_root=str(cfg.data),
+            data_sha256=data.data_hash,
+            n_train=len(data.train_images),
+            n_validation=len(data.val_images),
+            validation_source=data.val_source,
+            steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            penalty_source=penalty.description,
+            **extra,
+        ),
+    )
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -303,56 +338,83 @@ def train(cfg: TrainConfig) -> Path:
     autocast = pick_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    index = dataset.scan_dataset(cfg.data)
-    train_paths, val_paths, val_source = _split_validation(index, cfg.seed)
-    data_hash = dataset.dataset_fingerprint(index.train_good, root=cfg.data)
-    size = (cfg.input_size, cfg.input_size)
-    train_images, val_images = _load_images(train_paths, size), _load_images(val_paths, size)
-    penalty = PenaltySource(size, cfg.penalty)
-    fingerprint = _run_fingerprint(cfg, data_hash)
+    data = _load_data(cfg)
+    penalty = PenaltySource((cfg.input_size, cfg.input_size), cfg.penalty)
+    fingerprint = _run_fingerprint(cfg, data.data_hash)
     ckpt_dir = Path(cfg.out) / cfg.product_line / ".checkpoint"
     resumed = load_checkpoint(ckpt_dir, fingerprint)
-    if resumed is not None:
-        model = SpaceModel(ModelConfig.model_validate(resumed.meta["model_config"]))
-        teacher_info = TeacherInfo.model_validate(resumed.meta["teacher"])
-        model.load_state_dict(resumed.model_state)
-    else:
-        teacher, kind, teacher_info = resolve_teacher(cfg, train_images, penalty, device)
-        model = SpaceModel(cfg.model_config_for_run(kind))
-        model.teacher.load_state_dict(teacher.state_dict())
-    model = model.to(device).to(memory_format=torch.channels_last)
-    if resumed is None:
-        teacher_statistics(model, train_images, device)
+    model, teacher_info = _build_model(cfg, data, penalty, device, resumed)
     params = list(model.student.parameters()) + list(model.ae.parameters())
-    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start_step, elapsed_before = 0, 0.0
-    if resumed is not None:
-        opt.load_state_dict(resumed.optimizer_state)
-        rng.bit_generator.state = resumed.meta["np_rng"]
-        torch.set_rng_state(resumed.torch_rng)
-        start_step, elapsed_before = int(resumed.meta["step"]), float(resumed.meta["elapsed_s"])
-        log.info("train_resumed", step=start_step, checkpoint=str(ckpt_dir))
+    # fused Adam: one kernel over all parameters (the per-tensor loop cost ~1 s/step on 2 shared CPU cores)
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    start_step, elapsed_before = _restore(opt, rng, resumed)
     log.info(
         "train_started",
         product_line=cfg.product_line,
         variant=cfg.variant,
         steps=cfg.steps,
+        start_step=start_step,
         device=str(device),
         precision=str(autocast or "fp32"),
-        n_train=len(train_images),
-        n_val=len(val_images),
+        n_train=len(data.train_images),
+        n_val=len(data.val_images),
         teacher=teacher_info.source,
     )
+    t_loop = time.monotonic()
+
+    def checkpoint(step: int) -> None:
+        meta = {
+            "step": step,
+            "np_rng": rng.bit_generator.state,
+            "model_config": model.config.model_dump(mode="json"),
+            "teacher": teacher_info.model_dump(mode="json"),
+            "elapsed_s": elapsed_before + time.monotonic() - t_loop,
+        }
+        save_checkpoint(ckpt_dir, fingerprint, model.state_dict(), opt.state_dict(), torch.get_rng_state(), meta)
+
+    losses = _run_steps(cfg, model, opt, data.train_images, penalty, rng, autocast, start_step, checkpoint)
+    train_s = elapsed_before + time.monotonic() - t_loop
+    stats = score_stats(calibrate(model, data.val_images, device, autocast))
+    extra = {
+        "duration_s": round(time.monotonic() - t_start, 2),
+        "device": str(device),
+        "precision": str(autocast or "fp32"),
+        "final_losses": losses,
+    }
+    card = _make_card(cfg, model, teacher_info, data, penalty, stats, extra)
+    out = save_artifact(Path(cfg.out) / cfg.product_line / card.version, card, model.state_dict())
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    log.info(
+        "train_finished",
+        artifact=str(out),
+        train_s=round(train_s, 1),
+        steps_per_s=round((cfg.steps - start_step) / max(train_s - elapsed_before, 1e-9), 2),
+        threshold=card.default_threshold,
+    )
+    return out
+
+
+def _run_steps(
+    cfg: TrainConfig,
+    model: SpaceModel,
+    opt: torch.optim.Optimizer,
+    images: np.ndarray,
+    penalty: PenaltySource,
+    rng: np.random.Generator,
+    autocast: torch.dtype | None,
+    start_step: int,
+    checkpoint: Callable[[int], None],
+) -> dict[str, float]:
+    """The optimisation loop (lr x0.1 at 95 % of the steps); returns the last step's losses."""
+    device = next(model.parameters()).device
     progress = ProgressLine(cfg.steps, enabled=cfg.progress, start=start_step)
     losses: dict[str, float] = {}
-    t_loop = time.monotonic()
     model.train()
     for step in range(start_step, cfg.steps):
         for group in opt.param_groups:
             group["lr"] = cfg.lr * (0.1 if step >= int(0.95 * cfg.steps) else 1.0)
-        idx = rng.integers(len(train_images), size=cfg.batch_size)
-        x = _to_tensor(train_images[idx], device)
-        pen = _to_tensor(penalty.sample(rng, cfg.batch_size), device) if penalty.enabled else None
+        x = to_tensor(images[rng.integers(len(images), size=cfg.batch_size)], device)
+        pen = to_tensor(penalty.sample(rng, cfg.batch_size), device) if penalty.enabled else None
         lam = scl_weight(step, cfg.steps, cfg.scl_weight) if model.config.use_scl else 0.0
         with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
             step_losses = training_losses(model, x, pen, rng, lam)
@@ -362,61 +424,6 @@ def train(cfg: TrainConfig) -> Path:
         losses = {k: v.item() for k, v in step_losses.items()}
         progress.update(step + 1, losses["total"])
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            meta = {
-                "step": step + 1,
-                "np_rng": rng.bit_generator.state,
-                "model_config": model.config.model_dump(mode="json"),
-                "teacher": teacher_info.model_dump(mode="json"),
-                "elapsed_s": elapsed_before + time.monotonic() - t_loop,
-            }
-            save_checkpoint(
-                ckpt_dir, fingerprint, model.state_dict(), opt.state_dict(), torch.get_rng_state(), meta
-            )
+            checkpoint(step + 1)
     progress.close()
-    train_s = elapsed_before + time.monotonic() - t_loop
-    val_scores = calibrate(model, val_images, device, autocast)
-    stats = score_stats(val_scores)
-    version = cfg.model_version or datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    q = model.quantiles.tolist()
-    card = ModelCard(
-        name=cfg.name or f"{cfg.product_line}-{cfg.variant}-{cfg.size}",
-        product_line=cfg.product_line,
-        version=version,
-        variant=cfg.variant,
-        size=cfg.size,
-        input_size=size,
-        config=model.config,
-        teacher=teacher_info,
-        quantiles=Quantiles(qa_st=q[0], qb_st=q[1], qa_ae=q[2], qb_ae=q[3]),
-        default_threshold=default_threshold(stats),
-        threshold_method=THRESHOLD_METHOD,
-        validation_scores=stats,
-        training=TrainingSummary(
-            data_root=str(cfg.data),
-            data_sha256=data_hash,
-            n_train=len(train_images),
-            n_validation=len(val_images),
-            validation_source=val_source,
-            steps=cfg.steps,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            duration_s=round(time.monotonic() - t_start, 2),
-            device=str(device),
-            precision=str(autocast or "fp32"),
-            penalty_source=penalty.description,
-            final_losses=losses,
-        ),
-    )
-    out = save_artifact(Path(cfg.out) / cfg.product_line / version, card, model.state_dict())
-    for f in ckpt_dir.glob("*"):
-        f.unlink()
-    if ckpt_dir.exists():
-        ckpt_dir.rmdir()
-    log.info(
-        "train_finished",
-        artifact=str(out),
-        train_s=round(train_s, 1),
-        steps_per_s=round((cfg.steps - start_step) / max(train_s - elapsed_before, 1e-9), 2),
-        threshold=card.default_threshold,
-    )
-    return out
+    return losses

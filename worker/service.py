@@ -87,6 +87,7 @@ class Item:
     failure: tuple[DeadLetterReason, str, str] | None = None  # reason, error class, detail
     late: bool = False
     _pending_sends: int = field(default=0, repr=False)
+    _dropped: bool = field(default=False, repr=False)  # its partition was forgotten before release
 
     @property
     def captured_at(self) -> datetime:
@@ -164,6 +165,12 @@ class Worker:
         )
         self.tracker = OffsetTracker()
         self.sequencer: Sequencer[Item] = Sequencer()
+        # Items registered with the sequencer but not yet released, per partition. Forgetting a partition
+        # (revoke after the settle budget, or lost) must finish these too, or their in-flight count and
+        # bytes leak for good and backpressure eventually pauses every partition (reliability issue 8).
+        # The lock makes "forget + finish" and "complete + release" of one item mutually exclusive.
+        self._seq_lock = threading.Lock()
+        self._registered: dict[TopicPartition, dict[int, Item]] = {}
         self._decode_pool = ThreadPoolExecutor(settings.decode.workers, thread_name_prefix="decode")
         self._heatmap_pool = ThreadPoolExecutor(4, thread_name_prefix="heatmap")
         self._scored: queue.Queue[_Scored | None] = queue.Queue(maxsize=2)
@@ -308,7 +315,9 @@ class Worker:
             self._inflight_count += 1
             self._inflight_bytes += nbytes
         self.metrics.records_consumed.inc()
-        self.sequencer.register(tp, rec.offset)
+        with self._seq_lock:
+            self._registered.setdefault(tp, {})[rec.offset] = item
+            self.sequencer.register(tp, rec.offset)
         self._decode_pool.submit(self._decode, item)
 
     def _apply_backpressure(self) -> None:
@@ -390,8 +399,12 @@ class Worker:
     def _forget(self, partitions: list[TopicPartition]) -> None:
         gone = set(partitions)
         self.tracker.revoke(gone)
-        for tp in gone:
-            self.sequencer.forget(tp)
+        with self._seq_lock:
+            for tp in gone:
+                self.sequencer.forget(tp)
+                for item in self._registered.pop(tp, {}).values():
+                    item._dropped = True  # its decode may still run: it must not be released, nor finished again
+                    self._finish(item)
         for item in self.batcher.remove(lambda it: it.tp in gone):
             self._finish(item)
         self._assigned.difference_update(gone)
@@ -432,10 +445,16 @@ class Worker:
             item.failure = (DeadLetterReason.PROCESSING_FAILED, type(exc).__name__, str(exc))
         item.decode_s = time.monotonic() - start
         self.metrics.decode_seconds.observe(item.decode_s)
-        self.sequencer.complete(item.tp, item.offset, item, self._release)
+        with self._seq_lock:
+            if item._dropped:
+                return  # the partition was forgotten meanwhile; _forget finished the item
+            self.sequencer.complete(item.tp, item.offset, item, self._release)
 
     def _release(self, item: Item) -> None:
-        """Called in per-partition order (under the sequencer's lock)."""
+        """Called in per-partition order (under the sequencer's lock and ``_seq_lock``)."""
+        registered = self._registered.get(item.tp)
+        if registered is not None and registered.get(item.offset) is item:
+            del registered[item.offset]
         if item.failure is not None:
             self._dead_letter(item, *item.failure)
             return

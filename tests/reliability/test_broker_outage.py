@@ -133,7 +133,10 @@ def test_idle_worker_survives_an_outage_and_nothing_is_lost_after_it(stack, make
         settings = make_settings(
             kafka={"bootstrap_servers": broker.bootstrap, "requests_topic": f"req-{suffix}", "results_topic": f"res-{suffix}",
                    "alerts_topic": f"al-{suffix}", "dlq_topic": f"dlq-{suffix}",
-                   "delivery_timeout_ms": 3000, "request_timeout_ms": 1000},
+                   "delivery_timeout_ms": 3000, "request_timeout_ms": 1000,
+                   # A member that dies while a join round is in flight is waited for up to the
+                   # rebalance timeout (= max_poll_interval_ms, 300 s by default): keep it short.
+                   "max_poll_interval_ms": 10_000},
             models={"root": str(trained_model.root), "preload": (trained_model.line,), "threads": 1},
             heatmaps={"policy": "none"}, worker={"shutdown_grace_s": 5},
         )  # fmt: skip

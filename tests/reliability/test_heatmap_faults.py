@@ -11,6 +11,7 @@ that was never written.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from pathlib import Path
@@ -54,7 +55,7 @@ def _record_attempts(app: Any) -> list[tuple[float, str, bool]]:
 def _check_backoff(attempts: list[tuple[float, str, bool]], key: str) -> None:
     times = [t for t, k, ok in attempts if k == key]
     assert len(times) == RETRIES + 1, f"{key}: {len(times)} attempts"
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     for i, gap in enumerate(gaps):
         assert gap >= BACKOFF_MS * 2**i / 1000 * 0.9, f"{key}: retry {i + 1} after {gap * 1000:.0f} ms"
 

@@ -13,8 +13,9 @@ from models import data as dataset
 from models.artifact import load_artifact
 from models.detector import Detector
 from models.metrics import image_auroc
+from models.normalization import default_threshold, score_stats
 from models.synthetic import build_product_line
-from models.train import TrainConfig, default_threshold, score_stats, train
+from models.train import TrainConfig, train
 from worker.cli import main as cli_main
 
 LINE = "brick"
@@ -34,7 +35,7 @@ def _cfg(line_dir: Path, out: Path, **kw: object) -> TrainConfig:
 
 def test_short_training_detects_drawn_defects(line_dir: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    out = train(_cfg(line_dir, tmp_path, variant="space", steps=12, model_version="v1"))
+    out = train(_cfg(line_dir, tmp_path, variant="space", steps=10, model_version="v1"))
     assert out == tmp_path / LINE / "v1"
     det = Detector.load(out, device="cpu", precision="bf16")
     index = dataset.scan_dataset(line_dir)
@@ -42,7 +43,7 @@ def test_short_training_detects_drawn_defects(line_dir: Path, tmp_path: Path) ->
     scores = det.predict([dataset.load_image(s.path) for s in index.test]).scores
     assert image_auroc(labels, scores) >= 0.9
     card = det.card
-    assert card.training.steps == 12 and card.training.n_validation == 4
+    assert card.training.steps == 10 and card.training.n_validation == 4
     assert card.training.validation_source == "validation_good"
     assert len(card.training.data_sha256) == 64
     assert card.default_threshold >= card.validation_scores.q99
@@ -113,3 +114,26 @@ def test_default_threshold_is_above_the_normal_scores() -> None:
     thr = default_threshold(stats)
     assert thr > stats.q99 and thr > stats.q50
     assert thr == pytest.approx(stats.q99 + 0.25 * (stats.q99 - stats.q50))
+
+
+@pytest.mark.parametrize("source", ["imported", "distilled", "offline:random-pdn"])
+def test_training_with_each_teacher_source(source: str, line_dir: Path, tmp_path: Path) -> None:
+    from tests.test_models.test_teacher import _nelson_sequential
+
+    if source == "imported":
+        teacher = tmp_path / "teacher_small.pth"
+        torch.save(_nelson_sequential("s").state_dict(), teacher)
+        spec = str(teacher)
+    elif source == "distilled":
+        spec = "distill:tests.test_models.test_teacher:tiny_backbone"
+    else:
+        spec = "random-pdn"
+    out = train(_cfg(line_dir, tmp_path, variant="space", steps=1, input_size=64, penalty="none", teacher=spec,
+                     distill_steps=1, model_version="v1"))
+    card, state = load_artifact(out)
+    assert card.teacher.source == source
+    assert card.config.teacher_kind == "pdn"
+    assert state["teacher.conv1.weight"].shape == (128, 3, 4, 4)
+    if source == "imported":
+        assert card.teacher.detail.startswith("teacher_small.pth sha256=")
+        assert torch.equal(state["teacher.conv4.weight"], torch.load(teacher, weights_only=True)["8.weight"])

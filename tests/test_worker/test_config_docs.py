@@ -15,7 +15,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_checked_in_page_is_current() -> None:
     page = (REPO / DEFAULT_PATH).read_text(encoding="utf-8")
-    assert page == render(), "docs/configuration.md is stale: python -m worker.config_docs --write docs/configuration.md"
+    assert page == render(), (
+        "docs/configuration.md is stale: python -m worker.config_docs --write docs/configuration.md"
+    )
 
 
 def test_every_setting_has_a_row() -> None:
@@ -45,3 +47,14 @@ def test_check_mode_reports_a_stale_page(tmp_path: Path, capsys) -> None:
     assert "stale" in capsys.readouterr().err
     assert main(["--write", str(stale)]) == 0
     assert main(["--check", str(stale)]) == 0
+
+
+def test_runbook_covers_every_metric_and_dead_letter_reason() -> None:
+    from schemas.deadletter import DEAD_LETTER_REASONS
+    from worker.metrics import WorkerMetrics
+
+    runbook = (REPO / "docs" / "runbook.md").read_text(encoding="utf-8")
+    for family in WorkerMetrics().registry.collect():
+        assert f"`{family.name}" in runbook, f"docs/runbook.md does not explain {family.name}"
+    for reason in DEAD_LETTER_REASONS:
+        assert f"| `{reason.value}` |" in runbook, f"docs/runbook.md has no row for dead-letter reason {reason.value}"
