@@ -85,7 +85,7 @@ class TrainingSummary(_Frozen):
 class ModelCard(_Frozen):
     """Everything about one trained model except the tensors (``model.json``)."""
 
-    schema_version: Literal[1] = CARD_SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     name: str
     product_line: str
     version: str

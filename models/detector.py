@@ -80,7 +80,7 @@ class Detector:
             raise DetectorError("model is not calibrated (no map quantiles)")
         self.model = model.eval().to(device).requires_grad_(False)
         if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         if autocast is not None:
             # Autocast would re-cast every fp32 weight on every call (a third of a CPU batch-1 pass);
             # weights kept in the compute dtype give the same numbers. Buffers (calibration) stay fp32.

@@ -77,13 +77,21 @@ class Maps(NamedTuple):
 class SpaceModel(nn.Module):
     """Teacher, student and autoencoder with calibration buffers; input is RGB in [0, 1]."""
 
+    teacher: PDN | FilterBankTeacher
+    image_mean: torch.Tensor
+    image_std: torch.Tensor
+    teacher_mean: torch.Tensor
+    teacher_std: torch.Tensor
+    quantiles: torch.Tensor
+    calibrated: torch.Tensor
+
     def __init__(self, config: ModelConfig) -> None:
         """Build the networks for ``config`` (teacher weights are loaded separately)."""
         super().__init__()
         self.config = config
         h, w = config.input_size
         if config.teacher_kind == "filterbank":
-            self.teacher: nn.Module = FilterBankTeacher(padding=config.padding)
+            self.teacher = FilterBankTeacher(padding=config.padding)
         else:
             self.teacher = PDN(config.size, TEACHER_CHANNELS, config.padding)
         self.teacher.eval().requires_grad_(False)

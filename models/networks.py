@@ -171,6 +171,7 @@ class FeatureConverter(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.gate = nn.Conv2d(trunk_channels + hidden, out_channels, 1)
         nn.init.zeros_(self.conv3.weight)
+        assert self.conv3.bias is not None
         nn.init.zeros_(self.conv3.bias)
 
     def forward(self, fe: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:

@@ -164,6 +164,11 @@ class FilterBankTeacher(nn.Module):
     All constants are buffers, so an artifact carries them and loading never depends on this code's RNG.
     """
 
+    opponent: torch.Tensor
+    kernels: torch.Tensor
+    projection: torch.Tensor
+    smooth: torch.Tensor
+
     def __init__(self, seed: int = 0, padding: bool = False) -> None:
         """Build the fixed buffers; ``seed`` only picks the projection."""
         super().__init__()
@@ -277,14 +282,13 @@ def distill_teacher(
         torch.manual_seed(seed)
         pdn = PDN(size, TEACHER_CHANNELS, padding=True)
     opt = torch.optim.Adam(pdn.parameters(), lr=lr, weight_decay=1e-5, fused=True)
-    mean = std = None
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None
     for step in range(steps):
         x = next(batches)
         target = _distill_target(backbone, x, pdn_out_size(x.shape[-1], padding=True))
-        if mean is None:  # per-channel target normalisation from the first batch
-            mean = target.mean(dim=(0, 2, 3), keepdim=True)
-            std = target.std(dim=(0, 2, 3), keepdim=True) + 1e-6
-        loss = F.mse_loss(pdn(x), (target - mean) / std)
+        if stats is None:  # per-channel target normalisation from the first batch
+            stats = (target.mean(dim=(0, 2, 3), keepdim=True), target.std(dim=(0, 2, 3), keepdim=True) + 1e-6)
+        loss = F.mse_loss(pdn(x), (target - stats[0]) / stats[1])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

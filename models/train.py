@@ -97,22 +97,22 @@ class TrainConfig(BaseModel):
 
     def model_config_for_run(self, teacher_kind: Literal["pdn", "filterbank"]) -> ModelConfig:
         """The :class:`ModelConfig` this run trains."""
-        common = {
-            "size": self.size,
-            "input_size": (self.input_size, self.input_size),
-            "teacher_kind": teacher_kind,
-        }
+        side = (self.input_size, self.input_size)
         if self.variant == "efficientad":
-            return efficientad_config(**common)
-        return ModelConfig(
-            variant="space",
-            use_fe=self.use_fe,
-            use_fm=self.use_fm,
-            use_scl=self.use_scl,
-            scl_mask=self.scl_mask,
-            scl_weight=self.scl_weight,
-            scl_augment=self.scl_augment,
-            **common,
+            return efficientad_config(size=self.size, input_size=side, teacher_kind=teacher_kind)
+        return ModelConfig.model_validate(
+            {
+                "size": self.size,
+                "input_size": side,
+                "teacher_kind": teacher_kind,
+                "variant": "space",
+                "use_fe": self.use_fe,
+                "use_fm": self.use_fm,
+                "use_scl": self.use_scl,
+                "scl_mask": self.scl_mask,
+                "scl_weight": self.scl_weight,
+                "scl_augment": self.scl_augment,
+            }
         )
 
 
@@ -143,7 +143,7 @@ def _load_images(paths: list[Path], size: tuple[int, int]) -> np.ndarray:
 
 
 def resolve_teacher(
-    cfg: TrainConfig, train_images: np.ndarray, penalty: PenaltySource, device: torch.device
+    cfg: TrainConfig, train_images: np.ndarray, penalty: PenaltySource
 ) -> tuple[torch.nn.Module, Literal["pdn", "filterbank"], TeacherInfo]:
     """Build the frozen teacher named by ``cfg.teacher`` (offline kind, weights file or ``distill:``)."""
     spec = DEFAULT_OFFLINE if cfg.teacher == "offline" else cfg.teacher
@@ -273,11 +273,12 @@ def _build_model(
         model = SpaceModel(ModelConfig.model_validate(resumed.meta["model_config"]))
         model.load_state_dict(resumed.model_state)
         teacher_info = TeacherInfo.model_validate(resumed.meta["teacher"])
-        return model.to(device).to(memory_format=torch.channels_last), teacher_info
-    teacher, kind, teacher_info = resolve_teacher(cfg, data.train_images, penalty, device)
+        model = model.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        return model, teacher_info
+    teacher, kind, teacher_info = resolve_teacher(cfg, data.train_images, penalty)
     model = SpaceModel(cfg.model_config_for_run(kind))
     model.teacher.load_state_dict(teacher.state_dict())
-    model = model.to(device).to(memory_format=torch.channels_last)
+    model = model.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     teacher_statistics(model, data.train_images, device)
     return model, teacher_info
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import structlog
 from kafka import ConsumerRebalanceListener, TopicPartition
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
 from kafka.structs import OffsetAndMetadata
 
 import worker.kafka_patches  # noqa: F401 - installs the pause/resume fix before any consumer exists
@@ -357,7 +357,11 @@ class Worker:
                 self.consumer.commit_async(payload)
         except (CommitFailedError, KafkaError) as exc:
             self.metrics.commits.labels("failed").inc()
-            log.warning("commit_failed", error=str(exc), partitions=len(payload))
+            # While a join round is in flight every periodic commit fails this way (5 warnings a second
+            # per worker at 200 ms, for the seconds a rebalance takes); the offsets stay pending and the
+            # first commit after the join carries them. Expected, so not a warning.
+            expected = isinstance(exc, RebalanceInProgressError)
+            (log.debug if expected else log.warning)("commit_failed", error=str(exc), partitions=len(payload))
             return
         self.tracker.mark_committed(offsets)
         self.metrics.commits.labels("ok").inc()

@@ -17,7 +17,7 @@ from worker.stack import pid_alive
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
 
-LINES = ("brick", "coins")
+LINES = ("brick", "grass")
 IMAGES = 16
 
 

@@ -88,5 +88,6 @@ def test_sigkill_at_random_points_loses_nothing(make_settings, topics, trained_m
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_twenty_sigkills_lose_nothing(make_settings, topics, trained_model, tmp_path) -> None:
     _kill_and_restart(make_settings, topics, trained_model, tmp_path, kills=20, n=300, seed=20)

@@ -175,7 +175,7 @@ def test_hostile_records_end_as_precise_dead_letters_or_results(make_settings, t
     growth_mb = (rss_after - rss_before) / 2**20
     print(f"hostile input, end to end: {len(cases)} records, {n_letters} dead letters, {n_results} results, "
           f"RSS growth {growth_mb:.1f} MiB")  # fmt: skip
-    assert growth_mb < 200, f"RSS grew by {growth_mb:.0f} MiB"
+    assert growth_mb < 300, f"RSS grew by {growth_mb:.0f} MiB"  # one decoded bomb alone would be GBs
 
 
 def _ce_id(letter) -> str | None:

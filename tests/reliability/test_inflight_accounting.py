@@ -92,10 +92,10 @@ def _records(n: int) -> list[_Rec]:
     return out
 
 
-def _settle(w: Worker) -> None:
+def _settle(w: Worker, expected: int = 0) -> None:
     w._decode_pool.shutdown(wait=True)
     deadline = time.monotonic() + 5
-    while w._inflight_count and time.monotonic() < deadline:
+    while w._inflight_count != expected and time.monotonic() < deadline:
         time.sleep(0.01)
 
 
@@ -127,7 +127,7 @@ def test_reassigned_partition_is_not_answered_by_a_stale_decode(tmp_path) -> Non
     w._on_assigned([tp])  # the partition comes back; offset 0 is polled again
     gates.pop(0).set()
     w._accept(tp, recs[0])
-    _settle(w)
+    _settle(w, expected=1)
     # The fresh record is in the batcher, the stale one was finished once: one image in flight.
     assert w.batcher.pending() == 1
     assert w._inflight_count == 1

@@ -138,11 +138,11 @@ def test_distillation_from_a_user_backbone_lowers_the_loss() -> None:
         while True:
             yield smooth(2, gen)
 
-    teacher = distill_teacher(backbone, batches(), "s", steps=1, lr=0.0)
-    assert not teacher.padding and teacher(torch.zeros(1, 3, 128, 128)).shape == (1, 384, 24, 24)
-    untrained = PDN("s", padding=True)
-    untrained.load_state_dict(teacher.state_dict())
-    trained = distill_teacher(backbone, batches(), "s", steps=25, lr=2e-3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the initialisation distill_teacher(seed=0) starts from
+        untrained = PDN("s", padding=True)
+    trained = distill_teacher(backbone, batches(), "s", steps=20, lr=2e-3)
+    assert not trained.padding and trained(torch.zeros(1, 3, 128, 128)).shape == (1, 384, 24, 24)
     padded = PDN("s", padding=True)
     padded.load_state_dict(trained.state_dict())
     x = smooth(4, torch.Generator().manual_seed(9))

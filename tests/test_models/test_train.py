@@ -35,7 +35,7 @@ def _cfg(line_dir: Path, out: Path, **kw: object) -> TrainConfig:
 
 def test_short_training_detects_drawn_defects(line_dir: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    out = train(_cfg(line_dir, tmp_path, variant="space", steps=10, model_version="v1"))
+    out = train(_cfg(line_dir, tmp_path, variant="space", steps=8, model_version="v1"))
     assert out == tmp_path / LINE / "v1"
     det = Detector.load(out, device="cpu", precision="bf16")
     index = dataset.scan_dataset(line_dir)
@@ -43,7 +43,7 @@ def test_short_training_detects_drawn_defects(line_dir: Path, tmp_path: Path) ->
     scores = det.predict([dataset.load_image(s.path) for s in index.test]).scores
     assert image_auroc(labels, scores) >= 0.9
     card = det.card
-    assert card.training.steps == 10 and card.training.n_validation == 4
+    assert card.training.steps == 8 and card.training.n_validation == 4
     assert card.training.validation_source == "validation_good"
     assert len(card.training.data_sha256) == 64
     assert card.default_threshold >= card.validation_scores.q99
@@ -82,7 +82,7 @@ def test_cli_operator_errors_are_one_line(tmp_path: Path, capsys) -> None:
 def test_resume_after_interruption_gives_identical_weights(
     line_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    kw = {"variant": "space", "steps": 2, "checkpoint_every": 1, "model_version": "v1", "penalty": "none"}
+    kw = {"variant": "space", "steps": 2, "checkpoint_every": 1, "model_version": "v1", "penalty": "none", "input_size": 64}
     straight = train(_cfg(line_dir, tmp_path / "a", **kw))
 
     import models.train as train_mod

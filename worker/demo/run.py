@@ -50,7 +50,7 @@ __all__ = ["DemoConfig", "DemoError", "DemoResult", "run_demo"]
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_LINES = ("brick", "coins")
+DEFAULT_LINES = ("brick", "grass")
 #: Training without the penalty images: a few hundred steps on CPU learn the normal texture well
 #: enough and each step costs less (measured in the README's run).
 TRAIN_PENALTY = "none"
