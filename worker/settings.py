@@ -75,7 +75,9 @@ class KafkaSettings(_Section):
     )
     session_timeout_ms: int = Field(10_000, ge=1_000, le=300_000, description="Group session timeout.")
     heartbeat_interval_ms: int = Field(1_000, ge=100, le=60_000, description="Group heartbeat interval.")
-    max_poll_interval_ms: int = Field(300_000, ge=5_000, description="Eviction deadline between polls.")
+    max_poll_interval_ms: int = Field(
+        60_000, ge=5_000, description="Eviction deadline between polls (also bounds a rebalance wait)."
+    )
     max_poll_records: int = Field(256, ge=1, le=10_000, description="Records per poll() call.")
     poll_timeout_ms: int = Field(100, ge=1, le=5_000, description="How long one poll() blocks.")
     max_partition_fetch_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Per-partition fetch cap.")
@@ -402,6 +404,9 @@ def load_settings(**overrides: Any) -> Settings:
         loc = tuple(first["loc"])
         message = first["msg"].removeprefix("Value error, ")
         value = first.get("input")
-        shown = "" if isinstance(value, dict) or "password" in str(loc) or "secret" in str(loc) else f" (got {value!r})"
+        shown = f" (got {value!r})"
+        sensitive = any(word in str(loc).lower() for word in ("password", "secret", "key", "token"))
+        if isinstance(value, dict | list) or sensitive or (isinstance(value, str) and "@" in value):
+            shown = ""  # never echo a secret, nor a URL that may carry credentials
         more = f"; and {len(exc.errors()) - 1} more" if len(exc.errors()) > 1 else ""
         raise ConfigError(f"{env_name(loc)}: {message}{shown}{more}") from None

@@ -316,11 +316,10 @@ def test_worker_runs_with_secrets_and_logs_none_of_them(stack, tmp_path) -> None
     assert leaked == [], f"secrets in the logs: {leaked}"
 
 
-@pytest.mark.xfail(strict=True, reason="found by this suite: load_settings echoes a bad SPACE_REDIS__URL, "
-                   "credentials included (worker/settings.py, not in this issue's files)")  # fmt: skip
 def test_a_redis_url_with_credentials_is_refused_without_echoing_them() -> None:
     from worker.errors import ConfigError
 
     with pytest.raises(ConfigError) as info:
         load_settings(redis={"url": "redis://admin:url-Secret-31@10.0.0.5:6379/0"})
     assert "url-Secret-31" not in str(info.value)
+    assert str(info.value).startswith("SPACE_REDIS__URL: put credentials in SPACE_REDIS__USERNAME/PASSWORD")

@@ -33,12 +33,17 @@ _OUTCOME_BGR = {"TP": (60, 160, 40), "TN": (150, 120, 40), "FP": (0, 140, 255), 
 _TILE = 160
 
 
-def pick_samples(results: Sequence[Received], count: int) -> list[Received]:
-    """Up to ``count`` results of one line: every miss first, then correct ones of both classes.
+def pick_samples(results: Sequence[Received], count: int, *, max_misses: int | None = None) -> list[Received]:
+    """Up to ``count`` results of one line: misses first, then correct ones of both classes.
 
     Misses are sorted FN then FP, each by how far they were from being right; the correct verdicts
     alternate between detected defects (highest score first) and passed good parts (highest score
     first, the ones closest to a false alarm).
+
+    Args:
+        results: The line's results.
+        count: Most results returned.
+        max_misses: Most misses among them (default: up to ``count``).
     """
     misses = sorted(
         (r for r in results if r.outcome in ("FN", "FP")),
@@ -46,7 +51,7 @@ def pick_samples(results: Sequence[Received], count: int) -> list[Received]:
     )
     tps = sorted((r for r in results if r.outcome == "TP"), key=lambda r: -r.score)
     tns = sorted((r for r in results if r.outcome == "TN"), key=lambda r: -r.score)
-    chosen = misses[:count]
+    chosen = misses[: min(count, count if max_misses is None else max_misses)]
     for i in range(max(len(tps), len(tns))):
         for group in (tps, tns):
             if len(chosen) < count and i < len(group):
@@ -96,12 +101,12 @@ def _tile(r: Received) -> np.ndarray:
     return np.concatenate([pair, bar], axis=0)
 
 
-def _overview(samples: Mapping[str, Sequence[Received]], per_row: int) -> np.ndarray:
-    """A grid: one row per line of ``per_row`` tiles, with the line name on the left."""
+def _overview(results_by_line: Mapping[str, Sequence[Received]], per_row: int) -> np.ndarray:
+    """A grid: one row per line of ``per_row`` tiles (at most half of them misses), line name left."""
     rows = []
     label_w = 110
-    for line, items in samples.items():
-        tiles = [_tile(r) for r in items[:per_row]]
+    for line, results in results_by_line.items():
+        tiles = [_tile(r) for r in pick_samples(results, per_row, max_misses=per_row // 2)]
         if not tiles:
             continue
         blank = np.full_like(tiles[0], 255)
@@ -181,7 +186,7 @@ def write_report(
         results_by_line: Every received result, per product line.
         metrics: The run's metrics (written as ``metrics.json`` and summarised in the page).
         samples_per_line: Images shown per line in the page.
-        overview_per_row: Tiles per line in ``overview.png``.
+        overview_per_row: Tiles per line in ``overview.png`` (at most half of them misses).
     """
     if report_dir.exists():
         shutil.rmtree(report_dir)
@@ -202,7 +207,7 @@ def write_report(
             f"<h2>{html.escape(line)}</h2><p>{len(items)} of {len(results_by_line[line])} images, "
             f'misses first.</p><div class="grid">{"".join(cards)}</div>'
         )
-    cv2.imwrite(str(report_dir / OVERVIEW_FILE), _overview(samples, overview_per_row))
+    cv2.imwrite(str(report_dir / OVERVIEW_FILE), _overview(results_by_line, overview_per_row))
     (report_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     cfg = metrics["config"]
     page = (

@@ -90,7 +90,7 @@ class DemoConfig:
     lines: tuple[str, ...] = DEFAULT_LINES
     steps: int = 200
     images: int = 60
-    rate_hz: float = 10.0
+    rate_hz: float = 5.0
     out: Path = Path(".space/demo")
     size: int = 128
     keep_stack: bool = False
