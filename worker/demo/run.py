@@ -51,9 +51,6 @@ __all__ = ["DemoConfig", "DemoError", "DemoResult", "run_demo"]
 log = structlog.get_logger(__name__)
 
 DEFAULT_LINES = ("brick", "grass")
-#: Training without the penalty images: a few hundred steps on CPU learn the normal texture well
-#: enough and each step costs less (measured in the README's run).
-TRAIN_PENALTY = "none"
 WORKER_READY_TIMEOUT_S = 240.0
 WORKER_STOP_TIMEOUT_S = 40.0
 REQUEST_PARTITIONS = 4
@@ -233,7 +230,7 @@ def _train_line(cfg: DemoConfig, line: str, dirs: dict[str, Path], version: str,
             {
                 "data": data, "product_line": line, "out": dirs["registry"], "steps": cfg.steps,
                 "input_size": cfg.size, "seed": cfg.seed, "model_version": version, "name": f"{line}-demo",
-                "progress": cfg.progress, "penalty": TRAIN_PENALTY, "device": "cpu",
+                "progress": cfg.progress, "device": "cpu",
             }
         )
     )  # fmt: skip
