@@ -19,6 +19,7 @@ import structlog
 import torch
 
 from models.artifact import ArtifactError, ModelCard, load_artifact
+from models.gpu import BucketedRunner
 from models.model import SpaceModel
 from models.preprocess import prepare_image
 
@@ -74,8 +75,14 @@ class Detector:
         device: torch.device,
         autocast: torch.dtype | None,
         channels_last: bool,
+        max_batch: int = 64,
+        cuda_graphs: bool = False,
     ) -> None:
-        """Wrap ``model`` (use :meth:`load` or :meth:`from_model`); the detector takes ownership of it."""
+        """Wrap ``model`` (use :meth:`load` or :meth:`from_model`); the detector takes ownership of it.
+
+        On CUDA, batches run through :class:`models.gpu.BucketedRunner` (fixed bucket shapes up to
+        ``max_batch``, pinned uint8 uploads on a copy stream, optional CUDA graphs per bucket).
+        """
         if not bool(model.calibrated):
             raise DetectorError("model is not calibrated (no map quantiles)")
         self.model = model.eval().to(device).requires_grad_(False)
@@ -91,10 +98,22 @@ class Detector:
         self.autocast = autocast
         self.channels_last = channels_last
         self._lock = threading.Lock()
+        self._runner: BucketedRunner | None = None
+        if device.type == "cuda":
+            self._runner = BucketedRunner(
+                self.model.anomaly_map, self.input_size, max_batch, device, autocast=autocast, cuda_graphs=cuda_graphs
+            )
 
     @classmethod
     def load(
-        cls, path: str | Path, device: str = "auto", precision: Precision = "fp32", channels_last: bool = True
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        precision: Precision = "fp32",
+        channels_last: bool = True,
+        *,
+        max_batch: int = 64,
+        cuda_graphs: bool = False,
     ) -> Detector:
         """Load an artifact folder (weights hash checked) onto ``device``."""
         dev = resolve_device(device)
@@ -114,7 +133,7 @@ class Detector:
             device=str(dev),
             precision=precision,
         )
-        return cls(model, card, dev, autocast, channels_last)
+        return cls(model, card, dev, autocast, channels_last, max_batch=max_batch, cuda_graphs=cuda_graphs)
 
     @classmethod
     def from_model(
@@ -168,6 +187,10 @@ class Detector:
         if len(x_np) == 0:
             h, w = self.input_size
             return Prediction(np.zeros(0, np.float32), np.zeros((0, h, w), np.float32))
+        if self._runner is not None:
+            with self._lock:
+                maps = self._runner.run(np.ascontiguousarray(x_np))
+            return self._finish(maps, originals)
         with self._lock, torch.inference_mode():
             x = (
                 torch.from_numpy(x_np)
@@ -183,6 +206,10 @@ class Detector:
             ):
                 maps_t = self.model.anomaly_map(x)
             maps = maps_t.float().cpu().numpy()
+        return self._finish(maps, originals)
+
+    @staticmethod
+    def _finish(maps: np.ndarray, originals: list[tuple[int, int]] | None) -> Prediction:
         scores = maps.reshape(len(maps), -1).max(axis=1).astype(np.float32)
         if originals is None:
             return Prediction(scores, maps.astype(np.float32, copy=False))
@@ -195,6 +222,10 @@ class Detector:
     def warmup(self, batch_sizes: Iterable[int] = (1,)) -> None:
         """Run each batch size once so kernels are chosen and memory is allocated before serving."""
         h, w = self.input_size
-        for n in batch_sizes:
-            self.predict(np.zeros((n, h, w, 3), np.uint8))
+        if self._runner is not None:
+            self._runner.warmup()  # every bucket (and its CUDA graph) before the model serves
+            batch_sizes = self._runner.buckets
+        else:
+            for n in batch_sizes:
+                self.predict(np.zeros((n, h, w, 3), np.uint8))
         log.info("detector_warm", model_name=self.card.name, batch_sizes=list(batch_sizes))

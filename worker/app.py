@@ -37,7 +37,14 @@ def load_detector(settings: Settings) -> Any:
     m = settings.models
 
     def load(path: Path) -> Any:
-        return Detector.load(path, device=m.device, precision=m.precision, channels_last=m.channels_last)
+        return Detector.load(
+            path,
+            device=m.device,
+            precision=m.precision,
+            channels_last=m.channels_last,
+            max_batch=settings.batching.max_batch_size,
+            cuda_graphs=m.cuda_graphs,
+        )
 
     return load
 

@@ -217,6 +217,7 @@ class ModelSettings(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Inference precision (autocast).")
     channels_last: bool = Field(True, description="NHWC memory format for the convolutions.")
+    cuda_graphs: bool = Field(False, description="Capture a CUDA graph per batch bucket (CUDA only).")
     max_loaded: int = Field(4, ge=1, le=64, description="Models kept in memory (LRU).")
     refresh_interval_s: float = Field(5.0, gt=0, le=3_600, description="How often active versions are checked.")
     warmup: bool = Field(True, description="Run a warm-up batch before serving a model.")
