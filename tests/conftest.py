@@ -135,7 +135,7 @@ def make_settings(stack: StackInfo, tmp_path: Path, key_prefix: str) -> Callable
 # ------------------------------------------------------------------------------------------------
 TRAINED_LINE = "brick"
 TRAINED_INPUT_PX = 128
-TRAINED_STEPS = int(os.environ.get("SPACE_TEST_TRAIN_STEPS", "150"))
+TRAINED_STEPS = int(os.environ.get("SPACE_TEST_TRAIN_STEPS", "20"))
 
 
 @dataclass(frozen=True)

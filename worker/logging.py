@@ -16,6 +16,19 @@ import structlog
 _configured = False
 
 
+class _StderrLogger:
+    """Writes each rendered line to the *current* ``sys.stderr`` (never a stream captured earlier)."""
+
+    def msg(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
+def _stderr_logger_factory(*_args: Any) -> _StderrLogger:
+    return _StderrLogger()
+
+
 def _redact_secrets(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
     # Defence in depth: SecretStr values render as '**********', but a raw secret passed under an
     # obvious key must never reach a log line either.
@@ -51,8 +64,9 @@ def configure_logging(level: str = "INFO", fmt: str = "auto", *, force: bool = F
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        logger_factory=_stderr_logger_factory,
+        # No caching: loggers stay reconfigurable (tests' capture_logs, a later configure_logging).
+        cache_logger_on_first_use=False,
     )
     logging.basicConfig(
         level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(levelname)s %(name)s %(message)s"
