@@ -48,6 +48,7 @@ def make_producer(settings: KafkaSettings, *, client_id: str | None = None, **ov
         "max_request_size": settings.max_request_size,
         "delivery_timeout_ms": settings.delivery_timeout_ms,
         "request_timeout_ms": settings.request_timeout_ms,
+        "max_block_ms": settings.max_block_ms,
         "compression_type": None if settings.compression_type == "none" else settings.compression_type,
     }
     kwargs.update(overrides)

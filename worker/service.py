@@ -256,7 +256,10 @@ class Worker:
             self._commit(force=True)
         left = self._inflight_count
         try:
-            self.consumer.close()  # LeaveGroup: partitions move at once, not after session timeout
+            # LeaveGroup: partitions move at once, not after session timeout. Bounded by what is left of
+            # the grace period, so an unreachable broker cannot hold the exit for request_timeout_ms.
+            budget_ms = max(1000, int((deadline - time.monotonic()) * 1000))
+            self.consumer.close(autocommit=False, timeout_ms=min(budget_ms, 2000) if self._fatal else budget_ms)
         except Exception:
             log.exception("consumer_close_failed")
         self._decode_pool.shutdown(wait=False, cancel_futures=True)
@@ -297,7 +300,7 @@ class Worker:
                 continue
             try:
                 position = self.consumer.position(tp, timeout_ms=0)
-            except Exception:  # noqa: BLE001 - lag is best effort; never disturb the poll loop
+            except Exception:  # noqa: BLE001, S112 - lag is best effort; never disturb the poll loop
                 continue
             if position is not None:
                 self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
@@ -352,7 +355,7 @@ class Worker:
         payload = {tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}
         try:
             if sync:
-                self.consumer.commit(payload)
+                self.consumer.commit(payload, timeout_ms=self.settings.kafka.commit_timeout_ms)
             else:
                 self.consumer.commit_async(payload)
         except (CommitFailedError, KafkaError) as exc:
@@ -483,6 +486,8 @@ class Worker:
                     if self.batcher.pending() == 0 and self._stop.is_set() and self._fatal is not None:
                         break
                     continue
+                if self._fatal is not None:
+                    break  # nothing more will be committed; the group re-delivers these records
                 self._infer(batch)
         except Exception as exc:
             log.exception("infer_loop_failed")
@@ -562,6 +567,8 @@ class Worker:
                 continue
             if scored is None:
                 return
+            if self._fatal is not None:
+                continue  # the worker exits without committing: sending more would only block shutdown
             try:
                 self._publish(scored)
             except Exception as exc:

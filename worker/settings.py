@@ -91,8 +91,14 @@ class KafkaSettings(_Section):
     )
     linger_ms: int = Field(5, ge=0, le=1_000, description="Producer linger to batch results.")
     request_timeout_ms: int = Field(30_000, ge=1_000, description="Client request timeout.")
+    max_block_ms: int = Field(
+        10_000, ge=100, description="Longest a producer send may block (metadata or a full buffer)."
+    )
     delivery_timeout_ms: int = Field(120_000, ge=1_000, description="Producer delivery timeout (> linger + request).")
     commit_interval_ms: int = Field(1_000, ge=10, le=60_000, description="How often acked offsets commit.")
+    commit_timeout_ms: int = Field(
+        5_000, ge=100, le=60_000, description="Longest a commit may block the poll loop (broker or coordinator down)."
+    )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None

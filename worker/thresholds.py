@@ -67,7 +67,7 @@ class ThresholdError(SpaceError):
     """Base class of threshold failures meant for the operator."""
 
 
-class VersionConflict(ThresholdError):  # noqa: N818 - the name is part of the agreed API
+class VersionConflict(ThresholdError):
     """A compare-and-set write found another version than the writer expected."""
 
     def __init__(self, line: str, expected: int, actual: int) -> None:
