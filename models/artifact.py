@@ -149,6 +149,25 @@ def load_card(path: Path) -> ModelCard:
         raise ArtifactError(f"{card_path}: invalid model card ({' '.join(first)})") from exc
 
 
+def verify_artifact(path: Path) -> ModelCard:
+    """Read the card and check that the weights file exists and matches its sha256 (no unpickling).
+
+    Raises:
+        ArtifactError: invalid card, missing weights, or a hash mismatch.
+    """
+    card = load_card(path)
+    weights = path / card.weights_file
+    if not weights.is_file():
+        raise ArtifactError(f"{weights}: weights file missing")
+    digest = sha256_file(weights)
+    if digest != card.weights_sha256:
+        raise ArtifactError(
+            f"{weights}: sha256 {digest[:12]}… does not match the card's "
+            f"{card.weights_sha256[:12]}… (tampered or mixed files)"
+        )
+    return card
+
+
 def load_artifact(path: Path) -> tuple[ModelCard, dict[str, torch.Tensor]]:
     """Load an artifact folder after checking the weights' sha256 against the card.
 
@@ -161,16 +180,8 @@ def load_artifact(path: Path) -> tuple[ModelCard, dict[str, torch.Tensor]]:
     path = Path(path)
     if not path.is_dir():
         raise ArtifactError(f"{path}: artifact folder not found")
-    card = load_card(path)
+    card = verify_artifact(path)
     weights = path / card.weights_file
-    if not weights.is_file():
-        raise ArtifactError(f"{weights}: weights file missing")
-    digest = sha256_file(weights)
-    if digest != card.weights_sha256:
-        raise ArtifactError(
-            f"{weights}: sha256 {digest[:12]}… does not match the card's "
-            f"{card.weights_sha256[:12]}… (tampered or mixed files)"
-        )
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:

@@ -290,20 +290,12 @@ class ModelRegistry:
         Raises:
             RegistryError: the artifact is missing, corrupt, or names another line or version.
         """
-        from models.artifact import ArtifactError, load_card, sha256_file
+        from models.artifact import ArtifactError, verify_artifact
 
         self._require_version(line, version)
         path = self.local_path(line, version)
         try:
-            card = load_card(path)
-            weights = path / card.weights_file
-            if not weights.is_file():
-                raise ArtifactError(f"{weights}: weights file missing")
-            digest = sha256_file(weights)
-            if digest != card.weights_sha256:
-                raise ArtifactError(
-                    f"{weights}: sha256 {digest[:12]} does not match the card's {card.weights_sha256[:12]}"
-                )
+            card = verify_artifact(path)
         except (ArtifactError, OSError) as exc:
             self.discard_local(line, version)
             raise RegistryError(f"line {line!r} version {version!r} is not a valid artifact: {exc}") from exc
