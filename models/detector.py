@@ -9,7 +9,7 @@ One caller at a time: a lock serialises :meth:`Detector.predict`.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -37,6 +37,23 @@ class Prediction(NamedTuple):
 
     scores: np.ndarray
     maps: np.ndarray | list[np.ndarray]
+
+
+class PendingPrediction:
+    """A batch handed to :meth:`Detector.submit`; :meth:`result` waits for its scores and maps."""
+
+    __slots__ = ("_value", "_wait")
+
+    def __init__(self, wait: Callable[[], Prediction]) -> None:
+        """Keep the function that waits for (or already holds) the prediction."""
+        self._wait = wait
+        self._value: Prediction | None = None
+
+    def result(self) -> Prediction:
+        """The prediction (waits once; later calls return the same value)."""
+        if self._value is None:
+            self._value = self._wait()
+        return self._value
 
 
 def resolve_device(device: str) -> torch.device:
@@ -167,9 +184,7 @@ class Detector:
                 raise DetectorError(f"batch must be uint8, got {batch.dtype}")
             return batch
         if isinstance(batch, np.ndarray) and batch.ndim != 4:
-            raise DetectorError(
-                f"expected (N, {h}, {w}, 3) uint8 or a list of images, got shape {batch.shape}"
-            )
+            raise DetectorError(f"expected (N, {h}, {w}, 3) uint8 or a list of images, got shape {batch.shape}")
         return np.stack([self.prepare(img) for img in batch])
 
     def predict(
@@ -192,13 +207,7 @@ class Detector:
                 maps = self._runner.run(np.ascontiguousarray(x_np))
             return self._finish(maps, originals)
         with self._lock, torch.inference_mode():
-            x = (
-                torch.from_numpy(x_np)
-                .to(self.device, non_blocking=True)
-                .permute(0, 3, 1, 2)
-                .float()
-                .div_(255)
-            )
+            x = torch.from_numpy(x_np).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(
@@ -208,14 +217,29 @@ class Detector:
             maps = maps_t.float().cpu().numpy()
         return self._finish(maps, originals)
 
+    def submit(self, batch: np.ndarray) -> PendingPrediction:
+        """Start scoring an (N, h, w, 3) uint8 batch; :meth:`PendingPrediction.result` waits for it.
+
+        On CUDA (N <= ``max_batch``) this returns once the upload and the forward are queued, so the
+        caller can prepare the next batch while the device computes this one; keep at most two
+        batches in flight. Elsewhere it computes before returning.
+        """
+        x_np = self._stack(batch)
+        runner = self._runner
+        if runner is None or len(x_np) == 0 or len(x_np) > runner.max_batch:
+            done = self.predict(x_np)
+            return PendingPrediction(lambda: done)
+        with self._lock:
+            pending = runner.submit(np.ascontiguousarray(x_np))
+        return PendingPrediction(lambda: self._finish(pending.result(), None))
+
     @staticmethod
     def _finish(maps: np.ndarray, originals: list[tuple[int, int]] | None) -> Prediction:
         scores = maps.reshape(len(maps), -1).max(axis=1).astype(np.float32)
         if originals is None:
             return Prediction(scores, maps.astype(np.float32, copy=False))
         resized = [
-            cv2.resize(m, (ow, oh), interpolation=cv2.INTER_LINEAR)
-            for m, (oh, ow) in zip(maps, originals, strict=True)
+            cv2.resize(m, (ow, oh), interpolation=cv2.INTER_LINEAR) for m, (oh, ow) in zip(maps, originals, strict=True)
         ]
         return Prediction(scores, resized)
 

@@ -19,6 +19,7 @@ where ``torch.cuda.is_available()``. On CPU :class:`BucketedRunner` runs eagerly
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -209,7 +210,8 @@ class BucketedRunner:
             else:
                 slot.dev_out = self._compute(slot.dev_in)
             assert slot.dev_out is not None
-            if slot.host_out is None or slot.host_out.shape != slot.dev_out.shape or slot.host_out.dtype != slot.dev_out.dtype:
+            out = slot.dev_out
+            if slot.host_out is None or slot.host_out.shape != out.shape or slot.host_out.dtype != out.dtype:
                 slot.host_out = torch.empty(slot.dev_out.shape, dtype=slot.dev_out.dtype, pin_memory=True)
             slot.host_out.copy_(slot.dev_out, non_blocking=True)
             event = torch.cuda.Event()
@@ -236,10 +238,18 @@ class BucketedRunner:
         slot.graph = graph
 
     def run(self, images: np.ndarray) -> np.ndarray:
-        """Score any number of images: full largest buckets plus one padded tail, pipelined."""
-        pending = []
+        """Score any number of images: full largest buckets plus one padded tail, pipelined.
+
+        At most :attr:`slots_per_bucket` batches are in flight: a third batch of the same bucket
+        would reuse the first one's buffers before its maps were read back.
+        """
+        pending: deque[Pending] = deque()
+        out: list[np.ndarray] = []
         start = 0
         for chunk in split_to_buckets(images.shape[0], self.buckets):
+            if len(pending) == self.slots_per_bucket:
+                out.append(pending.popleft().result())
             pending.append(self.submit(images[start : start + chunk]))
             start += chunk
-        return np.concatenate([p.result() for p in pending], axis=0)
+        out.extend(p.result() for p in pending)
+        return np.concatenate(out, axis=0)

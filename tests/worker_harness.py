@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,9 +14,16 @@ from worker.settings import Settings
 
 
 @contextmanager
-def running_worker(settings: Settings, *, ready_timeout_s: float = 60.0) -> Iterator[App]:
-    """Start a worker, wait until it joined the group, stop and join it on exit."""
+def running_worker(
+    settings: Settings, *, ready_timeout_s: float = 60.0, customize: Callable[[App], None] | None = None
+) -> Iterator[App]:
+    """Start a worker, wait until it joined the group, stop and join it on exit.
+
+    ``customize`` sees the wired app before it starts (to swap a part in a test).
+    """
     app = build_app(settings)
+    if customize is not None:
+        customize(app)
     result: dict[str, int] = {}
     thread = threading.Thread(target=lambda: result.setdefault("rc", app.run()), name="worker-under-test", daemon=True)
     thread.start()

@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 
 from worker.decode import ClaimCheckFetcher
+from worker.device_decode import DeviceJpegDecoder
 from worker.heatmaps import open_heatmap_store
 from worker.http import HealthServer, Heartbeats
 from worker.kafka_clients import make_consumer, make_producer
@@ -150,6 +151,7 @@ def build_app(settings: Settings, *, detector_loader: Any | None = None) -> App:
         fetcher=fetcher,
         metrics=metrics,
         heartbeats=heartbeats,
+        device_decoder=DeviceJpegDecoder.create(settings.decode.device),
     )
     http = None
     if settings.http.enabled:

@@ -52,6 +52,8 @@ __all__ = [
     "DecodeError",
     "DecodeReason",
     "ImageInfo",
+    "check_image",
+    "decode_checked",
     "decode_image",
     "probe_image",
     "sniff_format",
@@ -279,9 +281,7 @@ def _declared_format(content_type: str | None) -> ImageFormat | None:
         return None
     media = content_type.split(";", 1)[0].strip().lower()
     if media not in CONTENT_TYPES:
-        raise DecodeError(
-            "unsupported-content-type", f"content-type {content_type!r} is not an accepted image type"
-        )
+        raise DecodeError("unsupported-content-type", f"content-type {content_type!r} is not an accepted image type")
     return CONTENT_TYPES[media]
 
 
@@ -291,19 +291,17 @@ def _check_depth(info: ImageInfo) -> None:
         raise DecodeError("unsupported-bit-depth", f"{info.format} with {info.bit_depth} bits per sample")
 
 
-def decode_image(
-    data: bytes, content_type: str | None, *, max_pixels: int, max_value_bytes: int
-) -> np.ndarray:
-    """Decode an image into an ``(H, W, 3)`` uint8 RGB array, refusing anything unsafe first.
+def check_image(data: bytes, content_type: str | None, *, max_pixels: int, max_value_bytes: int) -> ImageInfo:
+    """Every guard :func:`decode_image` applies before decoding, without decoding.
 
     Args:
         data: the encoded file.
         content_type: the declared media type (``image/jpeg``...); None trusts the magic bytes.
-        max_pixels: refuse images declaring more pixels (checked on the header, before decoding).
+        max_pixels: refuse images declaring more pixels (checked on the header).
         max_value_bytes: refuse larger inputs.
 
     Returns:
-        A C-contiguous ``(H, W, 3)`` uint8 RGB array.
+        What the header declares; the data may now be handed to a decoder.
 
     Raises:
         DecodeError: with reason ``empty-value``, ``value-too-large``, ``unsupported-content-type``,
@@ -321,10 +319,18 @@ def decode_image(
         raise DecodeError("content-type-mismatch", f"declared {content_type!r} but the data is {sniffed}")
     info = probe_image(data)
     if info.pixels > max_pixels:
-        raise DecodeError(
-            "too-many-pixels", f"{info.width}x{info.height} is over the limit of {max_pixels} pixels"
-        )
+        raise DecodeError("too-many-pixels", f"{info.width}x{info.height} is over the limit of {max_pixels} pixels")
     _check_depth(info)
+    return info
+
+
+def decode_checked(data: bytes, info: ImageInfo, *, max_pixels: int) -> np.ndarray:
+    """Decode data that :func:`check_image` accepted into an ``(H, W, 3)`` uint8 RGB array.
+
+    Raises:
+        DecodeError: ``corrupt-image``, ``too-many-pixels`` (the decoder disagreed with the header)
+            or ``unsupported-bit-depth``.
+    """
     try:
         image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error as exc:
@@ -334,6 +340,22 @@ def decode_image(
     if image.shape[0] * image.shape[1] > max_pixels:  # a decoder that disagreed with the header
         raise DecodeError("too-many-pixels", f"decoded {image.shape[1]}x{image.shape[0]} pixels")
     return _to_rgb8(image, info.format)
+
+
+def decode_image(data: bytes, content_type: str | None, *, max_pixels: int, max_value_bytes: int) -> np.ndarray:
+    """Decode an image into an ``(H, W, 3)`` uint8 RGB array, refusing anything unsafe first.
+
+    :func:`check_image` then :func:`decode_checked`; see them for the arguments and the reasons.
+
+    Returns:
+        A C-contiguous ``(H, W, 3)`` uint8 RGB array.
+
+    Raises:
+        DecodeError: with reason ``empty-value``, ``value-too-large``, ``unsupported-content-type``,
+            ``content-type-mismatch``, ``too-many-pixels``, ``unsupported-bit-depth`` or ``corrupt-image``.
+    """
+    info = check_image(data, content_type, max_pixels=max_pixels, max_value_bytes=max_value_bytes)
+    return decode_checked(data, info, max_pixels=max_pixels)
 
 
 def _to_rgb8(image: np.ndarray, fmt: str) -> np.ndarray:
@@ -439,9 +461,7 @@ class ClaimCheckFetcher:
             raise DecodeError("claim-check-denied", f"{uri} names no object")
         buckets = self._settings.claim_check_buckets
         if buckets and bucket not in buckets:
-            raise DecodeError(
-                "claim-check-denied", f"bucket {bucket!r} is not in the allowed claim-check buckets"
-            )
+            raise DecodeError("claim-check-denied", f"bucket {bucket!r} is not in the allowed claim-check buckets")
         limit = self._settings.max_value_bytes
         try:
             response = self._client().get_object(Bucket=bucket, Key=key)
@@ -462,17 +482,13 @@ class ClaimCheckFetcher:
 
     def _fetch_file(self, uri: str) -> bytes:
         if self._file_root is None:
-            raise DecodeError(
-                "claim-check-denied", "file:// claim checks need SPACE_DECODE__CLAIM_CHECK_FILE_ROOT"
-            )
+            raise DecodeError("claim-check-denied", "file:// claim checks need SPACE_DECODE__CLAIM_CHECK_FILE_ROOT")
         parts = urlsplit(uri)
         if parts.netloc not in ("", "localhost"):
             raise DecodeError("claim-check-denied", f"file:// host {parts.netloc!r} is not local")
         path = Path(unquote(parts.path)).resolve()
         if not path.is_relative_to(self._file_root):
-            raise DecodeError(
-                "claim-check-denied", f"{path} is outside the claim-check root {self._file_root}"
-            )
+            raise DecodeError("claim-check-denied", f"{path} is outside the claim-check root {self._file_root}")
         limit = self._settings.max_value_bytes
         try:
             with path.open("rb") as file:

@@ -30,8 +30,18 @@ class WorkerMetrics:
         self.decode_seconds = Histogram(
             "space_decode_seconds", "Decode, fetch and resize of one image.", buckets=_LATENCY_BUCKETS, registry=r
         )
+        self.device_decodes = Counter(
+            "space_device_decodes", "JPEGs decoded and resized on the GPU (nvJPEG).", registry=r
+        )
+        self.decode_fallbacks = Counter(
+            "space_decode_fallbacks", "JPEGs the GPU decoder refused, decoded again on the CPU.", registry=r
+        )
         self.infer_seconds = Histogram(
-            "space_infer_seconds", "Model time of one batch.", ["product_line"], buckets=_LATENCY_BUCKETS, registry=r
+            "space_infer_seconds",
+            "Model time of one batch (submit to scores on the host).",
+            ["product_line"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.publish_seconds = Histogram(
             "space_publish_seconds", "Heatmaps and result sends of one batch.", buckets=_LATENCY_BUCKETS, registry=r

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import structlog
@@ -54,7 +54,8 @@ from schemas.result import (
     normalize_score,
 )
 from worker.batcher import Batch, DynamicBatcher, QueueFull
-from worker.decode import ClaimCheckFetcher, DecodeError, decode_image
+from worker.decode import ClaimCheckFetcher, DecodeError, ImageInfo, check_image, decode_checked
+from worker.device_decode import DeviceDecodeError, DeviceJpegDecoder
 from worker.heatmaps import HeatmapStore, HeatmapStoreError, save_heatmap
 from worker.http import Heartbeats
 from worker.metrics import WorkerMetrics
@@ -63,6 +64,9 @@ from worker.offsets import OffsetTracker
 from worker.sequencer import Sequencer
 from worker.settings import Settings
 from worker.thresholds import ThresholdCache
+
+if TYPE_CHECKING:
+    from models.detector import PendingPrediction
 
 log = structlog.get_logger(__name__)
 
@@ -106,6 +110,18 @@ class _Scored:
     formed_at: float
 
 
+@dataclass
+class _InFlight:
+    """A batch submitted to the model whose scores are not collected yet."""
+
+    batch: Batch[Item]
+    items: list[Item]
+    model: LoadedModel
+    pending: PendingPrediction
+    started: float
+    formed_at: float
+
+
 class _Listener(ConsumerRebalanceListener):
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -133,6 +149,7 @@ class Worker:
         fetcher: Claim-check fetcher.
         metrics: Prometheus metrics.
         heartbeats: Progress of each loop, for /healthz.
+        device_decoder: nvJPEG decoder for JPEGs (``SPACE_DECODE__DEVICE``), or None for OpenCV.
     """
 
     def __init__(
@@ -147,6 +164,7 @@ class Worker:
         fetcher: ClaimCheckFetcher,
         metrics: WorkerMetrics | None = None,
         heartbeats: Heartbeats | None = None,
+        device_decoder: DeviceJpegDecoder | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
@@ -158,6 +176,7 @@ class Worker:
         self.fetcher = fetcher
         self.metrics = metrics or WorkerMetrics()
         self.heartbeats = heartbeats or Heartbeats()
+        self.device_decoder = device_decoder
         self._clock = clock
         b = settings.batching
         self.batcher: DynamicBatcher[Item] = DynamicBatcher(
@@ -437,8 +456,10 @@ class Worker:
             else:
                 data = item.value or b""
                 content_type = item.request.content_type
-            image = decode_image(data, content_type, max_pixels=d.max_pixels, max_value_bytes=d.max_value_bytes)
-            item.image = model.detector.prepare(image)
+            info = check_image(data, content_type, max_pixels=d.max_pixels, max_value_bytes=d.max_value_bytes)
+            item.image = self._decode_on_device(data, info, model)
+            if item.image is None:
+                item.image = model.detector.prepare(decode_checked(data, info, max_pixels=d.max_pixels))
             item.model = model
         except RequestError as exc:
             item.failure = (DeadLetterReason(exc.reason.value), type(exc).__name__, str(exc))
@@ -456,6 +477,20 @@ class Worker:
             if item._dropped:
                 return  # the partition was forgotten meanwhile; _forget finished the item
             self.sequencer.complete(item.tp, item.offset, item, self._release)
+
+    def _decode_on_device(self, data: bytes, info: ImageInfo, model: LoadedModel) -> np.ndarray | None:
+        """The image at model size from the GPU decoder, or None when the CPU must decode it."""
+        decoder = self.device_decoder
+        if decoder is None or not decoder.accepts(info):
+            return None
+        try:
+            image = decoder.decode_prepared(data, model.detector.input_size)
+        except DeviceDecodeError as exc:
+            self.metrics.decode_fallbacks.inc()
+            log.info("device_decode_fallback", error=str(exc)[:200])
+            return None
+        self.metrics.device_decodes.inc()
+        return image
 
     def _release(self, item: Item) -> None:
         """Called in per-partition order (under the sequencer's lock and ``_seq_lock``)."""
@@ -476,11 +511,22 @@ class Worker:
     # inference thread
     # ------------------------------------------------------------------------------------------
     def _infer_loop(self) -> None:
+        """Form batches and score them, keeping one batch in flight on an accelerator.
+
+        When the next batch is ready at once (a backlog), it is submitted before the previous one is
+        collected, so its upload and the host work around it overlap the device's compute; when
+        nothing is waiting, the batch in flight is collected right away (no latency is added).
+        """
+        inflight: _InFlight | None = None
         try:
             while True:
-                batch = self.batcher.get(timeout_s=0.2)
+                batch = self.batcher.get(timeout_s=0.0 if inflight is not None else 0.2)
                 self.heartbeats.beat("infer")
                 if batch is None:
+                    if inflight is not None:
+                        self._collect(inflight)
+                        inflight = None
+                        continue
                     if self._stop.is_set() and self._inflight_count == 0:
                         break
                     if self.batcher.pending() == 0 and self._stop.is_set() and self._fatal is not None:
@@ -488,14 +534,18 @@ class Worker:
                     continue
                 if self._fatal is not None:
                     break  # nothing more will be committed; the group re-delivers these records
-                self._infer(batch)
+                started = self._submit(batch)
+                if inflight is not None:
+                    self._collect(inflight)
+                inflight = started
         except Exception as exc:
             log.exception("infer_loop_failed")
             self._fatal = exc
         finally:
             self._scored.put(None)
 
-    def _infer(self, batch: Batch[Item]) -> None:
+    def _submit(self, batch: Batch[Item]) -> _InFlight | None:
+        """Drop revoked and late items, then hand the batch to the model (None if nothing is left)."""
         formed_at = self._clock()
         items = []
         for item in batch.items:
@@ -512,13 +562,23 @@ class Worker:
                     continue
             items.append(item)
         if not items:
-            return
+            return None
         model = items[0].model
         assert model is not None
         images = np.stack([it.image for it in items])  # (N, h, w, 3) uint8
         start = time.monotonic()
         try:
-            prediction = model.detector.predict(images)
+            pending = model.detector.submit(images)
+        except Exception as exc:  # noqa: BLE001 - any model failure dead-letters the batch, the loop goes on
+            self._fail_inference(model, items, exc)
+            return None
+        return _InFlight(batch, items, model, pending, start, formed_at)
+
+    def _collect(self, inflight: _InFlight) -> None:
+        """Wait for a submitted batch, dead-letter non-finite scores, queue the rest for publishing."""
+        items, model = inflight.items, inflight.model
+        try:
+            prediction = inflight.pending.result()
             scores = np.asarray(prediction.scores, dtype=np.float32)
             maps = np.asarray(prediction.maps, dtype=np.float32)
             finite = np.isfinite(scores)
@@ -535,19 +595,23 @@ class Worker:
                 scores, maps = scores[finite], maps[finite]
                 if not items:
                     return
-        except Exception as exc:
-            log.exception("inference_failed", product_line=model.line, model_version=model.version, size=len(items))
-            for it in items:
-                self._dead_letter(it, DeadLetterReason.INFERENCE_FAILED, type(exc).__name__, str(exc))
+        except Exception as exc:  # noqa: BLE001 - any model failure dead-letters the batch, the loop goes on
+            self._fail_inference(model, items, exc)
             return
-        infer_s = time.monotonic() - start
+        infer_s = time.monotonic() - inflight.started
+        batch = inflight.batch
         self.metrics.infer_seconds.labels(model.line).observe(infer_s)
         self.metrics.batch_size.observe(len(items))
         self.metrics.batch_fill_ratio.observe(len(items) / self.settings.batching.max_batch_size)
         self.metrics.batches.labels(batch.reason).inc()
         for it in items:
-            self.metrics.queue_seconds.observe(max(0.0, formed_at - it.released_at))
-        self._scored.put(_Scored(batch, items, scores, maps, infer_s, formed_at))
+            self.metrics.queue_seconds.observe(max(0.0, inflight.formed_at - it.released_at))
+        self._scored.put(_Scored(batch, items, scores, maps, infer_s, inflight.formed_at))
+
+    def _fail_inference(self, model: LoadedModel, items: list[Item], exc: Exception) -> None:
+        log.exception("inference_failed", product_line=model.line, model_version=model.version, size=len(items))
+        for it in items:
+            self._dead_letter(it, DeadLetterReason.INFERENCE_FAILED, type(exc).__name__, str(exc))
 
     def _is_late(self, item: Item) -> bool:
         deadline = item.request.deadline if item.request is not None else None

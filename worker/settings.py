@@ -206,6 +206,11 @@ class DecodeSettings(_Section):
     """Image decoding and input guards (decompression bombs, claim-check sources)."""
 
     workers: int = Field(2, ge=1, le=64, description="Decode threads (OpenCV releases the GIL).")
+    device: Literal["cpu", "auto", "cuda"] = Field(
+        "cpu",
+        description="Where JPEGs are decoded and resized: cuda = nvJPEG via torchvision (refuses to start "
+        "without it), auto = nvJPEG when present, cpu = OpenCV. Other formats always decode on the CPU.",
+    )
     max_pixels: int = Field(40_000_000, ge=1, description="Refuse images larger than this before decoding.")
     max_value_bytes: int = Field(32 * 1024 * 1024, ge=1, description="Refuse record values larger than this.")
     claim_check_schemes: StrList = Field(("s3",), description="Allowed claim-check URI schemes.")

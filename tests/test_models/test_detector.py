@@ -80,6 +80,17 @@ def test_predict_is_deterministic_and_batch_independent(detector: Detector) -> N
     np.testing.assert_allclose(single.maps[0], a.maps[2], rtol=1e-4, atol=1e-5)
 
 
+def test_submit_gives_what_predict_gives(detector: Detector) -> None:
+    batch = _images(3, seed=2)
+    pending = [detector.submit(batch), detector.submit(batch[:1])]
+    first, second = (p.result() for p in pending)
+    expected = detector.predict(batch)
+    np.testing.assert_array_equal(first.scores, expected.scores)
+    np.testing.assert_array_equal(first.maps, expected.maps)
+    np.testing.assert_allclose(second.maps[0], expected.maps[0], rtol=1e-4, atol=1e-5)
+    assert pending[0].result() is first  # waits once
+
+
 def test_list_input_and_original_map_size(detector: Detector) -> None:
     imgs = [np.zeros((90, 120), np.uint8), np.full((300, 200, 4), 128, np.uint8)]
     pred = detector.predict(imgs, map_size="original")

@@ -75,7 +75,9 @@ def test_cuda_graphs_require_cuda() -> None:
 @pytest.mark.parametrize("graphs", [False, True])
 def test_runner_on_cuda_matches_cpu(graphs: bool) -> None:  # pragma: no cover - GPU hosts only
     rng = np.random.default_rng(1)
-    images = rng.integers(0, 255, (13, 8, 8, 3), dtype=np.uint8)
+    # 29 = 8 + 8 + 8 + 5: a third batch of one bucket reuses the first one's buffers, which must
+    # not happen before the first one's maps were read back.
+    images = rng.integers(0, 255, (29, 8, 8, 3), dtype=np.uint8)
     cpu = BucketedRunner(_forward, (8, 8), max_batch=8, device=torch.device("cpu")).run(images)
     gpu = BucketedRunner(_forward, (8, 8), max_batch=8, device=torch.device("cuda"), cuda_graphs=graphs)
     gpu.warmup()
