@@ -116,42 +116,60 @@ def main() -> None:
             "fp32": round(matmul_peak(torch.float32), 1),
         },
         "rows": [],
+        "errors": [],
     }
     print(f"# {props.name}: matmul peak TFLOP/s {report['peak_tflops']}", flush=True)
     batches = [int(b) for b in args.batches.split(",")]
     sizes = ("s",) if args.quick else ("s", "m")
     precisions = ("bf16",) if args.quick else ("fp32", "bf16", "fp16")
-    print("| variant | size | precision | graphs | batch | images/s | share of peak |")
-    print("|---|---|---|---|---|---|---|")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print("| variant | size | precision | graphs | batch | images/s | share of peak | batch-1 latency ms |")
+    print("|---|---|---|---|---|---|---|---|")
     for variant in ("efficientad", "space"):
         for size in sizes:
             model = build(variant, size, args.px, args.teacher)
             for precision in precisions:
-                for graphs in (False, True):
-                    runner = BucketedRunner(
-                        model.anomaly_map, (args.px, args.px), max(batches), torch.device("cuda"),
-                        autocast=DTYPES[precision], cuda_graphs=graphs,
-                    )  # fmt: skip
-                    runner.warmup()
-                    lat = latency_ms(runner)
-                    for batch in batches:
-                        ips = throughput(runner, batch, args.seconds)
-                        peak = report["peak_tflops"]["fp32" if precision == "fp32" else precision]
-                        share = ips * GFLOP_PER_IMAGE[size] * (args.px / 256) ** 2 / 1000 / peak
-                        row = {"variant": variant, "size": size, "precision": precision, "graphs": graphs,
-                               "batch": batch, "images_per_s": round(ips, 1), "share_of_peak": round(share, 4),
-                               "batch1_latency_ms": round(lat, 3)}  # fmt: skip
-                        report["rows"].append(row)
-                        print(f"| {variant} | {size} | {precision} | {graphs} | {batch} | {ips:,.0f} | {share:.1%} |", flush=True)
-                    del runner
+                # Graphs on and off side by side where it matters most (bf16); graphs only elsewhere.
+                for graphs in (False, True) if precision == "bf16" or args.quick else (True,):
+                    try:
+                        rows = measure(model, variant, size, precision, graphs, batches, args, report)
+                    except Exception as exc:  # noqa: BLE001 - one broken configuration must not end the run
+                        report["errors"].append(f"{variant}-{size}-{precision}-graphs={graphs}: {exc!r}"[:500])
+                        print(f"| {variant} | {size} | {precision} | {graphs} | failed: {exc!r} |", flush=True)
+                        rows = []
+                    report["rows"].extend(rows)
                     torch.cuda.empty_cache()
+                    (out / "gpu.json").write_text(json.dumps(report, indent=2))  # partial results survive a timeout
             report.setdefault("memory_mib", {})[f"{variant}-{size}"] = round(torch.cuda.max_memory_allocated() / 2**20)
             torch.cuda.reset_peak_memory_stats()
             del model
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "gpu.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {out / 'gpu.json'}")
+
+
+def measure(
+    model: SpaceModel, variant: str, size: str, precision: str, graphs: bool, batches: list[int],
+    args: argparse.Namespace, report: dict[str, Any],
+) -> list[dict[str, Any]]:  # fmt: skip
+    """One configuration: warm every bucket, batch-1 latency, then images/s per batch size."""
+    runner = BucketedRunner(
+        model.anomaly_map, (args.px, args.px), max(batches), torch.device("cuda"),
+        autocast=DTYPES[precision], cuda_graphs=graphs,
+    )  # fmt: skip
+    runner.warmup()
+    lat = latency_ms(runner)
+    rows = []
+    for batch in batches:
+        ips = throughput(runner, batch, args.seconds)
+        peak = report["peak_tflops"]["fp32" if precision == "fp32" else precision]
+        share = ips * GFLOP_PER_IMAGE[size] * (args.px / 256) ** 2 / 1000 / peak
+        rows.append({"variant": variant, "size": size, "precision": precision, "graphs": graphs, "batch": batch,
+                     "images_per_s": round(ips, 1), "share_of_peak": round(share, 4),
+                     "batch1_latency_ms": round(lat, 3)})  # fmt: skip
+        print(f"| {variant} | {size} | {precision} | {graphs} | {batch} | {ips:,.0f} | {share:.1%} | {lat:.3f} |", flush=True)
+    del runner
+    return rows
 
 
 if __name__ == "__main__":

