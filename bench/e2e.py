@@ -160,6 +160,7 @@ def main() -> None:
     parser.add_argument("--decode-devices", default="cpu", help="Comma list of SPACE_DECODE__DEVICE values to compare.")
     parser.add_argument("--cuda-graphs", action="store_true", help="SPACE_MODELS__CUDA_GRAPHS for the worker.")
     parser.add_argument("--throughput-only", action="store_true", help="Skip the batch-1 and latency runs.")
+    parser.add_argument("--heatmaps", default="all", choices=["all", "anomalous", "none"], help="Heatmap policy.")
     args = parser.parse_args()
     decode_devices = [d.strip() for d in args.decode_devices.split(",") if d.strip()]
 
@@ -195,6 +196,7 @@ def main() -> None:
     detector.warmup()
     raw_ips, batch_s = raw_throughput(detector, args.batch, args.raw_seconds)
     raw1_ips, _ = raw_throughput(detector, 1, args.raw_seconds / 2)
+    print(f"raw detector: {raw_ips:,.1f} images/s at batch {args.batch}, {raw1_ips:,.1f} at batch 1", flush=True)
     del detector
 
     stack = Stack(work / "stack", redis_url=os.environ.get("SPACE_REDIS__URL", "redis://127.0.0.1:6379/0"))
@@ -206,7 +208,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(), "input_px": args.size, "batch": args.batch, "precision": args.precision,
         "raw_images_per_s": round(raw_ips, 1), "raw_batch_ms": round(batch_s * 1000, 2),
         "raw_batch1_images_per_s": round(raw1_ips, 1), "format": args.format,
-        "source_px": args.source_px or args.size, "cuda_graphs": args.cuda_graphs,
+        "source_px": args.source_px or args.size, "cuda_graphs": args.cuda_graphs, "heatmaps": args.heatmaps,
     }  # fmt: skip
     try:
 
@@ -222,7 +224,7 @@ def main() -> None:
                         "warmup_batch_sizes": (1, batch), "cuda_graphs": args.cuda_graphs},
                 batching={"max_batch_size": batch, "max_wait_ms": args.max_wait_ms},
                 decode={"workers": args.decode_workers, "device": decode_device},
-                heatmaps={"store_uri": f"file://{work / 'heatmaps'}", "policy": "all"},
+                heatmaps={"store_uri": f"file://{work / 'heatmaps'}", "policy": args.heatmaps},
                 http={"enabled": False}, worker={"state_dir": str(work / "state")},
             )  # fmt: skip
             ensure_topics(

@@ -97,6 +97,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=1.0, help="Timed seconds per configuration.")
     parser.add_argument("--teacher", default="pdn", choices=["pdn", "filterbank"], help="Teacher network kind.")
     parser.add_argument("--quick", action="store_true", help="Only S models and bf16 (a smoke run).")
+    parser.add_argument("--variants", default="efficientad,space")
+    parser.add_argument("--sizes", default="s,m")
+    parser.add_argument("--precisions", default="fp32,bf16,fp16")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/gpu.py needs a CUDA device (torch.cuda.is_available() is False)")
@@ -120,13 +123,13 @@ def main() -> None:
     }
     print(f"# {props.name}: matmul peak TFLOP/s {report['peak_tflops']}", flush=True)
     batches = [int(b) for b in args.batches.split(",")]
-    sizes = ("s",) if args.quick else ("s", "m")
-    precisions = ("bf16",) if args.quick else ("fp32", "bf16", "fp16")
+    sizes = ("s",) if args.quick else tuple(args.sizes.split(","))
+    precisions = ("bf16",) if args.quick else tuple(args.precisions.split(","))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print("| variant | size | precision | graphs | batch | images/s | share of peak | batch-1 latency ms |")
     print("|---|---|---|---|---|---|---|---|")
-    for variant in ("efficientad", "space"):
+    for variant in args.variants.split(","):
         for size in sizes:
             model = build(variant, size, args.px, args.teacher)
             for precision in precisions:

@@ -129,6 +129,7 @@ class BucketedRunner:
     _slots: dict[tuple[int, int], _Bucket] = field(init=False, default_factory=dict)
     _turn: dict[int, int] = field(init=False, default_factory=dict)
     _copy_stream: Any = field(init=False, default=None)
+    _graph_pool: Any = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.buckets = bucket_sizes(self.max_batch)
@@ -173,9 +174,8 @@ class BucketedRunner:
     def _compute(self, x_u8: torch.Tensor) -> torch.Tensor:
         x = x_u8.permute(0, 3, 1, 2).float().div_(255)  # NHWC uint8 -> NCHW view, channels_last strides
         # No autocast weight cache: under CUDA graph capture it would live in memory freed after capture.
-        with torch.autocast(
-            self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None, cache_enabled=False
-        ):
+        dtype, enabled = self.autocast or torch.float32, self.autocast is not None
+        with torch.autocast(self.device.type, dtype=dtype, enabled=enabled, cache_enabled=False):
             return self.forward(x)
 
     # -- execution -------------------------------------------------------------------------------
@@ -236,7 +236,12 @@ class BucketedRunner:
                 self._compute(slot.dev_in)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        # One memory pool for all buckets' graphs: replays run one after another on the compute
+        # stream, and a graph's output stays allocated, so later captures never reuse its memory.
+        # Without sharing, 16 graphs of an M model at batch <= 128 held 47 GiB (H100 run).
+        with torch.cuda.graph(graph, pool=self._graph_pool):
             slot.dev_out = self._compute(slot.dev_in)
         slot.graph = graph
 
