@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU run (about 8 minutes): the GPU tests, the model throughput table, and the
+# One prepared GPU run (about 10 minutes; set the *_S limits lower to fit a shorter lease): the GPU tests, the model throughput table, and the
 # end-to-end worker through the embedded broker with CPU vs GPU JPEG decode.
 # Usage on a CUDA host, from the repo root:  bash bench/gpu.sh [OUT_DIR]
 #
@@ -43,12 +43,15 @@ section gpu-tests "${GPU_TESTS_S:-90}" python3 -m pytest -q -p no:cacheprovider 
   tests/test_models/test_gpu_runtime.py tests/test_worker/test_device_decode.py
 
 # 2. Model throughput: efficientad/space x s/m x fp32/bf16/fp16, batch 1..128, graphs on/off (bf16).
-section gpu-model "${GPU_MODEL_S:-240}" python3 bench/gpu.py --out "$OUT" --seconds "${GPU_BENCH_SECONDS:-0.3}"
+section gpu-model "${GPU_MODEL_S:-220}" python3 bench/gpu.py --out "$OUT" --seconds "${GPU_BENCH_SECONDS:-0.3}"
 
 # 3. End-to-end worker on the embedded broker, 256 px JPEG camera images, bf16, batch 64, graphs:
 #    CPU decode vs nvJPEG decode. Then 1024 px frames, where decoding is the heavy part.
 if ! redis-cli ping >/dev/null 2>&1; then export SPACE_REDIS__URL="redis://127.0.0.1:1/0"; fi  # stack starts its own
-section gpu-e2e-256 "${GPU_E2E_S:-150}" python3 bench/e2e.py --device cuda --precision bf16 --size 256 --batch 64 \
+section gpu-e2e-256-no-heatmaps "${GPU_E2E_FAST_S:-75}" python3 bench/e2e.py --device cuda --precision bf16 --size 256 \
+  --batch 64 --max-wait-ms 5 --cuda-graphs --format jpeg --decode-devices cpu --images 3000 --decode-workers 12 \
+  --steps 5 --raw-seconds 2 --throughput-only --heatmaps none
+section gpu-e2e-256 "${GPU_E2E_S:-200}" python3 bench/e2e.py --device cuda --precision bf16 --size 256 --batch 64 \
   --max-wait-ms 5 --cuda-graphs --format jpeg --decode-devices cpu,cuda --images 4000 --latency-images 1000 \
   --decode-workers 12 --steps 5 --raw-seconds 3
 section gpu-e2e-1024 "${GPU_E2E_LARGE_S:-100}" python3 bench/e2e.py --device cuda --precision bf16 --size 256 \
