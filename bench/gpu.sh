@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One prepared GPU run (about 10 minutes; set the *_S limits lower to fit a shorter lease): the GPU tests, the model throughput table, and the
-# end-to-end worker through the embedded broker with CPU vs GPU JPEG decode.
+# One prepared GPU run (about 10 minutes; lower the *_S limits to fit a shorter lease): the GPU
+# tests, the model throughput table, and the end-to-end worker through the embedded broker with
+# CPU vs GPU JPEG decode.
 # Usage on a CUDA host, from the repo root:  bash bench/gpu.sh [OUT_DIR]
 #
 # The host needs python3 with a CUDA torch (and torchvision for nvJPEG). The worker's other
@@ -48,12 +49,12 @@ section gpu-model "${GPU_MODEL_S:-220}" python3 bench/gpu.py --out "$OUT" --seco
 # 3. End-to-end worker on the embedded broker, 256 px JPEG camera images, bf16, batch 64, graphs:
 #    CPU decode vs nvJPEG decode. Then 1024 px frames, where decoding is the heavy part.
 if ! redis-cli ping >/dev/null 2>&1; then export SPACE_REDIS__URL="redis://127.0.0.1:1/0"; fi  # stack starts its own
-section gpu-e2e-256-no-heatmaps "${GPU_E2E_FAST_S:-75}" python3 bench/e2e.py --device cuda --precision bf16 --size 256 \
-  --batch 64 --max-wait-ms 5 --cuda-graphs --format jpeg --decode-devices cpu --images 3000 --decode-workers 12 \
-  --steps 5 --raw-seconds 2 --throughput-only --heatmaps none
-section gpu-e2e-256 "${GPU_E2E_S:-200}" python3 bench/e2e.py --device cuda --precision bf16 --size 256 --batch 64 \
-  --max-wait-ms 5 --cuda-graphs --format jpeg --decode-devices cpu,cuda --images 4000 --latency-images 1000 \
-  --decode-workers 12 --steps 5 --raw-seconds 3
-section gpu-e2e-1024 "${GPU_E2E_LARGE_S:-100}" python3 bench/e2e.py --device cuda --precision bf16 --size 256 \
-  --batch 64 --max-wait-ms 5 --cuda-graphs --format jpeg --source-px 1024 --decode-devices cpu,cuda --images 1500 \
-  --decode-workers 12 --steps 5 --raw-seconds 2 --throughput-only
+# Common to every end-to-end run: a 256 px model in bf16 with CUDA graphs, batch 64, JPEG requests.
+E2E=(python3 bench/e2e.py --device cuda --precision bf16 --size 256 --batch 64 --max-wait-ms 5 --cuda-graphs
+     --format jpeg --decode-workers 12 --steps 5)
+section gpu-e2e-256-no-heatmaps "${GPU_E2E_FAST_S:-75}" "${E2E[@]}" --decode-devices cpu --images 3000 \
+  --raw-seconds 2 --throughput-only --heatmaps none
+section gpu-e2e-256 "${GPU_E2E_S:-200}" "${E2E[@]}" --decode-devices cpu,cuda --images 4000 --latency-images 1000 \
+  --raw-seconds 3
+section gpu-e2e-1024 "${GPU_E2E_LARGE_S:-100}" "${E2E[@]}" --source-px 1024 --decode-devices cpu,cuda --images 1500 \
+  --raw-seconds 2 --throughput-only

@@ -212,11 +212,11 @@ class BucketedRunner:
                 slot.graph.replay()
             else:
                 slot.dev_out = self._compute(slot.dev_in)
-            assert slot.dev_out is not None
             out = slot.dev_out
+            assert out is not None
             if slot.host_out is None or slot.host_out.shape != out.shape or slot.host_out.dtype != out.dtype:
-                slot.host_out = torch.empty(slot.dev_out.shape, dtype=slot.dev_out.dtype, pin_memory=True)
-            slot.host_out.copy_(slot.dev_out, non_blocking=True)
+                slot.host_out = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            slot.host_out.copy_(out, non_blocking=True)
             event = torch.cuda.Event()
             event.record(compute)
         slot.done_event = event
