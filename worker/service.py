@@ -33,7 +33,7 @@ import numpy as np
 import structlog
 from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
-from kafka.structs import OffsetAndMetadata
+from kafka.structs import MemberState, OffsetAndMetadata
 
 import worker.kafka_patches  # noqa: F401 - installs the pause/resume fix before any consumer exists
 from schemas.deadletter import DeadLetterInfo, DeadLetterReason, build_dead_letter
@@ -274,6 +274,7 @@ class Worker:
         if self._fatal is None:
             self._commit(force=True)
         left = self._inflight_count
+        self._settle_join(deadline)
         try:
             # LeaveGroup: partitions move at once, not after session timeout. Bounded by what is left of
             # the grace period, so an unreachable broker cannot hold the exit for request_timeout_ms.
@@ -292,6 +293,31 @@ class Worker:
             return 1
         log.info("worker_stopped", uncommitted_inflight=left, exit_code=exit_code)
         return exit_code
+
+    def _settle_join(self, deadline: float) -> None:
+        """Finish a group join in progress (within the grace period) so that closing sends a LeaveGroup.
+
+        A member that exits while the coordinator holds its JoinGroup (after its partitions were lost,
+        or in the middle of a rebalance) leaves no trace the coordinator acts on: the member stays in the
+        join round and the others wait for partitions until it expires (more than a minute on Tansu, up
+        to the rebalance timeout on Kafka). Polling here completes the round; records it returns are
+        dropped uncommitted (partitions assigned now are paused at once, see :meth:`_on_assigned`).
+        """
+        if self._group_stable():
+            return
+        start = time.monotonic()
+        try:
+            while not self._group_stable() and time.monotonic() < deadline:
+                self.consumer.poll(timeout_ms=100)
+        except Exception as exc:  # noqa: BLE001 - best effort: the exit must not depend on the broker
+            log.warning("group_join_not_settled", error=repr(exc))
+            return
+        settled = self._group_stable()
+        log.info("group_join_settled", settled=settled, waited_ms=round((time.monotonic() - start) * 1000, 1))
+
+    def _group_stable(self) -> bool:
+        """The consumer is a settled group member (kafka-python's MemberState.STABLE)."""
+        return self.consumer.group_metadata().state == MemberState.STABLE
 
     # ------------------------------------------------------------------------------------------
     # consumer thread
@@ -397,6 +423,8 @@ class Worker:
         if self._paused:  # keep backpressure consistent for new partitions
             self.consumer.pause(*assigned)
             self._paused.update(assigned)
+        elif self._stop.is_set() or self._fatal is not None:
+            self.consumer.pause(*assigned)  # joined only to leave cleanly (_settle_join): fetch nothing
         self.metrics.assigned_partitions.set(len(self._assigned))
         log.info("partitions_assigned", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
 

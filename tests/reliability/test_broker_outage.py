@@ -179,3 +179,56 @@ def test_idle_worker_survives_an_outage_and_nothing_is_lost_after_it(stack, make
         assert out.get("rc") == 0
     finally:
         broker.kill()
+
+
+def test_a_worker_stopped_while_rejoining_leaves_the_group_so_its_successor_is_assigned_promptly(
+    stack, make_settings, trained_model, tmp_path
+) -> None:
+    """The flake this pins down: the broker came back, the worker lost its partitions and sent a new
+    JoinGroup, and a send failure stopped it while that join was still held by the coordinator. It
+    exited without a LeaveGroup, and the coordinator kept the vanished member in the join round, so the
+    restarted worker waited well past a minute for partitions. Here the stop is requested exactly when
+    the partitions are lost; the worker must settle its join within the grace period and then leave."""
+    broker = _Broker(tmp_path / "broker", stack.redis_url)
+    broker.up()
+    try:
+        suffix = uuid.uuid4().hex[:8]
+        settings = make_settings(
+            kafka={"bootstrap_servers": broker.bootstrap, "requests_topic": f"req-{suffix}", "results_topic": f"res-{suffix}",
+                   "alerts_topic": f"al-{suffix}", "dlq_topic": f"dlq-{suffix}",
+                   "request_timeout_ms": 1000, "max_poll_interval_ms": 10_000},
+            models={"root": str(trained_model.root), "preload": (trained_model.line,), "threads": 1},
+            heatmaps={"policy": "none"}, worker={"shutdown_grace_s": 8},
+        )  # fmt: skip
+        _topics(settings)
+        app = build_app(settings)
+        lost = threading.Event()
+        on_lost = app.worker._on_lost
+
+        def lose_then_stop(partitions: list) -> None:  # the moment the failing send arrived in the flake
+            on_lost(partitions)
+            lost.set()
+            app.worker.request_stop()
+
+        app.worker._on_lost = lose_then_stop  # type: ignore[method-assign]
+        thread, out = _run(app)
+        broker.kill()
+        broker.up()  # empty: the group and its members are gone, the worker's next heartbeat finds out
+        _topics(settings)
+        assert lost.wait(30), "the worker never noticed that its group was gone"
+        thread.join(settings.worker.shutdown_grace_s + 10)
+        assert not thread.is_alive() and out["rc"] == 0
+
+        successor = build_app(settings)
+        started = time.monotonic()
+        thread2, out2 = _run(successor)  # readiness = partitions assigned
+        waited_s = time.monotonic() - started
+        successor.stop()
+        thread2.join(30)
+        print(f"stopped mid-join: successor assigned after {waited_s:.1f} s")
+        # Without a LeaveGroup the coordinator holds the successor for the vanished member (> 60 s on
+        # Tansu; up to the rebalance timeout on Kafka). A clean leave lets it in after the join delay.
+        assert waited_s < 20, f"successor waited {waited_s:.1f} s for partitions"
+        assert out2.get("rc") == 0
+    finally:
+        broker.kill()
