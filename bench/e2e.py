@@ -161,6 +161,7 @@ def main() -> None:
     parser.add_argument("--cuda-graphs", action="store_true", help="SPACE_MODELS__CUDA_GRAPHS for the worker.")
     parser.add_argument("--throughput-only", action="store_true", help="Skip the batch-1 and latency runs.")
     parser.add_argument("--heatmaps", default="all", choices=["all", "anomalous", "none"], help="Heatmap policy.")
+    parser.add_argument("--heatmap-threads", type=int, default=4, help="SPACE_HEATMAPS__THREADS for the worker.")
     args = parser.parse_args()
     decode_devices = [d.strip() for d in args.decode_devices.split(",") if d.strip()]
 
@@ -209,6 +210,7 @@ def main() -> None:
         "raw_images_per_s": round(raw_ips, 1), "raw_batch_ms": round(batch_s * 1000, 2),
         "raw_batch1_images_per_s": round(raw1_ips, 1), "format": args.format,
         "source_px": args.source_px or args.size, "cuda_graphs": args.cuda_graphs, "heatmaps": args.heatmaps,
+        "heatmap_threads": args.heatmap_threads,
     }  # fmt: skip
     try:
 
@@ -224,7 +226,8 @@ def main() -> None:
                         "warmup_batch_sizes": (1, batch), "cuda_graphs": args.cuda_graphs},
                 batching={"max_batch_size": batch, "max_wait_ms": args.max_wait_ms},
                 decode={"workers": args.decode_workers, "device": decode_device},
-                heatmaps={"store_uri": f"file://{work / 'heatmaps'}", "policy": args.heatmaps},
+                heatmaps={"store_uri": f"file://{work / 'heatmaps'}", "policy": args.heatmaps,
+                          "threads": args.heatmap_threads},
                 http={"enabled": False}, worker={"state_dir": str(work / "state")},
             )  # fmt: skip
             ensure_topics(

@@ -191,7 +191,7 @@ class Worker:
         self._seq_lock = threading.Lock()
         self._registered: dict[TopicPartition, dict[int, Item]] = {}
         self._decode_pool = ThreadPoolExecutor(settings.decode.workers, thread_name_prefix="decode")
-        self._heatmap_pool = ThreadPoolExecutor(4, thread_name_prefix="heatmap")
+        self._heatmap_pool = ThreadPoolExecutor(settings.heatmaps.threads, thread_name_prefix="heatmap")
         self._scored: queue.Queue[_Scored | None] = queue.Queue(maxsize=2)
         self._inflight_lock = threading.Lock()
         self._inflight_count = 0

@@ -244,7 +244,13 @@ class HeatmapSettings(_Section):
 
     store_uri: str = Field("file://.space/heatmaps", description="file://DIR or s3://bucket/prefix.")
     policy: Literal["all", "anomalous", "none"] = Field("all", description="Which results store a heatmap.")
-    overlay: bool = Field(False, description="Also store a color overlay JPEG.")
+    threads: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Threads that encode and store heatmaps (PNG encoding and uploads release the GIL); "
+        "raise it on GPU pods, where policy=all stores more than a thousand maps a second.",
+    )
     retries: int = Field(3, ge=0, le=10, description="Attempts after the first failure.")
     backoff_ms: float = Field(50.0, ge=0, le=10_000, description="First retry delay, doubled each time.")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path, PurePosixPath
 
@@ -104,6 +105,14 @@ def test_threshold_maps_to_128_and_twice_the_threshold_to_255():
     assert heatmap_to_uint8(amap, 0.5).tolist() == [[0, 64, 128], [255, 255, 0]]
 
 
+def test_scaling_leaves_the_callers_map_untouched():
+    # heatmap_to_uint8 scales in place for speed: in a copy, never in the model's output buffer.
+    amap = np.array([[0.0, 0.25, np.nan], [1.0, -1.0, np.inf]], dtype=np.float32)
+    before = amap.copy()
+    heatmap_to_uint8(amap, 0.5)
+    np.testing.assert_array_equal(amap, before)
+
+
 @pytest.mark.parametrize("threshold", [0.0, -1.0, float("nan"), float("inf")])
 def test_non_positive_threshold_falls_back_to_the_map_maximum(threshold):
     amap = np.array([[0.0, 1.0], [2.0, 4.0]], dtype=np.float32)
@@ -173,6 +182,38 @@ def test_file_store_refuses_a_symlink_that_leads_out(tmp_path):
     (tmp_path / "hm" / "L1").symlink_to(tmp_path / "outside")
     with pytest.raises(ValueError, match="escapes"):
         FileHeatmapStore(tmp_path / "hm").put("L1/x.png", b"x", "image/png")
+
+
+def test_file_store_replaces_a_symlinked_name_instead_of_writing_through_it(tmp_path):
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"keep")
+    store = FileHeatmapStore(tmp_path / "hm")
+    key = heatmap_key("L1", WHEN, "m1", "png")
+    store.path_for(key).parent.mkdir(parents=True)
+    store.path_for(key).symlink_to(outside)
+    store.put(key, b"new", "image/png")
+    assert outside.read_bytes() == b"keep"
+    assert not store.path_for(key).is_symlink() and store.path_for(key).read_bytes() == b"new"
+
+
+def test_file_store_recreates_a_directory_removed_while_cached(tmp_path):
+    # A retention job deletes old day folders; the store's cache of created directories must not
+    # turn that into failures for good: the failing attempt forgets the directory, the retry makes it.
+    store = RetryingHeatmapStore(FileHeatmapStore(tmp_path / "hm"), retries=1, backoff_ms=0, sleep=lambda s: None)
+    first, second = heatmap_key("L1", WHEN, "a", "png"), heatmap_key("L1", WHEN, "b", "png")
+    store.put(first, b"a", "image/png")
+    shutil.rmtree(tmp_path / "hm" / "L1")
+    uri = store.put(second, b"b", "image/png")
+    assert Path(uri.removeprefix("file://")).read_bytes() == b"b"
+
+
+def test_file_store_failure_leaves_no_temp_file(tmp_path):
+    store = FileHeatmapStore(tmp_path / "hm")
+    key = heatmap_key("L1", WHEN, "m1", "png")
+    store.path_for(key).mkdir(parents=True)  # a directory where the file should go: os.replace fails
+    with pytest.raises(HeatmapStoreError, match="cannot write heatmap"):
+        store.put(key, b"x", "image/png")
+    assert [p.name for p in store.path_for(key).parent.iterdir()] == ["m1.png"]
 
 
 class FlakyStore:
