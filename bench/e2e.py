@@ -137,10 +137,6 @@ def run_worker_on(
     return arrival[-1] - arrival[0], results
 
 
-class _Done(Exception):
-    """Ends the measured runs early (``--throughput-only``); the stack still goes down."""
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=128, help="Model input size (px).")
@@ -255,52 +251,54 @@ def main() -> None:
             report[f"e2e_images_per_s_decode_{dev}"] = round(ips, 1)
             report[f"e2e_over_raw_decode_{dev}"] = round(ips / raw_ips, 3)
             print(f"e2e decode={dev}: {ips:,.1f} images/s", flush=True)
-        if args.throughput_only:
-            raise _Done
-        e2e1_ips = backlog(1, "b1")
-        report.update(e2e_batch1_images_per_s=round(e2e1_ips, 1), batching_gain=round(e2e_ips / e2e1_ips, 2))
+        if not args.throughput_only:  # batch-1 backlog and paced latency runs
+            e2e1_ips = backlog(1, "b1")
+            report.update(e2e_batch1_images_per_s=round(e2e1_ips, 1), batching_gain=round(e2e_ips / e2e1_ips, 2))
 
-        for load in (0.5, 0.9):
-            rate = load * e2e_ips
-            s = settings_for(args.batch, f"lat{int(load * 100)}")
-            lat_images = images[: args.latency_images]
+            for load in (0.5, 0.9):
+                rate = load * e2e_ips
+                s = settings_for(args.batch, f"lat{int(load * 100)}")
+                lat_images = images[: args.latency_images]
 
-            def paced(s: Any = s, rate: float = rate, lat_images: list[bytes] = lat_images) -> None:
-                from worker.kafka_clients import make_producer
+                def paced(s: Any = s, rate: float = rate, lat_images: list[bytes] = lat_images) -> None:
+                    from worker.kafka_clients import make_producer
 
-                producer = make_producer(s.kafka, linger_ms=0)
-                start = time.monotonic()
-                for i, rec in enumerate(requests(lat_images, line, content_type=content_type)):
-                    delay = start + i / rate - time.monotonic()
-                    if delay > 0:
-                        time.sleep(delay)
-                    key, value, _ = rec
-                    _, _, headers = requests([value], line, content_type=content_type)[0]  # fresh capture time
-                    producer.send(s.kafka.requests_topic, key=key, value=value, headers=headers)
-                producer.flush()
-                producer.close()
+                    producer = make_producer(s.kafka, linger_ms=0)
+                    start = time.monotonic()
+                    for i, rec in enumerate(requests(lat_images, line, content_type=content_type)):
+                        delay = start + i / rate - time.monotonic()
+                        if delay > 0:
+                            time.sleep(delay)
+                        key, value, _ = rec
+                        _, _, headers = requests([value], line, content_type=content_type)[0]  # fresh capture time
+                        producer.send(s.kafka.requests_topic, key=key, value=value, headers=headers)
+                    producer.flush()
+                    producer.close()
 
-            _, results = run_worker_on(s, paced, len(lat_images), timeout_s=600)
-            from datetime import datetime
+                _, results = run_worker_on(s, paced, len(lat_images), timeout_s=600)
+                from datetime import datetime
 
-            lat = [
-                (datetime.fromisoformat(r["produced_at"]) - datetime.fromisoformat(r["captured_at"])).total_seconds()
-                * 1000
-                for r in results
-            ]
-            report[f"p50_ms_at_{int(load * 100)}pct"] = round(_percentile(lat, 50), 1)
-            report[f"p99_ms_at_{int(load * 100)}pct"] = round(_percentile(lat, 99), 1)
-            report[f"mean_batch_at_{int(load * 100)}pct"] = round(statistics.mean(r["batch_size"] for r in results), 2)
-        report["p99_budget_ms"] = round(args.max_wait_ms + 3 * batch_s * 1000, 1)
-    except _Done:
-        pass
+                lat = [
+                    (
+                        datetime.fromisoformat(r["produced_at"]) - datetime.fromisoformat(r["captured_at"])
+                    ).total_seconds()
+                    * 1000
+                    for r in results
+                ]
+                report[f"p50_ms_at_{int(load * 100)}pct"] = round(_percentile(lat, 50), 1)
+                report[f"p99_ms_at_{int(load * 100)}pct"] = round(_percentile(lat, 99), 1)
+                report[f"mean_batch_at_{int(load * 100)}pct"] = round(
+                    statistics.mean(r["batch_size"] for r in results), 2
+                )
+            report["p99_budget_ms"] = round(args.max_wait_ms + 3 * batch_s * 1000, 1)
     finally:
         stack.down()
 
     print("\nspace-worker end-to-end benchmark")
     for key, value in report.items():
         print(f"  {key:28} {value}")
-    summary = f"\n  end-to-end / raw = {report['e2e_over_raw']:.2f} (target >= 0.85)"
+    target = 0.80 if report["device"].startswith("cuda") else 0.85  # issue 9 (GPU pods), issue 3 (CPU)
+    summary = f"\n  end-to-end / raw = {report['e2e_over_raw']:.2f} (target >= {target:.2f})"
     if "p99_ms_at_50pct" in report:
         summary += (
             f"; p99 at 50% = {report['p99_ms_at_50pct']} ms (budget {report['p99_budget_ms']} ms);"
