@@ -9,6 +9,9 @@ One run of a few minutes on a CUDA host (``bench/gpu.sh`` calls it, then ``bench
 * achieved FLOP/s as a share of the measured peak (76 GFLOP per image for EfficientAD-S, 235 for M,
   per SPACE_SPEC; SPACE adds the FM on top, so its share is a lower bound).
 
+``--compile default|max-autotune`` runs the same table through ``torch.compile`` (as
+``SPACE_MODELS__COMPILE`` does); every configuration then compiles all its buckets first.
+
 Writes ``gpu.json`` (and prints a markdown table) into ``--out``. Untrained but calibrated models:
 weights do not change the cost. Exits with a clear message on a machine without CUDA.
 """
@@ -27,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.gpu import BucketedRunner
+from models.gpu import TORCH_COMPILE_MODES, BucketedRunner
 from models.model import ModelConfig, SpaceModel, efficientad_config
 
 GFLOP_PER_IMAGE = {"s": 76.0, "m": 235.0}  # EfficientAD at 256 px, no padding (SPACE_SPEC §1.2)
@@ -48,13 +51,13 @@ def matmul_peak(dtype: torch.dtype, n: int = 8192, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
 
 
-def build(variant: str, size: str, px: int, teacher: str) -> SpaceModel:
+def build(variant: str, size: str, px: int, teacher: str, device: str = "cuda") -> SpaceModel:
     common: dict[str, Any] = {"size": size, "input_size": (px, px), "teacher_kind": teacher}
     cfg = ModelConfig(**common) if variant == "space" else efficientad_config(**common)
     torch.manual_seed(0)
     model = SpaceModel(cfg)
     model.calibrated.fill_(True)
-    return model.eval().cuda().to(memory_format=torch.channels_last)
+    return model.eval().to(device).to(memory_format=torch.channels_last)
 
 
 def throughput(runner: BucketedRunner, batch: int, seconds: float) -> float:
@@ -100,6 +103,10 @@ def main() -> None:
     parser.add_argument("--variants", default="efficientad,space")
     parser.add_argument("--sizes", default="s,m")
     parser.add_argument("--precisions", default="fp32,bf16,fp16")
+    parser.add_argument(
+        "--compile", default="off", choices=list(TORCH_COMPILE_MODES),
+        help="torch.compile mode (as SPACE_MODELS__COMPILE); each configuration first compiles every bucket.",
+    )  # fmt: skip
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/gpu.py needs a CUDA device (torch.cuda.is_available() is False)")
@@ -113,6 +120,7 @@ def main() -> None:
         "torch": torch.__version__,
         "px": args.px,
         "teacher": args.teacher,
+        "compile": args.compile,
         "peak_tflops": {
             "bf16": round(matmul_peak(torch.bfloat16), 1),
             "fp16": round(matmul_peak(torch.float16), 1),
@@ -121,7 +129,7 @@ def main() -> None:
         "rows": [],
         "errors": [],
     }
-    print(f"# {props.name}: matmul peak TFLOP/s {report['peak_tflops']}", flush=True)
+    print(f"# {props.name}: matmul peak TFLOP/s {report['peak_tflops']}, compile={args.compile}", flush=True)
     batches = [int(b) for b in args.batches.split(",")]
     sizes = ("s",) if args.quick else tuple(args.sizes.split(","))
     precisions = ("bf16",) if args.quick else tuple(args.precisions.split(","))
@@ -158,7 +166,7 @@ def measure(
     """One configuration: warm every bucket, batch-1 latency, then images/s per batch size."""
     runner = BucketedRunner(
         model.anomaly_map, (args.px, args.px), max(batches), torch.device("cuda"),
-        autocast=DTYPES[precision], cuda_graphs=graphs,
+        autocast=DTYPES[precision], cuda_graphs=graphs, compile_mode=TORCH_COMPILE_MODES[args.compile],
     )  # fmt: skip
     runner.warmup()
     lat = latency_ms(runner)

@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# One prepared GPU run (about 10 minutes; lower the *_S limits to fit a shorter lease): the GPU
-# tests, the model throughput table, and the end-to-end worker through the embedded broker with
-# CPU vs GPU JPEG decode.
+# One prepared GPU run: the GPU tests, the model throughput table, torch.compile vs eager, and the
+# end-to-end worker through the embedded broker (with and without heatmaps, CPU vs GPU JPEG decode).
 # Usage on a CUDA host, from the repo root:  bash bench/gpu.sh [OUT_DIR]
+#
+# GPU_SECTIONS picks sections (their limits in seconds, override with the *_S variables):
+#   tests (90)  model (220)  compile (150)  e2e-fast (75)  e2e (200)  e2e-large (100)
+# The default, "tests compile e2e-fast e2e" (at most ~520 s), fits one 600 s device command and
+# measures what the H100 run of 2026-11-27 left open (docs/performance.md); GPU_SECTIONS=all runs
+# every section (~835 s: split it over two commands).
 #
 # The host needs python3 with a CUDA torch (and torchvision for nvJPEG). The worker's other
 # dependencies come from PyPI where pip works; on an offline GPU host, first run
@@ -29,8 +34,11 @@ fi
   python3 -c "import torchvision; print('torchvision', torchvision.__version__)" || true
   nproc; } 2>&1 | tee "$OUT/env.txt"
 
-section() {  # section NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.txt
-  local name=$1 limit=$2; shift 2
+SECTIONS=" ${GPU_SECTIONS:-tests compile e2e-fast e2e} "
+[ "$SECTIONS" = " all " ] && SECTIONS=" tests model compile e2e-fast e2e e2e-large "
+section() {  # section KEY NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.txt
+  local key=$1 name=$2 limit=$3; shift 3
+  [[ "$SECTIONS" == *" $key "* ]] || { echo "== $name skipped (GPU_SECTIONS)"; return 0; }
   echo "== $name (limit ${limit}s)"
   local start=$SECONDS
   timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.txt" 2>&1
@@ -40,21 +48,29 @@ section() {  # section NAME SECONDS COMMAND...: run with a limit, log to $OUT/NA
 }
 
 # 1. GPU-only tests: CUDA runner vs CPU (graphs on/off, >2 batches of a bucket), nvJPEG vs OpenCV.
-section gpu-tests "${GPU_TESTS_S:-90}" python3 -m pytest -q -p no:cacheprovider -m gpu -o addopts="" \
-  tests/test_models/test_gpu_runtime.py tests/test_worker/test_device_decode.py
+section tests gpu-tests "${GPU_TESTS_S:-90}" python3 -m pytest -q -p no:cacheprovider -m gpu -o addopts="" \
+  tests/test_models/test_gpu_runtime.py tests/test_models/test_compile.py tests/test_worker/test_device_decode.py
 
 # 2. Model throughput: efficientad/space x s/m x fp32/bf16/fp16, batch 1..128, graphs on/off (bf16).
-section gpu-model "${GPU_MODEL_S:-220}" python3 bench/gpu.py --out "$OUT" --seconds "${GPU_BENCH_SECONDS:-0.3}"
+section model gpu-model "${GPU_MODEL_S:-220}" python3 bench/gpu.py --out "$OUT" --seconds "${GPU_BENCH_SECONDS:-0.3}"
+
+# 2b. torch.compile vs eager side by side (SPACE_MODELS__COMPILE=default): efficientad-s and space-s,
+#     256 px bf16, batch 64 then batch 1, without and with CUDA graphs. Each new shape compiles first
+#     (the batch-64 rows come first, so a timeout still leaves them in compile.json).
+section compile gpu-compile "${GPU_COMPILE_S:-150}" python3 bench/compile.py --device cuda --precision bf16 --px 256 \
+  --variant efficientad,space --size s --batch 64,1 --cuda-graphs both --seconds 0.3 --repeats 3 \
+  --out "$OUT/compile.json"
 
 # 3. End-to-end worker on the embedded broker, 256 px JPEG camera images, bf16, batch 64, graphs:
-#    CPU decode vs nvJPEG decode. Then 1024 px frames, where decoding is the heavy part.
+#    without heatmaps; with a heatmap per image (8 heatmap threads) and latency at 50/90 % load;
+#    then 1024 px frames with CPU vs nvJPEG decode, where decoding is the heavy part.
 if ! redis-cli ping >/dev/null 2>&1; then export SPACE_REDIS__URL="redis://127.0.0.1:1/0"; fi  # stack starts its own
 # Common to every end-to-end run: a 256 px model in bf16 with CUDA graphs, batch 64, JPEG requests.
 E2E=(python3 bench/e2e.py --device cuda --precision bf16 --size 256 --batch 64 --max-wait-ms 5 --cuda-graphs
      --format jpeg --decode-workers 12 --steps 5)
-section gpu-e2e-256-no-heatmaps "${GPU_E2E_FAST_S:-75}" "${E2E[@]}" --decode-devices cpu --images 3000 \
+section e2e-fast gpu-e2e-256-no-heatmaps "${GPU_E2E_FAST_S:-75}" "${E2E[@]}" --decode-devices cpu --images 3000 \
   --raw-seconds 2 --throughput-only --heatmaps none
-section gpu-e2e-256 "${GPU_E2E_S:-200}" "${E2E[@]}" --decode-devices cpu,cuda --images 4000 --latency-images 1000 \
-  --raw-seconds 3
-section gpu-e2e-1024 "${GPU_E2E_LARGE_S:-100}" "${E2E[@]}" --source-px 1024 --decode-devices cpu,cuda --images 1500 \
+section e2e gpu-e2e-256 "${GPU_E2E_S:-200}" "${E2E[@]}" --decode-devices cpu --images 4000 --latency-images 1000 \
+  --raw-seconds 3 --heatmaps all --heatmap-threads 8
+section e2e-large gpu-e2e-1024 "${GPU_E2E_LARGE_S:-100}" "${E2E[@]}" --source-px 1024 --decode-devices cpu,cuda --images 1500 \
   --raw-seconds 2 --throughput-only

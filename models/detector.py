@@ -9,7 +9,9 @@ One caller at a time: a lock serialises :meth:`Detector.predict`.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -19,13 +21,17 @@ import structlog
 import torch
 
 from models.artifact import ArtifactError, ModelCard, load_artifact
-from models.gpu import BucketedRunner
+from models.gpu import TORCH_COMPILE_MODES, BucketedRunner
 from models.model import SpaceModel
 from models.preprocess import prepare_image
 
 log = structlog.get_logger(__name__)
 
 Precision = Literal["fp32", "bf16", "fp16"]
+CompileMode = Literal["off", "default", "max-autotune"]
+
+#: The setting that turns torch.compile on (models must not import worker.settings; a test checks the name).
+COMPILE_SETTING = "SPACE_MODELS__COMPILE"
 
 
 class DetectorError(ValueError):
@@ -82,6 +88,26 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     raise DetectorError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
 
 
+def resolve_compile_mode(compile_mode: str) -> str | None:
+    """``torch.compile`` mode for a ``compile`` setting (None = eager); never one that captures CUDA graphs."""
+    if compile_mode not in TORCH_COMPILE_MODES:
+        raise DetectorError(f"unknown compile mode {compile_mode!r}; use off, default or max-autotune")
+    return TORCH_COMPILE_MODES[compile_mode]
+
+
+def compile_failure(compile_mode: str, exc: BaseException) -> DetectorError:
+    """A :class:`DetectorError` naming the setting and the first line of the innermost error."""
+    root = exc
+    while (inner := getattr(root, "inner_exception", None) or root.__cause__) is not None and inner is not root:
+        root = inner
+    lines = [line for line in str(root).splitlines() if line.strip()]
+    detail = f"{type(root).__name__}: {lines[0]}" if lines else type(root).__name__
+    return DetectorError(
+        f"torch.compile failed ({COMPILE_SETTING}={compile_mode}): {detail}; "
+        f"set {COMPILE_SETTING}=off to run the model eagerly"
+    )
+
+
 class Detector:
     """A loaded, calibrated model ready to score images."""
 
@@ -94,11 +120,14 @@ class Detector:
         channels_last: bool,
         max_batch: int = 64,
         cuda_graphs: bool = False,
+        compile_mode: CompileMode = "off",
     ) -> None:
         """Wrap ``model`` (use :meth:`load` or :meth:`from_model`); the detector takes ownership of it.
 
         On CUDA, batches run through :class:`models.gpu.BucketedRunner` (fixed bucket shapes up to
-        ``max_batch``, pinned uint8 uploads on a copy stream, optional CUDA graphs per bucket).
+        ``max_batch``, pinned uint8 uploads on a copy stream, optional CUDA graphs per bucket). With
+        ``compile_mode`` other than ``off`` they do on CPU too, so torch.compile sees only the bucket
+        shapes: one graph per bucket, all compiled by :meth:`warmup`.
         """
         if not bool(model.calibrated):
             raise DetectorError("model is not calibrated (no map quantiles)")
@@ -114,13 +143,17 @@ class Detector:
         self.device = device
         self.autocast = autocast
         self.channels_last = channels_last
+        self.compile_mode = compile_mode
+        torch_mode = resolve_compile_mode(compile_mode)
         self._lock = threading.Lock()
         self._runner: BucketedRunner | None = None
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # bucketed batches: few fixed shapes, tuned once in warm-up
+        if device.type == "cuda" or torch_mode is not None:
             self._runner = BucketedRunner(
-                self.model.anomaly_map, self.input_size, max_batch, device, autocast=autocast, cuda_graphs=cuda_graphs
-            )
+                self.model.anomaly_map, self.input_size, max_batch, device, autocast=autocast,
+                cuda_graphs=cuda_graphs, compile_mode=torch_mode,
+            )  # fmt: skip
 
     @classmethod
     def load(
@@ -132,6 +165,7 @@ class Detector:
         *,
         max_batch: int = 64,
         cuda_graphs: bool = False,
+        compile_mode: CompileMode = "off",
     ) -> Detector:
         """Load an artifact folder (weights hash checked) onto ``device``."""
         dev = resolve_device(device)
@@ -150,8 +184,12 @@ class Detector:
             model_version=card.version,
             device=str(dev),
             precision=precision,
+            compile_mode=compile_mode,
         )
-        return cls(model, card, dev, autocast, channels_last, max_batch=max_batch, cuda_graphs=cuda_graphs)
+        return cls(
+            model, card, dev, autocast, channels_last, max_batch=max_batch, cuda_graphs=cuda_graphs,
+            compile_mode=compile_mode,
+        )  # fmt: skip
 
     @classmethod
     def from_model(
@@ -206,7 +244,7 @@ class Detector:
             h, w = self.input_size
             return Prediction(np.zeros(0, np.float32), np.zeros((0, h, w), np.float32))
         if self._runner is not None:
-            with self._lock:
+            with self._lock, self._compile_errors():
                 maps = self._runner.run(np.ascontiguousarray(x_np))
             return self._finish(maps, originals)
         with self._lock, torch.inference_mode():
@@ -238,7 +276,7 @@ class Detector:
         if runner is None or len(x_np) == 0 or len(x_np) > runner.max_batch:
             done = self.predict(x_np)
             return PendingPrediction(lambda: done)
-        with self._lock:
+        with self._lock, self._compile_errors():
             pending = runner.submit(np.ascontiguousarray(x_np))
         return PendingPrediction(lambda: self._finish(pending.result(), None))
 
@@ -253,12 +291,36 @@ class Detector:
         ]
         return Prediction(scores, resized)
 
+    @contextmanager
+    def _compile_errors(self) -> Iterator[None]:
+        """With torch.compile on, turn a compile failure (dynamo, inductor, backend) into a :class:`DetectorError`."""
+        try:
+            yield
+        except torch._dynamo.exc.TorchDynamoException as exc:
+            if self.compile_mode == "off":
+                raise
+            raise compile_failure(self.compile_mode, exc) from exc
+
     def warmup(self, batch_sizes: Iterable[int] = (1,)) -> None:
-        """Run each batch size once so kernels are chosen and memory is allocated before serving."""
+        """Run each batch size once so kernels are chosen and memory is allocated before serving.
+
+        With a bucketed runner (CUDA, or torch.compile on) every bucket runs instead, which also
+        captures its CUDA graph and compiles its graph; ``detector_compiled`` logs what that cost.
+        """
         h, w = self.input_size
         if self._runner is not None:
-            self._runner.warmup()  # every bucket (and its CUDA graph) before the model serves
+            start = time.perf_counter()
+            with self._compile_errors():
+                self._runner.warmup()  # every bucket (and its CUDA graph) before the model serves
             batch_sizes = self._runner.buckets
+            if self.compile_mode != "off":
+                log.info(
+                    "detector_compiled",
+                    model_name=self.card.name,
+                    compile_mode=self.compile_mode,
+                    buckets=list(batch_sizes),
+                    compile_s=round(time.perf_counter() - start, 2),
+                )
         else:
             for n in batch_sizes:
                 self.predict(np.zeros((n, h, w, 3), np.uint8))

@@ -12,13 +12,16 @@ decides throughput. This module keeps the device busy:
 * **uint8 on the wire.** Images cross PCIe as uint8 NHWC (4x fewer bytes than fp32); the
   conversion to float and the NCHW view (channels_last strides for free) run on the device.
 * **CUDA graphs** (optional) replay the whole forward of a bucket with one launch.
+* **torch.compile** (optional) compiles the forward once per bucket shape (``dynamic=False``); the
+  first call of each bucket compiles, so :meth:`BucketedRunner.warmup` pays for all of them.
 
 The pure parts (bucket choice, padding, bookkeeping) are tested on CPU; the CUDA parts run only
-where ``torch.cuda.is_available()``. On CPU :class:`BucketedRunner` runs eagerly with the same API.
+where ``torch.cuda.is_available()``. On CPU :class:`BucketedRunner` runs synchronously with the same API.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +29,49 @@ from typing import Any
 
 import numpy as np
 import torch
+
+#: ``SPACE_MODELS__COMPILE`` values -> ``torch.compile`` modes. Never a mode that captures CUDA graphs
+#: itself: the runner captures its own per bucket (``cuda_graphs``), around the compiled forward.
+TORCH_COMPILE_MODES: dict[str, str | None] = {
+    "off": None,
+    "default": "default",
+    "max-autotune": "max-autotune-no-cudagraphs",
+}
+_GRAPH_CAPTURING_MODES = ("reduce-overhead", "max-autotune")
+
+_compiled_shapes_lock = threading.Lock()
+_compiled_shapes = 0  # bucket shapes of every forward compiled in this process
+
+
+def raise_recompile_limit(limit: int) -> None:
+    """Let dynamo keep at least ``limit`` compiled graphs per function (never lowers a limit).
+
+    Past the limit (8 by default) dynamo runs the function eagerly with only a warning, so a
+    runner with many buckets would quietly lose the compiled graphs of its largest ones.
+    """
+    cfg = torch._dynamo.config
+    names = ["recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"]  # torch < 2.6
+    if hasattr(cfg, "accumulated_recompile_limit"):
+        names.append("accumulated_recompile_limit")
+    for name in names:
+        if getattr(cfg, name) < limit:
+            setattr(cfg, name, limit)
+
+
+def compile_forward(
+    forward: Callable[[torch.Tensor], torch.Tensor], mode: str, n_shapes: int
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``torch.compile`` for ``n_shapes`` fixed input shapes: one graph each, built on its first call.
+
+    Dynamo keeps the graphs on the function's code object, which every model of a class shares
+    (``SpaceModel.anomaly_map``): a second product line with another config or precision adds its
+    own graphs there. The limit therefore counts the shapes of every compiled runner, plus two.
+    """
+    global _compiled_shapes
+    with _compiled_shapes_lock:
+        _compiled_shapes += n_shapes
+        raise_recompile_limit(_compiled_shapes + 2)
+    return torch.compile(forward, mode=mode, dynamic=False, fullgraph=False)
 
 
 def bucket_sizes(max_batch: int) -> tuple[int, ...]:
@@ -117,6 +163,8 @@ class BucketedRunner:
         device: Where the model lives.
         autocast: bf16/fp16 autocast dtype or None.
         cuda_graphs: Capture a CUDA graph per bucket (CUDA only).
+        compile_mode: A ``torch.compile`` mode (see :data:`TORCH_COMPILE_MODES`), or None for eager.
+            Each bucket compiles on its first call; compile errors surface there.
     """
 
     forward: Callable[[torch.Tensor], torch.Tensor]
@@ -125,7 +173,9 @@ class BucketedRunner:
     device: torch.device
     autocast: torch.dtype | None = None
     cuda_graphs: bool = False
+    compile_mode: str | None = None
     buckets: tuple[int, ...] = field(init=False)
+    _forward: Callable[[torch.Tensor], torch.Tensor] = field(init=False)
     _slots: dict[tuple[int, int], _Bucket] = field(init=False, default_factory=dict)
     _turn: dict[int, int] = field(init=False, default_factory=dict)
     _copy_stream: Any = field(init=False, default=None)
@@ -136,6 +186,14 @@ class BucketedRunner:
         self.is_cuda = self.device.type == "cuda"
         if self.cuda_graphs and not self.is_cuda:
             raise ValueError("CUDA graphs need a CUDA device")
+        self._forward = self.forward
+        if self.compile_mode is not None:
+            if self.cuda_graphs and self.compile_mode in _GRAPH_CAPTURING_MODES:
+                raise ValueError(
+                    f"compile mode {self.compile_mode!r} captures CUDA graphs itself; "
+                    "with cuda_graphs use 'default' or 'max-autotune-no-cudagraphs'"
+                )
+            self._forward = compile_forward(self.forward, self.compile_mode, len(self.buckets))
         if self.is_cuda:
             self._copy_stream = torch.cuda.Stream(device=self.device)
 
@@ -176,7 +234,7 @@ class BucketedRunner:
         # No autocast weight cache: under CUDA graph capture it would live in memory freed after capture.
         dtype, enabled = self.autocast or torch.float32, self.autocast is not None
         with torch.autocast(self.device.type, dtype=dtype, enabled=enabled, cache_enabled=False):
-            return self.forward(x)
+            return self._forward(x)
 
     # -- execution -------------------------------------------------------------------------------
     def submit(self, images: np.ndarray) -> Pending:

@@ -45,6 +45,7 @@ def load_detector(settings: Settings) -> Any:
             channels_last=m.channels_last,
             max_batch=settings.batching.max_batch_size,
             cuda_graphs=m.cuda_graphs,
+            compile_mode=m.compile,
         )
 
     return load

@@ -229,6 +229,12 @@ class ModelSettings(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Inference precision (autocast).")
     channels_last: bool = Field(True, description="NHWC memory format for the convolutions.")
     cuda_graphs: bool = Field(False, description="Capture a CUDA graph per batch bucket (CUDA only).")
+    compile: Literal["off", "default", "max-autotune"] = Field(
+        "off",
+        description="torch.compile the model, one graph per batch bucket (on CPU too); the first batch of "
+        "each bucket compiles, so warm-up takes longer (minutes on a small CPU). Needs a C++ compiler "
+        "(CPU) or triton (CUDA); a failed compile is an error, never a silent fallback to eager.",
+    )
     max_loaded: int = Field(4, ge=1, le=64, description="Models kept in memory (LRU).")
     refresh_interval_s: float = Field(5.0, gt=0, le=3_600, description="How often active versions are checked.")
     warmup: bool = Field(True, description="Run a warm-up batch before serving a model.")
