@@ -73,6 +73,11 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_native_bf16() -> bool:
+    """oneDNN has bf16 kernels on this CPU (AVX-512 bf16 or AMX); elsewhere bf16 is emulated and slow."""
+    return bool(torch.backends.mkldnn.is_available()) and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype for ``precision`` on ``device`` (None = fp32); fp16 is cuda-only."""
     if precision == "fp32":
@@ -84,6 +89,9 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise DetectorError("this CUDA device does not support bf16; use fp16 or fp32")
+        if device.type == "cpu" and not cpu_has_native_bf16():
+            # Allowed (results are right), but emulated: 4-8x slower than fp32 on an AVX2-only EPYC.
+            log.warning("bf16_emulated_on_cpu", cpu_capability=torch.backends.cpu.get_cpu_capability())
         return torch.bfloat16
     raise DetectorError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
 
