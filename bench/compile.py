@@ -30,24 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu import DTYPES, build
+from bench.gpu import DTYPES, build, images_per_s
 from models.gpu import TORCH_COMPILE_MODES, BucketedRunner
 from models.model import SpaceModel
-
-
-def images_per_s(runner: BucketedRunner, x: np.ndarray, seconds: float) -> float:
-    """Images/s of a warm runner over at least ``seconds`` (at least two batches, two in flight)."""
-    n = 0
-    start = time.perf_counter()
-    pending = runner.submit(x)
-    while n == 0 or time.perf_counter() - start < seconds:
-        nxt = runner.submit(x)
-        pending.result()
-        pending = nxt
-        n += len(x)
-    pending.result()
-    n += len(x)
-    return n / (time.perf_counter() - start)
 
 
 def make_runner(

@@ -60,23 +60,29 @@ def build(variant: str, size: str, px: int, teacher: str, device: str = "cuda") 
     return model.eval().to(device).to(memory_format=torch.channels_last)
 
 
+def images_per_s(runner: BucketedRunner, x: np.ndarray, seconds: float) -> float:
+    """Images/s of a warm runner over at least ``seconds`` and two batches, two batches in flight
+    (the copy of n+1 overlaps compute of n)."""
+    n = 0
+    start = time.perf_counter()
+    pending = runner.submit(x)
+    while n == 0 or time.perf_counter() - start < seconds:
+        nxt = runner.submit(x)
+        pending.result()
+        pending = nxt
+        n += len(x)
+    pending.result()
+    n += len(x)
+    return n / (time.perf_counter() - start)
+
+
 def throughput(runner: BucketedRunner, batch: int, seconds: float) -> float:
-    """Images/s with two batches in flight (the copy of n+1 overlaps compute of n)."""
+    """Images/s at ``batch`` after three warm-up batches."""
     h, w = runner.input_size
     x = np.random.default_rng(0).integers(0, 255, (batch, h, w, 3), dtype=np.uint8)
     for _ in range(3):
         runner.submit(x).result()
-    n = 0
-    start = time.perf_counter()
-    pending = runner.submit(x)
-    while time.perf_counter() - start < seconds:
-        nxt = runner.submit(x)
-        pending.result()
-        pending = nxt
-        n += batch
-    pending.result()
-    n += batch
-    return n / (time.perf_counter() - start)
+    return images_per_s(runner, x, seconds)
 
 
 def latency_ms(runner: BucketedRunner, reps: int = 200) -> float:

@@ -60,6 +60,17 @@ def _topics(settings) -> None:
     ensure_topics(k, {k.requests_topic: 2, k.results_topic: 2, k.alerts_topic: 1, k.dlq_topic: 1})
 
 
+def _settings(make_settings, broker: _Broker, trained_model, *, kafka: dict, **sections):
+    """A worker on ``broker`` with topics of its own, the trained line preloaded and no heatmaps."""
+    suffix = uuid.uuid4().hex[:8]
+    return make_settings(
+        kafka={"bootstrap_servers": broker.bootstrap, "requests_topic": f"req-{suffix}", "results_topic": f"res-{suffix}",
+               "alerts_topic": f"al-{suffix}", "dlq_topic": f"dlq-{suffix}", **kafka},
+        models={"root": str(trained_model.root), "preload": (trained_model.line,), "threads": 1},
+        heatmaps={"policy": "none"}, **sections,
+    )  # fmt: skip
+
+
 def _run(app) -> tuple[threading.Thread, dict]:
     out: dict = {}
     thread = threading.Thread(target=lambda: out.setdefault("rc", app.run()), daemon=True)
@@ -77,14 +88,10 @@ def test_outage_with_results_in_flight_exits_nonzero_then_a_restart_serves(
     broker = _Broker(tmp_path / "broker", stack.redis_url)
     broker.up()
     try:
-        suffix = uuid.uuid4().hex[:8]
-        settings = make_settings(
-            kafka={"bootstrap_servers": broker.bootstrap, "requests_topic": f"req-{suffix}", "results_topic": f"res-{suffix}",
-                   "alerts_topic": f"al-{suffix}", "dlq_topic": f"dlq-{suffix}",
-                   "delivery_timeout_ms": 3000, "request_timeout_ms": 1000, "linger_ms": 5},
-            models={"root": str(trained_model.root), "preload": (trained_model.line,), "threads": 1},
-            batching={"max_batch_size": 4, "max_wait_ms": 20}, heatmaps={"policy": "none"},
-            worker={"shutdown_grace_s": 5},
+        settings = _settings(
+            make_settings, broker, trained_model,
+            kafka={"delivery_timeout_ms": 3000, "request_timeout_ms": 1000, "linger_ms": 5},
+            batching={"max_batch_size": 4, "max_wait_ms": 20}, worker={"shutdown_grace_s": 5},
         )  # fmt: skip
         _topics(settings)
         image = next((trained_model.data / "test" / "good").glob("*.png"))
@@ -129,16 +136,13 @@ def test_idle_worker_survives_an_outage_and_nothing_is_lost_after_it(stack, make
     broker = _Broker(tmp_path / "broker", stack.redis_url)
     broker.up()
     try:
-        suffix = uuid.uuid4().hex[:8]
-        settings = make_settings(
-            kafka={"bootstrap_servers": broker.bootstrap, "requests_topic": f"req-{suffix}", "results_topic": f"res-{suffix}",
-                   "alerts_topic": f"al-{suffix}", "dlq_topic": f"dlq-{suffix}",
-                   "delivery_timeout_ms": 3000, "request_timeout_ms": 1000,
+        settings = _settings(
+            make_settings, broker, trained_model,
+            kafka={"delivery_timeout_ms": 3000, "request_timeout_ms": 1000,
                    # A member that dies while a join round is in flight is waited for up to the
                    # rebalance timeout (= max_poll_interval_ms, 300 s by default): keep it short.
                    "max_poll_interval_ms": 10_000},
-            models={"root": str(trained_model.root), "preload": (trained_model.line,), "threads": 1},
-            heatmaps={"policy": "none"}, worker={"shutdown_grace_s": 5},
+            worker={"shutdown_grace_s": 5},
         )  # fmt: skip
         _topics(settings)
         image = next((trained_model.data / "test" / "good").glob("*.png"))
@@ -192,13 +196,9 @@ def test_a_worker_stopped_while_rejoining_leaves_the_group_so_its_successor_is_a
     broker = _Broker(tmp_path / "broker", stack.redis_url)
     broker.up()
     try:
-        suffix = uuid.uuid4().hex[:8]
-        settings = make_settings(
-            kafka={"bootstrap_servers": broker.bootstrap, "requests_topic": f"req-{suffix}", "results_topic": f"res-{suffix}",
-                   "alerts_topic": f"al-{suffix}", "dlq_topic": f"dlq-{suffix}",
-                   "request_timeout_ms": 1000, "max_poll_interval_ms": 10_000},
-            models={"root": str(trained_model.root), "preload": (trained_model.line,), "threads": 1},
-            heatmaps={"policy": "none"}, worker={"shutdown_grace_s": 8},
+        settings = _settings(
+            make_settings, broker, trained_model,
+            kafka={"request_timeout_ms": 1000, "max_poll_interval_ms": 10_000}, worker={"shutdown_grace_s": 8},
         )  # fmt: skip
         _topics(settings)
         app = build_app(settings)

@@ -62,6 +62,19 @@ def _patch_compile(monkeypatch: pytest.MonkeyPatch, backend: Callable[..., Any])
     monkeypatch.setattr(torch, "compile", compile_with_backend)
 
 
+@pytest.fixture
+def compiled(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Batch sizes dynamo built a graph for: ``torch.compile`` with a recording backend (no C++ build)."""
+    batches: list[int] = []
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
+        batches.append(int(example_inputs[0].shape[0]))
+        return gm.forward
+
+    _patch_compile(monkeypatch, recording_backend)
+    return batches
+
+
 # -- settings and wiring ------------------------------------------------------------------------
 
 
@@ -104,15 +117,7 @@ def test_load_detector_passes_the_compile_setting(artifact: Path) -> None:
 
 
 @pytest.mark.usefixtures("_fresh_dynamo")
-def test_warmup_compiles_every_bucket_once_even_past_dynamos_default_limit(monkeypatch: pytest.MonkeyPatch) -> None:
-    compiled: list[int] = []
-
-    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
-        compiled.append(int(example_inputs[0].shape[0]))
-        return gm.forward
-
-    _patch_compile(monkeypatch, recording_backend)
-
+def test_warmup_compiles_every_bucket_once_even_past_dynamos_default_limit(compiled: list[int]) -> None:
     def forward(x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=1)
 
@@ -132,15 +137,7 @@ def test_warmup_compiles_every_bucket_once_even_past_dynamos_default_limit(monke
 
 
 @pytest.mark.usefixtures("_fresh_dynamo")
-def test_a_second_model_on_the_same_code_gets_its_own_graphs(monkeypatch: pytest.MonkeyPatch) -> None:
-    compiled: list[int] = []
-
-    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Callable[..., Any]:
-        compiled.append(int(example_inputs[0].shape[0]))
-        return gm.forward
-
-    _patch_compile(monkeypatch, recording_backend)
-
+def test_a_second_model_on_the_same_code_gets_its_own_graphs(compiled: list[int]) -> None:
     def make_forward(reduction: str) -> Callable[[torch.Tensor], torch.Tensor]:
         def forward(x: torch.Tensor) -> torch.Tensor:  # one code object, like SpaceModel.anomaly_map
             return getattr(x, reduction)(dim=1)
