@@ -102,9 +102,12 @@ def requests(
 
 
 def run_worker_on(
-    settings: Any, produce_fn: Any, expected: int, timeout_s: float
+    settings: Any, produce_fn: Any, expected: int, timeout_s: float, customize: Any = None
 ) -> tuple[float, list[dict[str, Any]]]:
-    """Start a worker, let ``produce_fn`` feed it, return (seconds from first to last result, results)."""
+    """Start a worker, let ``produce_fn`` feed it, return (seconds from first to last result, results).
+
+    ``customize`` sees the wired app before it starts (``tests.worker_harness.running_worker``).
+    """
     from kafka import KafkaConsumer, TopicPartition
 
     from tests.worker_harness import running_worker
@@ -120,7 +123,7 @@ def run_worker_on(
         consumer.position(tp)
     results: list[dict[str, Any]] = []
     arrival: list[float] = []
-    with running_worker(settings, ready_timeout_s=120):
+    with running_worker(settings, ready_timeout_s=120, customize=customize):
         feeder = threading.Thread(target=produce_fn, daemon=True)
         feeder.start()
         deadline = time.monotonic() + timeout_s

@@ -8,9 +8,11 @@ Threads and what they own:
   The poll loop never waits for the model, so ``max_poll_interval_ms`` never depends on GPU time.
 * decode pool: parses the CloudEvents headers, fetches claim checks, decodes with guards, resizes to
   the model input and releases records in per-partition order into the batcher.
-* infer: forms batches (full, or the oldest waited ``max_wait_ms``) and runs the model.
-* publish: resolves the threshold, stores heatmaps (a small pool), sends results, alerts and dead
-  letters. Broker acknowledgements mark records done in the offset tracker.
+* infer: forms batches (full, or the oldest waited ``max_wait_ms``) and runs the model; for each scored
+  batch it resolves the threshold, decides verdicts and submits the heatmaps to their pool, so the
+  pool works on batch n+1 while batch n is being sent.
+* publish: waits for a batch's heatmaps and sends its results and alerts in order (dead letters are
+  sent from wherever a record fails). Broker acknowledgements mark records done in the offset tracker.
 
 Failure policy: a bad record becomes a dead letter with a reason; a record whose result cannot be
 delivered (the producer gave up after ``delivery_timeout_ms``) is never committed, and the worker
@@ -24,7 +26,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -48,6 +50,7 @@ from schemas.result import (
     SourceRecord,
     ThresholdInfo,
     Timings,
+    Verdict,
     build_result_headers,
     decide_verdict,
     make_result_id,
@@ -56,14 +59,14 @@ from schemas.result import (
 from worker.batcher import Batch, DynamicBatcher, QueueFull
 from worker.decode import ClaimCheckFetcher, DecodeError, ImageInfo, check_image, decode_checked
 from worker.device_decode import DeviceDecodeError, DeviceJpegDecoder
-from worker.heatmaps import HeatmapStore, HeatmapStoreError, save_heatmap
+from worker.heatmaps import HeatmapStore, HeatmapStoreError, StoredHeatmap, save_heatmap
 from worker.http import Heartbeats
 from worker.metrics import WorkerMetrics
 from worker.model_manager import LoadedModel, ModelManager, ModelUnavailable
 from worker.offsets import OffsetTracker
 from worker.sequencer import Sequencer
 from worker.settings import Settings
-from worker.thresholds import ThresholdCache
+from worker.thresholds import ResolvedThreshold, ThresholdCache
 
 if TYPE_CHECKING:
     from models.detector import PendingPrediction
@@ -108,6 +111,18 @@ class _Scored:
     maps: np.ndarray
     infer_s: float
     formed_at: float
+
+
+@dataclass
+class _Publishing:
+    """A scored batch whose threshold and verdicts are decided and whose heatmaps are submitted."""
+
+    scored: _Scored
+    model: LoadedModel
+    threshold: ResolvedThreshold
+    verdicts: list[Verdict]
+    heatmaps: dict[int, Future[StoredHeatmap]]
+    started: float
 
 
 @dataclass
@@ -192,7 +207,7 @@ class Worker:
         self._registered: dict[TopicPartition, dict[int, Item]] = {}
         self._decode_pool = ThreadPoolExecutor(settings.decode.workers, thread_name_prefix="decode")
         self._heatmap_pool = ThreadPoolExecutor(settings.heatmaps.threads, thread_name_prefix="heatmap")
-        self._scored: queue.Queue[_Scored | None] = queue.Queue(maxsize=2)
+        self._scored: queue.Queue[_Publishing | None] = queue.Queue(maxsize=2)
         self._inflight_lock = threading.Lock()
         self._inflight_count = 0
         self._inflight_bytes = 0
@@ -634,7 +649,7 @@ class Worker:
         self.metrics.batches.labels(batch.reason).inc()
         for it in items:
             self.metrics.queue_seconds.observe(max(0.0, inflight.formed_at - it.released_at))
-        self._scored.put(_Scored(batch, items, scores, maps, infer_s, inflight.formed_at))
+        self._scored.put(self._prepare(_Scored(batch, items, scores, maps, infer_s, inflight.formed_at)))
 
     def _fail_inference(self, model: LoadedModel, items: list[Item], exc: Exception) -> None:
         log.exception("inference_failed", product_line=model.line, model_version=model.version, size=len(items))
@@ -653,23 +668,32 @@ class Worker:
     def _publish_loop(self) -> None:
         while True:
             try:
-                scored = self._scored.get(timeout=0.5)
+                publishing = self._scored.get(timeout=0.5)
             except queue.Empty:
                 self.heartbeats.beat("publish")  # idle is healthy: /healthz must not fail overnight
                 continue
-            if scored is None:
+            if publishing is None:
                 return
             if self._fatal is not None:
-                continue  # the worker exits without committing: sending more would only block shutdown
+                for future in publishing.heatmaps.values():
+                    future.cancel()  # the worker exits without committing: more work would only delay it
+                continue
             try:
-                self._publish(scored)
+                self._publish(publishing)
             except Exception as exc:
                 log.exception("publish_failed")
                 self._fatal = exc
                 return
             self.heartbeats.beat("publish")
 
-    def _publish(self, scored: _Scored) -> None:
+    def _prepare(self, scored: _Scored) -> _Publishing:
+        """Resolve the threshold, decide verdicts and submit the batch's heatmaps to the pool.
+
+        Called by the infer thread as soon as a batch is scored, so the pool starts on batch n+1's
+        heatmaps while the publish thread still waits for batch n's and sends its results: the pool
+        does not idle between batches. The queue to the publish thread (two batches) bounds how many
+        prepared batches exist.
+        """
         start = time.monotonic()
         model = scored.items[0].model
         assert model is not None
@@ -680,7 +704,7 @@ class Worker:
             self.metrics.threshold_cache_age_seconds.labels(model.line).set(age)
         verdicts = [decide_verdict(float(s), threshold.value) for s in scored.scores]
         policy = self.settings.heatmaps.policy
-        futures = {}
+        futures: dict[int, Future[StoredHeatmap]] = {}
         for i, it in enumerate(scored.items):
             if policy == "all" or (policy == "anomalous" and verdicts[i] == "anomalous"):
                 assert it.request is not None
@@ -693,6 +717,12 @@ class Worker:
                     scored.maps[i],
                     threshold.value,
                 )
+        return _Publishing(scored, model, threshold, verdicts, futures, start)
+
+    def _publish(self, publishing: _Publishing) -> None:
+        """Wait for a prepared batch's heatmaps and send its results and alerts (batch order)."""
+        scored, model, threshold = publishing.scored, publishing.model, publishing.threshold
+        verdicts, futures, start = publishing.verdicts, publishing.heatmaps, publishing.started
         k = self.settings.kafka
         anomalous = 0
         for i, it in enumerate(scored.items):
