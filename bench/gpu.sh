@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# One prepared GPU run: the GPU tests, the model throughput table, torch.compile vs eager, and the
-# end-to-end worker through the embedded broker (with and without heatmaps, CPU vs GPU JPEG decode).
+# One prepared GPU run: the GPU tests, the model throughput table, torch.compile vs eager, the
+# end-to-end worker through the embedded broker (with and without heatmaps, CPU vs GPU JPEG decode)
+# and 1, 2, 4 worker processes sharing the card.
 # Usage on a CUDA host, from the repo root:  bash bench/gpu.sh [OUT_DIR]
 #
 # GPU_SECTIONS picks sections (their limits in seconds, override with the *_S variables):
-#   tests (90)  model (220)  compile (150)  e2e-fast (75)  e2e (200)  e2e-large (100)
-# The default, "tests compile e2e-fast e2e" (at most ~520 s), fits one 600 s device command and
-# measures what the H100 run of 2026-11-27 left open (docs/performance.md); GPU_SECTIONS=all runs
-# every section (~835 s: split it over two commands).
+#   tests (90)  model (220)  compile (150)  processes (300)  e2e-fast (75)  e2e (200)  e2e-large (100)
+# The default, "tests processes compile" (at most ~540 s), fits one 600 s device command and
+# measures what the H100 run of 2026-11-27 left open (docs/performance.md); run GPU_SECTIONS=e2e
+# (latency at 50/90 % load, heatmaps for every image) as a second command when time is left.
+# GPU_SECTIONS=all runs every section (~1,135 s: split it over two commands).
 #
 # The host needs python3 with a CUDA torch (and torchvision for nvJPEG). The worker's other
 # dependencies come from PyPI where pip works; on an offline GPU host, first run
@@ -34,8 +36,8 @@ fi
   python3 -c "import torchvision; print('torchvision', torchvision.__version__)" || true
   nproc; } 2>&1 | tee "$OUT/env.txt"
 
-SECTIONS=" ${GPU_SECTIONS:-tests compile e2e-fast e2e} "
-[ "$SECTIONS" = " all " ] && SECTIONS=" tests model compile e2e-fast e2e e2e-large "
+SECTIONS=" ${GPU_SECTIONS:-tests processes compile} "
+[ "$SECTIONS" = " all " ] && SECTIONS=" tests model compile processes e2e-fast e2e e2e-large "
 section() {  # section KEY NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.txt
   local key=$1 name=$2 limit=$3; shift 3
   [[ "$SECTIONS" == *" $key "* ]] || { echo "== $name skipped (GPU_SECTIONS)"; return 0; }
@@ -54,6 +56,15 @@ section tests gpu-tests "${GPU_TESTS_S:-90}" python3 -m pytest -q -p no:cachepro
 # 2. Model throughput: efficientad/space x s/m x fp32/bf16/fp16, batch 1..128, graphs on/off (bf16).
 section model gpu-model "${GPU_MODEL_S:-220}" python3 bench/gpu.py --out "$OUT" --seconds "${GPU_BENCH_SECONDS:-0.3}"
 
+# 2a. Worker processes sharing the card (bench/host.py --real-model): the model alone with two batches
+#     in flight, then 1, 2 and 4 `space serve` processes in one group draining a backlog of 256 px
+#     JPEGs, without heatmaps and with one per image. One process is bound by its interpreter lock
+#     (~1 ms of CPU per image, docs/performance.md "Host ceiling"); this says how many a GPU pod needs.
+if ! redis-cli ping >/dev/null 2>&1; then export SPACE_REDIS__URL="redis://127.0.0.1:1/0"; fi  # stack starts its own
+section processes gpu-processes "${GPU_PROCESSES_S:-300}" python3 bench/host.py --real-model --device cuda \
+  --precision bf16 --cuda-graphs --px 256 --batch 64 --max-wait-ms 5 --images 12000 --processes 1,2,4 \
+  --heatmaps none,all --heatmap-threads 8 --decode-workers 4 --steps 5 --model-seconds 2 --out "$OUT/processes.json"
+
 # 2b. torch.compile vs eager side by side (SPACE_MODELS__COMPILE=default): efficientad-s and space-s,
 #     256 px bf16, batch 64 then batch 1, without and with CUDA graphs. Each new shape compiles first
 #     (the batch-64 rows come first, so a timeout still leaves them in compile.json).
@@ -64,7 +75,6 @@ section compile gpu-compile "${GPU_COMPILE_S:-150}" python3 bench/compile.py --d
 # 3. End-to-end worker on the embedded broker, 256 px JPEG camera images, bf16, batch 64, graphs:
 #    without heatmaps; with a heatmap per image (8 heatmap threads) and latency at 50/90 % load;
 #    then 1024 px frames with CPU vs nvJPEG decode, where decoding is the heavy part.
-if ! redis-cli ping >/dev/null 2>&1; then export SPACE_REDIS__URL="redis://127.0.0.1:1/0"; fi  # stack starts its own
 # Common to every end-to-end run: a 256 px model in bf16 with CUDA graphs, batch 64, JPEG requests.
 E2E=(python3 bench/e2e.py --device cuda --precision bf16 --size 256 --batch 64 --max-wait-ms 5 --cuda-graphs
      --format jpeg --decode-workers 12 --steps 5)
