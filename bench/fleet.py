@@ -45,12 +45,9 @@ class Fleet:
         log_dir.mkdir(parents=True, exist_ok=True)
         for i in range(n):
             port = free_port()
-            env = serve_env(settings, model_root, **env_extra)
-            env.update(
-                SPACE_HTTP__PORT=str(port),
-                SPACE_WORKER__STATE_DIR=str(log_dir / f"state-{i}"),
-                SPACE_LOG__LEVEL="WARNING",
-            )
+            defaults = {"SPACE_HTTP__PORT": str(port), "SPACE_WORKER__STATE_DIR": str(log_dir / f"state-{i}"),
+                        "SPACE_LOG__LEVEL": "WARNING"}  # fmt: skip
+            env = serve_env(settings, model_root, **{**defaults, **env_extra})
             log = log_dir / f"worker-{i}.log"
             with open(log, "ab") as out:
                 proc = subprocess.Popen(

@@ -186,6 +186,13 @@ def main() -> None:
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="With --real-model.")
     p.add_argument("--cuda-graphs", action="store_true", help="SPACE_MODELS__CUDA_GRAPHS with --real-model.")
     p.add_argument("--model-seconds", type=float, default=3.0, help="Timing of the model alone (--real-model).")
+    p.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Extra SPACE_* setting for the workers (repeatable), to compare settings.",
+    )
     p.add_argument("--out", default=None, help="Also write the JSON report here.")
     p.add_argument("--serve-standin", metavar="MAPS_NPY", default=None, help=argparse.SUPPRESS)  # child mode
     args = p.parse_args()
@@ -240,7 +247,7 @@ def main() -> None:
         "decode_workers": args.decode_workers, "heatmap_threads": args.heatmap_threads, "repeats": args.repeats,
         "store_latency_ms": args.store_latency_ms, "partitions": PARTITIONS,
         "model": f"real on {args.device}, {args.precision}, graphs={args.cuda_graphs}" if args.real_model else "stand-in",
-        "model_alone_images_per_s": round(model_ips, 1) if model_ips else None,
+        "model_alone_images_per_s": round(model_ips, 1) if model_ips else None, "worker_env": args.worker_env,
     }  # fmt: skip
 
     def settings_for(policy: str) -> Any:
@@ -280,6 +287,7 @@ def main() -> None:
             command = [sys.executable, str(Path(__file__).resolve()), "--serve-standin", str(maps_path),
                        "--model-ips", str(speed), "--batch", str(args.batch),
                        "--store-latency-ms", str(args.store_latency_ms)]  # fmt: skip
+        extra.update(kv.split("=", 1) for kv in args.worker_env)  # last: --worker-env wins
         fleet = Fleet.start(n, s, root, work / f"logs-{s.kafka.group_id}", command, preload=(line,), **extra)
         try:
             settled_at = fleet.wait_settled(PARTITIONS, timeout_s=180)
