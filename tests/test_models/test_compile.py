@@ -156,6 +156,46 @@ def test_a_second_model_on_the_same_code_gets_its_own_graphs(compiled: list[int]
             np.testing.assert_allclose(runner.run(images), expected / 255, rtol=1e-6)
 
 
+@pytest.mark.usefixtures("_fresh_dynamo")
+def test_reloaded_compiled_models_use_their_own_weights_and_old_ones_are_freed(compiled: list[int]) -> None:
+    """The model manager evicts and reloads models for weeks: each must score with its own weights.
+
+    Dynamo keeps graphs on ``SpaceModel.anomaly_map``'s code object, shared by every model, and with
+    parameters lifted into graph inputs a graph built for one model serves the next model of the same
+    config. Bugs this would catch: a reused graph that still computes with the evicted model's
+    weights (wrong scores after a promotion), a cache that keeps evicted models alive (weights leak on
+    every reload), or entries that pile up (every call checks more guards).
+    """
+    import gc
+    import weakref
+
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from models.model import SpaceModel
+
+    code = SpaceModel.anomaly_map.__code__
+    images = _images(2, seed=3)
+    cpu = torch.device("cpu")
+    alive: list[weakref.ref[Any]] = []
+    entries, maps = [], []
+    for seed in range(3):  # three versions of a line: same config, different weights
+        model = make_model("efficientad", seed=seed)
+        eager = Detector(make_model("efficientad", seed=seed), make_card(model), cpu, None, False)
+        detector = Detector(model, make_card(model), cpu, None, False, max_batch=2, compile_mode="default")
+        detector.warmup((1, 2))
+        got = detector.predict(images).maps
+        np.testing.assert_allclose(got, eager.predict(images).maps, rtol=1e-5, atol=1e-6)
+        maps.append(got)
+        alive.append(weakref.ref(model))
+        del detector, model
+        gc.collect()
+        entries.append(len(_debug_get_cache_entry_list(code)))
+    assert compiled, "nothing was compiled"
+    assert not np.allclose(maps[0], maps[1]), "the versions should score differently"
+    assert [ref() for ref in alive] == [None, None, None]
+    assert max(entries) <= 2, f"graphs on the shared code object after each reload: {entries}"
+
+
 # -- failures are clear errors, never a silent fallback --------------------------------------------
 
 
