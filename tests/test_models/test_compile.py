@@ -190,7 +190,8 @@ def test_reloaded_compiled_models_use_their_own_weights_and_old_ones_are_freed(c
         del detector, model
         gc.collect()
         entries.append(len(_debug_get_cache_entry_list(code)))
-    assert compiled, "nothing was compiled"
+    # Versions 2 and 3 reuse version 1's graphs (one per bucket): a promotion costs no compile.
+    assert len(compiled) == 2, f"graphs built for three versions of one config: {len(compiled)}"
     assert not np.allclose(maps[0], maps[1]), "the versions should score differently"
     assert [ref() for ref in alive] == [None, None, None]
     assert max(entries) <= 2, f"graphs on the shared code object after each reload: {entries}"
