@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -29,7 +30,7 @@ def _stderr_logger_factory(*_args: Any) -> _StderrLogger:
     return _StderrLogger()
 
 
-def _redact_secrets(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+def _redact_secrets(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     # Defence in depth: SecretStr values render as '**********', but a raw secret passed under an
     # obvious key must never reach a log line either.
     for key in list(event):

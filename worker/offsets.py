@@ -13,6 +13,9 @@ import threading
 from collections import deque
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+P = TypeVar("P", bound=Hashable)  # a partition key (kafka's TopicPartition in the worker)
 
 
 @dataclass
@@ -23,36 +26,36 @@ class _PartitionState:
     committed: int | None = None  # what the broker last accepted from us
 
 
-class OffsetTracker:
+class OffsetTracker(Generic[P]):
     """Tracks polled and acknowledged offsets per partition (any hashable partition id)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._parts: dict[Hashable, _PartitionState] = {}
+        self._parts: dict[P, _PartitionState] = {}
 
-    def assign(self, partitions: Iterable[Hashable]) -> None:
+    def assign(self, partitions: Iterable[P]) -> None:
         """Start tracking newly owned partitions (fresh state)."""
         with self._lock:
             for tp in partitions:
                 self._parts[tp] = _PartitionState()
 
-    def revoke(self, partitions: Iterable[Hashable]) -> None:
+    def revoke(self, partitions: Iterable[P]) -> None:
         """Forget partitions we no longer own; their acks arriving later are ignored."""
         with self._lock:
             for tp in partitions:
                 self._parts.pop(tp, None)
 
-    def owns(self, tp: Hashable) -> bool:
+    def owns(self, tp: P) -> bool:
         """Whether ``tp`` is currently owned (assigned and not revoked)."""
         with self._lock:
             return tp in self._parts
 
-    def owned(self) -> list[Hashable]:
+    def owned(self) -> list[P]:
         """Partitions currently tracked."""
         with self._lock:
             return list(self._parts)
 
-    def track(self, tp: Hashable, offset: int) -> bool:
+    def track(self, tp: P, offset: int) -> bool:
         """Record a polled offset; False if the partition is not owned (record must be ignored)."""
         with self._lock:
             state = self._parts.get(tp)
@@ -65,7 +68,7 @@ class OffsetTracker:
             state.pending.append(offset)
             return True
 
-    def ack(self, tp: Hashable, offset: int) -> None:
+    def ack(self, tp: P, offset: int) -> None:
         """Mark a record answered; advances the committable offset over the contiguous prefix."""
         with self._lock:
             state = self._parts.get(tp)
@@ -77,7 +80,7 @@ class OffsetTracker:
                 state.acked.discard(done)
                 state.next_commit = done + 1
 
-    def committable(self) -> dict[Hashable, int]:
+    def committable(self) -> dict[P, int]:
         """Offsets to commit now: partitions whose acknowledged prefix advanced since the last commit."""
         with self._lock:
             return {
@@ -86,7 +89,7 @@ class OffsetTracker:
                 if s.next_commit is not None and s.next_commit != s.committed
             }
 
-    def mark_committed(self, offsets: dict[Hashable, int]) -> None:
+    def mark_committed(self, offsets: dict[P, int]) -> None:
         """Record what the broker accepted."""
         with self._lock:
             for tp, offset in offsets.items():
@@ -94,7 +97,7 @@ class OffsetTracker:
                 if state is not None:
                     state.committed = offset
 
-    def inflight(self, partitions: Iterable[Hashable] | None = None) -> int:
+    def inflight(self, partitions: Iterable[P] | None = None) -> int:
         """Polled but unanswered records (all partitions, or only ``partitions``)."""
         with self._lock:
             keys = self._parts.keys() if partitions is None else [p for p in partitions if p in self._parts]

@@ -29,7 +29,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import structlog
@@ -197,7 +198,7 @@ class Worker:
         self.batcher: DynamicBatcher[Item] = DynamicBatcher(
             max_batch_size=b.max_batch_size, max_wait_ms=b.max_wait_ms, max_queue_items=b.max_queue_images, clock=clock
         )
-        self.tracker = OffsetTracker()
+        self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self.sequencer: Sequencer[Item] = Sequencer()
         # Items registered with the sequencer but not yet released, per partition. Forgetting a partition
         # (revoke after the settle budget, or lost) must finish these too, or their in-flight count and
@@ -495,7 +496,7 @@ class Worker:
             if item.request.claim_check is not None:
                 cc = item.request.claim_check
                 data = self.fetcher.fetch(cc.image_uri, cc.sha256)
-                content_type = cc.content_type if getattr(cc, "content_type", None) else None
+                content_type: str | None = cc.content_type if getattr(cc, "content_type", None) else None
             else:
                 data = item.value or b""
                 content_type = item.request.content_type
@@ -608,7 +609,8 @@ class Worker:
             return None
         model = items[0].model
         assert model is not None
-        images = np.stack([it.image for it in items])  # (N, h, w, 3) uint8
+        # (N, h, w, 3) uint8; every item that reached a batch was decoded (failures became dead letters)
+        images = np.stack([cast(np.ndarray, it.image) for it in items])
         start = time.monotonic()
         try:
             pending = model.detector.submit(images)
@@ -784,7 +786,7 @@ class Worker:
             self._send_all(
                 it,
                 [(topic, it.key, body, headers) for topic, headers in sends],
-                on_done=lambda v=result.verdict: self.metrics.results_published.labels(model.line, v).inc(),
+                on_done=partial(self.metrics.results_published.labels(model.line, result.verdict).inc),
             )
             self.metrics.end_to_end_seconds.observe(total_ms / 1000)
         publish_s = time.monotonic() - start
