@@ -204,9 +204,7 @@ def list_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     files = [
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
     ]
     return sorted(files, key=lambda p: _natural_key(p.name))
 
@@ -311,9 +309,7 @@ def scan_dataset(root: Path, *, check_readable: bool = True, require_train: bool
         test=len(test),
         skipped=len(scanner.skipped),
     )
-    return DatasetIndex(
-        root=root, train_good=train, validation_good=validation, test=test, skipped=scanner.skipped
-    )
+    return DatasetIndex(root=root, train_good=train, validation_good=validation, test=test, skipped=scanner.skipped)
 
 
 def _relative_name(path: Path, root: Path) -> str:

@@ -231,9 +231,7 @@ class Detector:
                 raise DetectorError(f"batch must be uint8, got {batch.dtype}")
             return batch
         if isinstance(batch, np.ndarray) and batch.ndim != 4:
-            raise DetectorError(
-                f"expected (N, {h}, {w}, 3) uint8 or a list of images, got shape {batch.shape}"
-            )
+            raise DetectorError(f"expected (N, {h}, {w}, 3) uint8 or a list of images, got shape {batch.shape}")
         return np.stack([self.prepare(img) for img in batch])
 
     def predict(
@@ -256,13 +254,7 @@ class Detector:
                 maps = self._runner.run(np.ascontiguousarray(x_np))
             return self._finish(maps, originals)
         with self._lock, torch.inference_mode():
-            x = (
-                torch.from_numpy(x_np)
-                .to(self.device, non_blocking=True)
-                .permute(0, 3, 1, 2)
-                .float()
-                .div_(255)
-            )
+            x = torch.from_numpy(x_np).to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(
@@ -294,8 +286,7 @@ class Detector:
         if originals is None:
             return Prediction(scores, maps.astype(np.float32, copy=False))
         resized = [
-            cv2.resize(m, (ow, oh), interpolation=cv2.INTER_LINEAR)
-            for m, (oh, ow) in zip(maps, originals, strict=True)
+            cv2.resize(m, (ow, oh), interpolation=cv2.INTER_LINEAR) for m, (oh, ow) in zip(maps, originals, strict=True)
         ]
         return Prediction(scores, resized)
 

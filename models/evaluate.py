@@ -54,9 +54,7 @@ class Scorer(Protocol):
 
     card: Any  # a ModelCard: default_threshold, and name/version/product_line when present
 
-    def predict(
-        self, batch: Sequence[np.ndarray], map_size: Literal["input", "original"] = ...
-    ) -> _Prediction:
+    def predict(self, batch: Sequence[np.ndarray], map_size: Literal["input", "original"] = ...) -> _Prediction:
         """Score a list of RGB images; maps at each image's own size with ``map_size="original"``."""
         ...
 
@@ -72,9 +70,7 @@ class _Scored:
 # ---------------------------------------------------------------------------------------------- scoring
 
 
-def _load_batch(
-    samples: Sequence[TestSample], skipped: list[tuple[Path, str]]
-) -> list[tuple[TestSample, np.ndarray]]:
+def _load_batch(samples: Sequence[TestSample], skipped: list[tuple[Path, str]]) -> list[tuple[TestSample, np.ndarray]]:
     loaded = []
     for sample in samples:
         try:
@@ -85,9 +81,7 @@ def _load_batch(
     return loaded
 
 
-def _ground_truth(
-    sample: TestSample, size_hw: tuple[int, int], skipped: list[tuple[Path, str]]
-) -> np.ndarray | None:
+def _ground_truth(sample: TestSample, size_hw: tuple[int, int], skipped: list[tuple[Path, str]]) -> np.ndarray | None:
     if not sample.is_anomalous:
         return np.zeros(size_hw, bool)
     if sample.mask_path is None:
@@ -209,9 +203,7 @@ def gallery_order(items: Sequence[_Scored], threshold: float) -> list[_Scored]:
 
 def _heat_range(items: Sequence[_Scored], threshold: float) -> tuple[float, float]:
     """One colour scale for the whole gallery: typical good pixel = cold, threshold-level = hot."""
-    good = [it.amap.ravel() for it in items if not it.sample.is_anomalous] or [
-        it.amap.ravel() for it in items
-    ]
+    good = [it.amap.ravel() for it in items if not it.sample.is_anomalous] or [it.amap.ravel() for it in items]
     pixels = np.concatenate(good)
     if pixels.size > _GOOD_PIXEL_SAMPLE:
         pixels = pixels[:: pixels.size // _GOOD_PIXEL_SAMPLE]
@@ -250,9 +242,7 @@ def _render_card(item: _Scored, threshold: float, heat: tuple[float, float]) -> 
     )
     colour_text = (0, 0, 200) if outcome in ("fn", "fp") else (0, 0, 0)
     for row, text in enumerate(lines):
-        cv2.putText(
-            caption, text, (4, 15 + 18 * row), cv2.FONT_HERSHEY_SIMPLEX, 0.42, colour_text, 1, cv2.LINE_AA
-        )
+        cv2.putText(caption, text, (4, 15 + 18 * row), cv2.FONT_HERSHEY_SIMPLEX, 0.42, colour_text, 1, cv2.LINE_AA)
     return np.vstack([caption, panel])
 
 

@@ -45,15 +45,29 @@ def compare(
     rows = []
     for line in lines:
         root = build_product_line(
-            line, out / "data", n_train=n_train, n_val=max(4, n_train // 5), n_test_good=n_test,
-            n_test_defect=n_test, size=size, seed=seed,
+            line,
+            out / "data",
+            n_train=n_train,
+            n_val=max(4, n_train // 5),
+            n_test_good=n_test,
+            n_test_defect=n_test,
+            size=size,
+            seed=seed,
         )
         for spec, kw in map(_parse_run, runs):
             tag = spec.replace(":", "_").replace(",", "_").replace("=", "-")
-            cfg = TrainConfig.model_validate({
-                "data": root, "product_line": f"{line}-{tag}", "out": out / "models", "steps": steps,
-                "input_size": size, "seed": seed, "model_version": "exp", **kw,
-            })
+            cfg = TrainConfig.model_validate(
+                {
+                    "data": root,
+                    "product_line": f"{line}-{tag}",
+                    "out": out / "models",
+                    "steps": steps,
+                    "input_size": size,
+                    "seed": seed,
+                    "model_version": "exp",
+                    **kw,
+                }
+            )
             t0 = time.monotonic()
             artifact = train(cfg)
             train_s = time.monotonic() - t0
@@ -61,8 +75,13 @@ def compare(
             metrics = evaluate(det, dataset.scan_dataset(root), out / "eval" / f"{line}-{tag}", gallery=0)
             overall = metrics["overall"]
             row = {
-                "line": line, "run": spec, "steps": steps, "image_auroc": overall["image_auroc"],
-                "pixel_auroc": overall["pixel_auroc"], "au_pro": overall["au_pro"], "train_s": round(train_s, 1),
+                "line": line,
+                "run": spec,
+                "steps": steps,
+                "image_auroc": overall["image_auroc"],
+                "pixel_auroc": overall["pixel_auroc"],
+                "au_pro": overall["au_pro"],
+                "train_s": round(train_s, 1),
                 "s_per_1000_steps": round(1000 * det.card.training.duration_s / steps, 1),
             }
             rows.append(row)
@@ -85,8 +104,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     rows = compare(
-        args.lines, args.runs, args.out, steps=args.steps, size=args.size, seed=args.seed,
-        n_train=args.n_train, n_test=args.n_test,
+        args.lines,
+        args.runs,
+        args.out,
+        steps=args.steps,
+        size=args.size,
+        seed=args.seed,
+        n_train=args.n_train,
+        n_test=args.n_test,
     )
     print("| line | run | steps | image AUROC | pixel AUROC | AU-PRO | s / 1000 steps |")
     print("|---|---|---|---|---|---|---|")

@@ -221,9 +221,7 @@ def scl_mask(
     return out
 
 
-def scl_loss(
-    aug: SpatialAug, s_aug: torch.Tensor, s_clean: torch.Tensor, mask_aug: torch.Tensor
-) -> torch.Tensor:
+def scl_loss(aug: SpatialAug, s_aug: torch.Tensor, s_clean: torch.Tensor, mask_aug: torch.Tensor) -> torch.Tensor:
     """L_SCL = Σ_p M(p)·‖W_g⁻¹(S(g(x)))_p − sg[S(x)]_p‖² / (C·Σ_p M(p)) over both student heads.
 
     Args:

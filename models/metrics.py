@@ -48,9 +48,7 @@ def _binary_inputs(labels: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[np.nda
 
 def _check_both_classes(n_pos: int, n_neg: int, what: str) -> None:
     if n_pos == 0 or n_neg == 0:
-        raise ValueError(
-            f"{what} needs positive and negative samples (got {n_pos} positive, {n_neg} negative)"
-        )
+        raise ValueError(f"{what} needs positive and negative samples (got {n_pos} positive, {n_neg} negative)")
 
 
 def _mann_whitney_auc(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -166,9 +164,7 @@ def _region_weights(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndar
     return np.concatenate(scores), np.concatenate(weights) / n_regions
 
 
-def pro_curve(
-    masks: ArrayList, maps: ArrayList, fpr_limit: float = 1.0
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pro_curve(masks: ArrayList, maps: ArrayList, fpr_limit: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Exact PRO curve: mean per-region overlap against pixel FPR, one point per distinct score.
 
     Args:

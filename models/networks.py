@@ -47,9 +47,7 @@ class PDN(nn.Module):
     translates nelson1425's ``Sequential`` indices to these names.
     """
 
-    def __init__(
-        self, size: PdnSize = "s", out_channels: int = TEACHER_CHANNELS, padding: bool = False
-    ) -> None:
+    def __init__(self, size: PdnSize = "s", out_channels: int = TEACHER_CHANNELS, padding: bool = False) -> None:
         """Build the layers.
 
         Args:
@@ -132,9 +130,7 @@ class AutoEncoder(nn.Module):
             enc += [nn.Conv2d(cin, cout, 4, stride=2, padding=1), nn.ReLU()]
         enc.append(nn.Conv2d(64, AE_LATENT, (h // 32, w // 32)))
         self.encoder = nn.Sequential(*enc)
-        self.dec_convs = nn.ModuleList(
-            [nn.Conv2d(AE_LATENT if i == 0 else 64, 64, 4, padding=2) for i in range(6)]
-        )
+        self.dec_convs = nn.ModuleList([nn.Conv2d(AE_LATENT if i == 0 else 64, 64, 4, padding=2) for i in range(6)])
         self.dropout = nn.Dropout(0.2)
         self.dec_conv7 = nn.Conv2d(64, 64, 3, padding=1)
         self.dec_conv8 = nn.Conv2d(64, out_channels, 3, padding=1)

@@ -20,9 +20,7 @@ def prepare_image(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
         ValueError: wrong dtype, rank or channel count, or an empty image.
     """
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
-        raise ValueError(
-            f"expected a uint8 numpy image, got {type(image).__name__} {getattr(image, 'dtype', '')}"
-        )
+        raise ValueError(f"expected a uint8 numpy image, got {type(image).__name__} {getattr(image, 'dtype', '')}")
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
     if image.ndim == 2:

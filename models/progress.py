@@ -23,9 +23,7 @@ def format_duration(seconds: float) -> str:
 class ProgressLine:
     """Progress of a loop of ``total`` steps."""
 
-    def __init__(
-        self, total: int, enabled: bool = True, start: int = 0, stream: TextIO | None = None
-    ) -> None:
+    def __init__(self, total: int, enabled: bool = True, start: int = 0, stream: TextIO | None = None) -> None:
         """Start the clock; ``start`` is the first step (for resumed runs)."""
         self.total = total
         self.enabled = enabled
@@ -50,9 +48,7 @@ class ProgressLine:
         self._last_pct, self._last_draw = pct, now
         rate = (step - self.start) / max(now - self.t0, 1e-9)
         eta = (self.total - step) / rate if rate > 0 else 0.0
-        line = (
-            f"train {step}/{self.total} {pct:3d}% loss {loss:.4f} {rate:.2f} it/s ETA {format_duration(eta)}"
-        )
+        line = f"train {step}/{self.total} {pct:3d}% loss {loss:.4f} {rate:.2f} it/s ETA {format_duration(eta)}"
         self.stream.write(("\r" + line) if self.tty else line + "\n")
         self.stream.flush()
 

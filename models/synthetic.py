@@ -103,9 +103,7 @@ def _skimage_data() -> object:
     try:
         import skimage.data
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise RuntimeError(
-            "synthetic product lines need scikit-image (pip install 'space-worker[demo]')"
-        ) from exc
+        raise RuntimeError("synthetic product lines need scikit-image (pip install 'space-worker[demo]')") from exc
     return skimage.data
 
 
@@ -138,9 +136,7 @@ def _spec(name: str) -> LineSpec:
     try:
         return PRODUCT_LINES[name]
     except KeyError:
-        raise ValueError(
-            f"unknown product line {name!r}; known: {', '.join(sorted(PRODUCT_LINES))}"
-        ) from None
+        raise ValueError(f"unknown product line {name!r}; known: {', '.join(sorted(PRODUCT_LINES))}") from None
 
 
 def _pose(spec: LineSpec, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -159,9 +155,7 @@ def _pose(spec: LineSpec, size: int, rng: np.random.Generator) -> np.ndarray:
     matrix[:, 2] += rng.uniform(-0.02, 0.02, size=2) * size
     border = cv2.BORDER_REFLECT_101 if spec.background is None else cv2.BORDER_CONSTANT
     value = spec.background or (0, 0, 0)
-    return cv2.warpAffine(
-        base, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=border, borderValue=value
-    )
+    return cv2.warpAffine(base, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=border, borderValue=value)
 
 
 def render_good_image(name: str, rng: np.random.Generator, *, size: int = 256) -> np.ndarray:
@@ -269,9 +263,7 @@ def _bezier(points: np.ndarray, n: int = 64) -> np.ndarray:
     return (1 - t) ** 3 * p0 + 3 * (1 - t) ** 2 * t * p1 + 3 * (1 - t) * t**2 * p2 + t**3 * p3
 
 
-def _sample_point(
-    shape_hw: tuple[int, int], region: np.ndarray | None, rng: np.random.Generator
-) -> np.ndarray:
+def _sample_point(shape_hw: tuple[int, int], region: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
     h, w = shape_hw
     if region is not None and region.any():
         ys, xs = np.nonzero(region)
@@ -319,15 +311,11 @@ def _crack(shape_hw: tuple[int, int], rng: np.random.Generator, center: np.ndarr
         points = [start]
         for _ in range(steps):
             heading += rng.normal(0.0, 0.35)
-            points.append(
-                points[-1] + step * rng.uniform(0.6, 1.4) * np.array([np.cos(heading), np.sin(heading)])
-            )
+            points.append(points[-1] + step * rng.uniform(0.6, 1.4) * np.array([np.cos(heading), np.sin(heading)]))
         return np.stack(points)
 
     heading = rng.uniform(0.0, 2 * np.pi)
-    trunk = np.concatenate(
-        [walk(center, heading, int(rng.integers(6, 12)))[::-1], walk(center, heading + np.pi, 6)]
-    )
+    trunk = np.concatenate([walk(center, heading, int(rng.integers(6, 12)))[::-1], walk(center, heading + np.pi, 6)])
     lines = [trunk]
     for _ in range(int(rng.integers(1, 3))):
         fork = trunk[int(rng.integers(1, len(trunk) - 1))]
@@ -417,9 +405,7 @@ def _layers(
     return _missing(shape_hw, rng, center, background)
 
 
-def _composite(
-    image: np.ndarray, layers: Sequence[Layer], region: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray]:
+def _composite(image: np.ndarray, layers: Sequence[Layer], region: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """Blend layers over ``image``; exact outside the mask, where the input is copied unchanged."""
     work = image.astype(np.float32)
     mask = np.zeros(image.shape[:2], bool)

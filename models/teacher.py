@@ -96,8 +96,7 @@ def load_published_teacher(path: Path, size: PdnSize) -> PDN:
     for name, ref in expected.items():
         if tuple(state[name].shape) != tuple(ref.shape):
             raise TeacherError(
-                f"{path}: {name} has shape {tuple(state[name].shape)}, "
-                f"PDN-{size.upper()} needs {tuple(ref.shape)}"
+                f"{path}: {name} has shape {tuple(state[name].shape)}, PDN-{size.upper()} needs {tuple(ref.shape)}"
             )
     pdn.load_state_dict({k: v.float() for k, v in state.items() if k in expected})
     log.info("teacher_imported", path=str(path), size=size)
@@ -244,9 +243,7 @@ def load_backbone(spec: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return backbone
 
 
-def _distill_target(
-    backbone: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grid: int
-) -> torch.Tensor:
+def _distill_target(backbone: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grid: int) -> torch.Tensor:
     with torch.no_grad():
         f = backbone(x).float()
         f = F.interpolate(f, size=(grid, grid), mode="bilinear", align_corners=False)

@@ -38,9 +38,7 @@ def _lower(value: str) -> str:
     return value.lower()
 
 
-Identifier = Annotated[
-    str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS, pattern=NO_CONTROL_PATTERN)
-]
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS, pattern=NO_CONTROL_PATTERN)]
 """An opaque id (message, camera, part, worker): 1..256 characters, no control characters."""
 
 ProductLine = Annotated[str, StringConstraints(pattern=PRODUCT_LINE_PATTERN)]

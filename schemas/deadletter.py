@@ -102,13 +102,11 @@ DEAD_LETTER_REASONS: Final[Mapping[DeadLetterReason, str]] = {
     DeadLetterReason.EMPTY_VALUE: "The record value is empty or null.",
     DeadLetterReason.INVALID_CLAIM_CHECK: "The application/json value is not a valid claim check "
     "(JSON, image_uri, sha256, size).",
-    DeadLetterReason.VALUE_TOO_LARGE: "The image (inline or fetched) has more bytes than the "
-    "configured limit.",
+    DeadLetterReason.VALUE_TOO_LARGE: "The image (inline or fetched) has more bytes than the configured limit.",
     DeadLetterReason.CONTENT_TYPE_MISMATCH: "The bytes are a different image format than content-type "
     "(or the claim check's content_type) declares.",
     DeadLetterReason.CORRUPT_IMAGE: "The bytes do not decode as an image (truncated or damaged file).",
-    DeadLetterReason.TOO_MANY_PIXELS: "The image declares or decodes to more pixels than the "
-    "configured limit.",
+    DeadLetterReason.TOO_MANY_PIXELS: "The image declares or decodes to more pixels than the configured limit.",
     DeadLetterReason.UNSUPPORTED_BIT_DEPTH: "The image's bit depth or channel layout cannot be "
     "normalised to 8-bit RGB.",
     DeadLetterReason.CLAIM_CHECK_DENIED: "The claim-check URI's scheme, bucket or path is not "
@@ -187,9 +185,7 @@ def dead_letter_headers(
     Values come back as ``bytes`` (a null value as ``b""``), ready for ``KafkaProducer.send``.
     """
     kept = [
-        (name, b"" if value is None else bytes(value))
-        for name, value in original_headers
-        if not _is_error_header(name)
+        (name, b"" if value is None else bytes(value)) for name, value in original_headers if not _is_error_header(name)
     ]
     for field, header in _FIELD_HEADERS.items():
         text = _header_text(info, field)
@@ -272,9 +268,7 @@ def dead_letter_headers_json_schema() -> dict[str, Any]:
         "value_truncated_from": INTEGER_HEADER_SCHEMA,
     }
     specs = [
-        HeaderSpec(
-            header, str(fields[field].description), schemas[field], required=field != "value_truncated_from"
-        )
+        HeaderSpec(header, str(fields[field].description), schemas[field], required=field != "value_truncated_from")
         for field, header in _FIELD_HEADERS.items()
     ]
     return headers_json_schema(

@@ -97,9 +97,7 @@ ImageContentType = Literal["image/jpeg", "image/png", "image/bmp", "image/tiff"]
 ContentType = Literal["image/jpeg", "image/png", "image/bmp", "image/tiff", "application/json"]
 IMAGE_CONTENT_TYPES: Final[tuple[str, ...]] = get_args(ImageContentType)
 
-Source = Annotated[
-    str, StringConstraints(min_length=1, max_length=MAX_SOURCE_CHARS, pattern=NO_CONTROL_PATTERN)
-]
+Source = Annotated[str, StringConstraints(min_length=1, max_length=MAX_SOURCE_CHARS, pattern=NO_CONTROL_PATTERN)]
 ImageUri = Annotated[
     str,
     StringConstraints(
@@ -155,9 +153,7 @@ class ClaimCheck(WireModel):
     sha256: Sha256Hex = Field(description="SHA-256 of the image bytes (hex; stored lowercased).")
     width: Dimension | None = Field(default=None, description="Image width in pixels, if known.")
     height: Dimension | None = Field(default=None, description="Image height in pixels, if known.")
-    content_type: ImageContentType | None = Field(
-        default=None, description="Media type of the stored image, if known."
-    )
+    content_type: ImageContentType | None = Field(default=None, description="Media type of the stored image, if known.")
 
 
 class InspectionRequest(WireModel):
@@ -227,9 +223,7 @@ def _decode_headers(headers: Sequence[tuple[str, bytes | None]]) -> dict[str, st
             except UnicodeDecodeError:
                 continue  # not a name this binding defines
         if not isinstance(name, str):
-            raise RequestError(
-                RequestErrorReason.INVALID_HEADER_ENCODING, None, "header name is not a string"
-            )
+            raise RequestError(RequestErrorReason.INVALID_HEADER_ENCODING, None, "header name is not a string")
         key = name.lower()
         if not (key.startswith("ce_") or key == _CONTENT_TYPE):
             continue
@@ -311,9 +305,7 @@ def _parse_claim_check(value: bytes) -> ClaimCheck:
             RequestErrorReason.INVALID_CLAIM_CHECK, "value", f"not a UTF-8 JSON document: {exc}"
         ) from None
     if not isinstance(document, dict):
-        raise RequestError(
-            RequestErrorReason.INVALID_CLAIM_CHECK, "value", "claim check must be a JSON object"
-        )
+        raise RequestError(RequestErrorReason.INVALID_CLAIM_CHECK, "value", "claim check must be a JSON object")
     try:
         return ClaimCheck.model_validate(document)
     except ValidationError as exc:

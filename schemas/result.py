@@ -71,14 +71,10 @@ Verdict = Literal["ok", "anomalous"]
 ThresholdSource = Literal["redis", "cache", "model-default"]
 ResultEventType = Literal["space.inspection.result.v1", "space.inspection.alert.v1"]
 
-ResultId = Annotated[
-    str, StringConstraints(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-]
+ResultId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")]
 StorageUri = Annotated[
     str,
-    StringConstraints(
-        min_length=1, max_length=2048, pattern=r"^(?:s3|file|https?)://[^\x00-\x20\x7f-\x9f]+$"
-    ),
+    StringConstraints(min_length=1, max_length=2048, pattern=r"^(?:s3|file|https?)://[^\x00-\x20\x7f-\x9f]+$"),
 ]
 Milliseconds = Annotated[float, Field(ge=0)]
 Pixels = Annotated[int, Field(ge=1, le=65535)]
@@ -259,17 +255,13 @@ def result_headers_json_schema() -> dict[str, Any]:
         HeaderSpec("ce_specversion", "CloudEvents spec version.", {"type": "string", "const": "1.0"}),
         HeaderSpec("ce_id", "The result_id (idempotency key).", string_schema(ResultId)),
         HeaderSpec("ce_source", "The worker_id of the producing worker.", identifier),
-        HeaderSpec(
-            "ce_type", "Result or alert.", {"type": "string", "enum": [RESULT_EVENT_TYPE, ALERT_EVENT_TYPE]}
-        ),
+        HeaderSpec("ce_type", "Result or alert.", {"type": "string", "enum": [RESULT_EVENT_TYPE, ALERT_EVENT_TYPE]}),
         HeaderSpec("ce_subject", "The message_id (ce_id) of the request.", identifier),
         HeaderSpec("ce_time", "When the result was produced (produced_at).", DATETIME_HEADER_SCHEMA),
         HeaderSpec("ce_productline", "Product line.", string_schema(ProductLine)),
         HeaderSpec("ce_cameraid", "Camera id (also the record key).", identifier),
         HeaderSpec("ce_partid", "Part id, when the request had one.", identifier, required=False),
-        HeaderSpec(
-            "content-type", "Media type of the value.", {"type": "string", "const": "application/json"}
-        ),
+        HeaderSpec("content-type", "Media type of the value.", {"type": "string", "const": "application/json"}),
     ]
     return headers_json_schema(
         "InspectionResultHeaders",

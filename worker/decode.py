@@ -281,9 +281,7 @@ def _declared_format(content_type: str | None) -> ImageFormat | None:
         return None
     media = content_type.split(";", 1)[0].strip().lower()
     if media not in CONTENT_TYPES:
-        raise DecodeError(
-            "unsupported-content-type", f"content-type {content_type!r} is not an accepted image type"
-        )
+        raise DecodeError("unsupported-content-type", f"content-type {content_type!r} is not an accepted image type")
     return CONTENT_TYPES[media]
 
 
@@ -321,9 +319,7 @@ def check_image(data: bytes, content_type: str | None, *, max_pixels: int, max_v
         raise DecodeError("content-type-mismatch", f"declared {content_type!r} but the data is {sniffed}")
     info = probe_image(data)
     if info.pixels > max_pixels:
-        raise DecodeError(
-            "too-many-pixels", f"{info.width}x{info.height} is over the limit of {max_pixels} pixels"
-        )
+        raise DecodeError("too-many-pixels", f"{info.width}x{info.height} is over the limit of {max_pixels} pixels")
     _check_depth(info)
     return info
 
@@ -465,9 +461,7 @@ class ClaimCheckFetcher:
             raise DecodeError("claim-check-denied", f"{uri} names no object")
         buckets = self._settings.claim_check_buckets
         if buckets and bucket not in buckets:
-            raise DecodeError(
-                "claim-check-denied", f"bucket {bucket!r} is not in the allowed claim-check buckets"
-            )
+            raise DecodeError("claim-check-denied", f"bucket {bucket!r} is not in the allowed claim-check buckets")
         limit = self._settings.max_value_bytes
         try:
             response = self._client().get_object(Bucket=bucket, Key=key)
@@ -488,17 +482,13 @@ class ClaimCheckFetcher:
 
     def _fetch_file(self, uri: str) -> bytes:
         if self._file_root is None:
-            raise DecodeError(
-                "claim-check-denied", "file:// claim checks need SPACE_DECODE__CLAIM_CHECK_FILE_ROOT"
-            )
+            raise DecodeError("claim-check-denied", "file:// claim checks need SPACE_DECODE__CLAIM_CHECK_FILE_ROOT")
         parts = urlsplit(uri)
         if parts.netloc not in ("", "localhost"):
             raise DecodeError("claim-check-denied", f"file:// host {parts.netloc!r} is not local")
         path = Path(unquote(parts.path)).resolve()
         if not path.is_relative_to(self._file_root):
-            raise DecodeError(
-                "claim-check-denied", f"{path} is outside the claim-check root {self._file_root}"
-            )
+            raise DecodeError("claim-check-denied", f"{path} is outside the claim-check root {self._file_root}")
         limit = self._settings.max_value_bytes
         try:
             with path.open("rb") as file:

@@ -187,9 +187,7 @@ def encode_overlay_jpeg(
         raise ValueError("image_rgb must be a (H, W[, 3]) uint8 array")
     image_bgr = cv2.cvtColor(image_rgb, cv2.COLOR_GRAY2BGR if image_rgb.ndim == 2 else cv2.COLOR_RGB2BGR)
     height, width = image_bgr.shape[:2]
-    heat = cv2.resize(
-        heatmap_to_uint8(anomaly_map, threshold), (width, height), interpolation=cv2.INTER_LINEAR
-    )
+    heat = cv2.resize(heatmap_to_uint8(anomaly_map, threshold), (width, height), interpolation=cv2.INTER_LINEAR)
     colored = cv2.applyColorMap(heat, cv2.COLORMAP_JET)
     blended = cv2.addWeighted(image_bgr, 1.0 - alpha, colored, alpha, 0.0)
     ok, buf = cv2.imencode(".jpg", blended, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
@@ -370,9 +368,7 @@ class RetryingHeatmapStore:
                 if attempt + 1 == attempts:
                     raise HeatmapStoreError(f"{exc} (gave up after {attempts} attempts)") from exc
                 delay_s = self.backoff_ms * (2**attempt) / 1000.0
-                log.warning(
-                    "heatmap_store_retry", key=key, attempt=attempt + 1, delay_s=delay_s, error=str(exc)
-                )
+                log.warning("heatmap_store_retry", key=key, attempt=attempt + 1, delay_s=delay_s, error=str(exc))
                 self._sleep(delay_s)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -407,9 +403,7 @@ def save_heatmap(
     return StoredHeatmap(uri, "png", int(width), int(height), hashlib.sha256(data).hexdigest())
 
 
-def open_heatmap_store(
-    heatmaps: HeatmapSettings, s3: S3Settings, *, s3_client: Any | None = None
-) -> HeatmapStore:
+def open_heatmap_store(heatmaps: HeatmapSettings, s3: S3Settings, *, s3_client: Any | None = None) -> HeatmapStore:
     """Build the configured store (``file://DIR`` or ``s3://bucket/prefix``) wrapped in retries.
 
     Args:

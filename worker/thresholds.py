@@ -81,9 +81,7 @@ class VersionConflict(ThresholdError):
         self.line = line
         self.expected = expected
         self.actual = actual
-        super().__init__(
-            f"threshold for line {line} is at version {actual}, not {expected}: re-read and retry"
-        )
+        super().__init__(f"threshold for line {line} is at version {actual}, not {expected}: re-read and retry")
 
 
 class ThresholdValueError(ThresholdError, ValueError):

@@ -58,9 +58,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="Decision threshold for the confusion counts and gallery (default: the model card's).",
     )
-    parser.add_argument(
-        "--fpr-limit", default=0.3, type=_fpr_limit, help="AU-PRO integration limit (default 0.3)."
-    )
+    parser.add_argument("--fpr-limit", default=0.3, type=_fpr_limit, help="AU-PRO integration limit (default 0.3).")
 
 
 def _fmt(value: float | None) -> str:

@@ -45,9 +45,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     put.add_argument("line", metavar="LINE", help="Product line.")
     put.add_argument("value", metavar="VALUE", type=float, help="Threshold on the model's score (finite).")
     put.add_argument("--model-version", default=None, help="Model version the value is calibrated for.")
-    put.add_argument(
-        "--method", choices=("manual", "quantile", "f1"), default="manual", help="How it was chosen."
-    )
+    put.add_argument("--method", choices=("manual", "quantile", "f1"), default="manual", help="How it was chosen.")
     put.add_argument("--note", default="", help="Why (kept in the history).")
     put.add_argument("--by", default=None, help="Who (default: the current user).")
     put.add_argument(
@@ -78,9 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     # The table (or JSON) on stdout is the output; only warnings and errors go to stderr.
-    configure_logging(
-        "WARNING" if settings.log.level in ("DEBUG", "INFO") else settings.log.level, settings.log.format
-    )
+    configure_logging("WARNING" if settings.log.level in ("DEBUG", "INFO") else settings.log.level, settings.log.format)
     client = make_redis(settings.redis)
     store = ThresholdStore(
         client,
