@@ -58,12 +58,14 @@ section model gpu-model "${GPU_MODEL_S:-220}" python3 bench/gpu.py --out "$OUT" 
 
 # 2a. Worker processes sharing the card (bench/host.py --real-model): the model alone with two batches
 #     in flight, then 1, 2 and 4 `space serve` processes in one group draining a backlog of 256 px
-#     JPEGs, without heatmaps and with one per image. One process is bound by its interpreter lock
+#     JPEGs without heatmaps, then 4 processes with a heatmap per image. One process is bound by its interpreter lock
 #     (~1 ms of CPU per image, docs/performance.md "Host ceiling"); this says how many a GPU pod needs.
 if ! redis-cli ping >/dev/null 2>&1; then export SPACE_REDIS__URL="redis://127.0.0.1:1/0"; fi  # stack starts its own
-section processes gpu-processes "${GPU_PROCESSES_S:-300}" python3 bench/host.py --real-model --device cuda \
-  --precision bf16 --cuda-graphs --px 256 --batch 64 --max-wait-ms 5 --images 12000 --processes 1,2,4 \
-  --heatmaps none,all --heatmap-threads 8 --decode-workers 4 --steps 5 --model-seconds 2 --out "$OUT/processes.json"
+HOST=(python3 bench/host.py --real-model --device cuda --precision bf16 --cuda-graphs --px 256 --batch 64
+      --max-wait-ms 5 --images 20000 --heatmap-threads 8 --decode-workers 4 --steps 5 --model-seconds 2)
+section processes gpu-processes "${GPU_PROCESSES_S:-300}" bash -c \
+  "${HOST[*]} --processes 1,2,4 --heatmaps none --out $OUT/processes.json;
+   ${HOST[*]} --processes 4 --heatmaps all --out $OUT/processes-heatmaps.json"
 
 # 2b. torch.compile vs eager side by side (SPACE_MODELS__COMPILE=default): efficientad-s and space-s,
 #     256 px bf16, batch 64 then batch 1, without and with CUDA graphs. Each new shape compiles first
