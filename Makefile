@@ -27,6 +27,11 @@ test-slow: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m worker demo $(DEMO_ARGS)
 
+# The host ceiling (bench/host.py, a few minutes): worker processes on a stand-in device; see docs/performance.md.
+BENCH_ARGS ?= --images 4000 --processes 1,2 --heatmaps none,all
+bench: $(STAMP)
+	$(PY) bench/host.py $(BENCH_ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check worker models schemas tests bench
 	$(VENV)/bin/ruff format --check worker models schemas
