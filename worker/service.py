@@ -694,7 +694,9 @@ class Worker:
         Called by the infer thread as soon as a batch is scored, so the pool starts on batch n+1's
         heatmaps while the publish thread still waits for batch n's and sends its results: the pool
         does not idle between batches. The queue to the publish thread (two batches) bounds how many
-        prepared batches exist.
+        prepared batches exist. The threshold comes from the cache; a reload from Redis (once per
+        TTL) happens here, and with Redis down it costs at most ``socket_timeout_ms`` x (1 + retries)
+        once per back-off before the last known value serves (tests/reliability/test_redis_faults.py).
         """
         start = time.monotonic()
         model = scored.items[0].model
