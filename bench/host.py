@@ -261,7 +261,7 @@ def main() -> None:
                    "session_timeout_ms": args.session_timeout_ms, "heartbeat_interval_ms": 1000},
             redis={"url": env["SPACE_REDIS__URL"], "key_prefix": f"host-{suffix}"},
             batching={"max_batch_size": args.batch, "max_wait_ms": args.max_wait_ms},
-            heatmaps={"store_uri": f"file://{work / 'heatmaps'}", "policy": policy},
+            heatmaps={"store_uri": f"file://{work / 'heatmaps' / suffix}", "policy": policy},
             worker={"state_dir": str(work / "state")},
         )  # fmt: skip
         ensure_topics(
@@ -297,6 +297,7 @@ def main() -> None:
             results, cpu1 = read_results(s, len(recs), timeout_s=900, fleet=fleet)
         finally:
             codes = fleet.stop()
+        stored = [p.stat().st_size for p in Path(s.heatmaps.store_uri.removeprefix("file://")).rglob("*.png")]
         stamps = [datetime.fromisoformat(r["produced_at"]).timestamp() for r in results]
         after = [t for t in stamps if t >= settled_at]
         if len(after) < len(stamps) // 4:
@@ -306,6 +307,7 @@ def main() -> None:
             "images_per_s": ips, "cpu_ms_per_image": (cpu1 - cpu0) * 1000 / len(after),
             "mean_batch": statistics.mean(r["batch_size"] for r in results), "measured_results": len(after),
             "results_before_settled": len(stamps) - len(after),
+            "heatmap_kib_mean": statistics.mean(stored) / 1024 if stored else 0.0,
             "exit_codes": max(codes),
         }  # fmt: skip
 
@@ -330,7 +332,8 @@ def main() -> None:
         row = {"processes": n, "model_images_per_s": speed or None, "heatmaps": policy, "images_per_s": round(ips, 1),
                "runs": [round(f["images_per_s"], 1) for f in figs],
                "cpu_ms_per_image": round(statistics.median(f["cpu_ms_per_image"] for f in figs), 3),
-               "mean_batch": round(statistics.mean(f["mean_batch"] for f in figs), 1)}  # fmt: skip
+               "mean_batch": round(statistics.mean(f["mean_batch"] for f in figs), 1),
+               "heatmap_kib_mean": round(statistics.mean(f["heatmap_kib_mean"] for f in figs), 2)}  # fmt: skip
         if speed or model_ips:
             row["over_model"] = round(ips / (speed or model_ips), 3)
         one = next((r for r in rows if r["processes"] == 1 and r["model_images_per_s"] == row["model_images_per_s"]

@@ -720,6 +720,7 @@ class Worker:
                     it.request.message_id,
                     scored.maps[i],
                     threshold.value,
+                    self.settings.heatmaps.max_side_px,
                 )
         return _Publishing(scored, model, threshold, verdicts, futures, start)
 

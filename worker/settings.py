@@ -259,6 +259,14 @@ class HeatmapSettings(_Section):
     )
     retries: int = Field(3, ge=0, le=10, description="Attempts after the first failure.")
     backoff_ms: float = Field(50.0, ge=0, le=10_000, description="First retry delay, doubled each time.")
+    max_side_px: int | None = Field(
+        None,
+        ge=8,
+        le=8192,
+        description="Store heatmaps with their longer side at most this many pixels (each block keeps its "
+        "maximum, so the threshold crossing and the score survive); unset = the model input size. The model "
+        "computes its map at about a quarter of the input size, so a quarter loses little.",
+    )
 
     @field_validator("store_uri")
     @classmethod

@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -28,8 +29,10 @@ def _test_images(data: Path) -> list[tuple[Path, bool]]:
 def test_every_request_gets_one_result_with_the_detector_score_and_order_per_camera(
     make_settings, topics, trained_model, tmp_path
 ) -> None:
+    # Heatmaps capped at a quarter of the 128 px input: stored 32 x 32, peaks kept (SPACE_HEATMAPS__MAX_SIDE_PX).
     settings = make_settings(topics, models={"root": str(trained_model.root), "preload": (trained_model.line,)},
-                             batching={"max_batch_size": 8, "max_wait_ms": 20})  # fmt: skip
+                             batching={"max_batch_size": 8, "max_wait_ms": 20},
+                             heatmaps={"max_side_px": 32})  # fmt: skip
     images = _test_images(trained_model.data)
     rng = random.Random(3)
     records, expected = [], {}
@@ -62,7 +65,11 @@ def test_every_request_gets_one_result_with_the_detector_score_and_order_per_cam
         assert b["threshold"]["source"] == "model-default"
         assert b["model"]["version"] == trained_model.version
         assert b["heatmap"]["uri"].startswith("file://")
-        assert Path(b["heatmap"]["uri"].removeprefix("file://")).is_file()
+        png = cv2.imread(b["heatmap"]["uri"].removeprefix("file://"), cv2.IMREAD_UNCHANGED)
+        assert png.shape == (32, 32) and (b["heatmap"]["width"], b["heatmap"]["height"]) == (32, 32)
+        # The threshold sits at 128 and each pixel holds its block's maximum: the shrunk heatmap
+        # crosses 128 exactly when the image is anomalous.
+        assert (png.max() >= 128) == (b["verdict"] == "anomalous"), (b["score"], b["threshold"], png.max())
     labels = [expected[b["message_id"]][1] for b in bodies]
     assert image_auroc(labels, [b["score"] for b in bodies]) >= 0.9
 

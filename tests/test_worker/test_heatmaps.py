@@ -18,6 +18,7 @@ from worker.heatmaps import (
     HeatmapStoreError,
     RetryingHeatmapStore,
     S3HeatmapStore,
+    downscale_keeping_peaks,
     encode_heatmap_png,
     encode_overlay_jpeg,
     heatmap_key,
@@ -129,6 +130,42 @@ def test_png_is_8bit_gray_and_round_trips():
     assert decoded.dtype == np.uint8
     assert decoded.shape == (37, 53)
     np.testing.assert_array_equal(decoded, heatmap_to_uint8(amap, 0.3))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    h=st.integers(1, 90), w=st.integers(1, 90), side=st.integers(1, 40),
+    y=st.floats(0, 0.999), x=st.floats(0, 0.999), peak=st.floats(0.31, 5.0),
+)  # fmt: skip
+def test_downscaled_heatmap_keeps_every_threshold_crossing_in_its_block(h, w, side, y, x, peak):
+    # A one-pixel defect anywhere (the worst case for averaging) stays above threshold, in the block
+    # that holds it, and nowhere else; the shrunk map's maximum is the full map's (the image score).
+    threshold = 0.3
+    amap = np.random.default_rng(h * 100 + w).random((h, w), dtype=np.float32) * 0.29
+    py, px = int(y * h), int(x * w)
+    amap[py, px] = peak
+    small = downscale_keeping_peaks(amap, side)
+    f = -(-max(h, w) // side)
+    assert max(small.shape) <= side or f == 1
+    assert small.shape == (-(-h // f), -(-w // f))
+    assert small.max() == amap.max()
+    pixels = heatmap_to_uint8(small, threshold)
+    assert [tuple(p) for p in np.argwhere(pixels >= 128)] == [(py // f, px // f)]
+
+
+def test_downscaling_gives_each_block_its_maximum_and_leaves_small_maps_alone():
+    amap = np.arange(36, dtype=np.float32).reshape(6, 6)
+    np.testing.assert_array_equal(downscale_keeping_peaks(amap, 3), [[7, 9, 11], [19, 21, 23], [31, 33, 35]])
+    # 6 x 5 into at most 2 px: blocks of 3, the last column padded with its edge values.
+    np.testing.assert_array_equal(downscale_keeping_peaks(amap[:, :5], 2), [[14, 16], [32, 34]])
+    # Partial blocks take the maximum of what they hold, also below zero (no padding value leaks in).
+    np.testing.assert_array_equal(downscale_keeping_peaks(-amap[:, :5] - 1, 2), [[-1, -4], [-19, -22]])
+    assert downscale_keeping_peaks(amap, 6) is amap
+    with_nan = amap.copy()
+    with_nan[5, 5] = np.nan
+    assert downscale_keeping_peaks(with_nan, 3)[2, 2] == 34  # NaN counts as 0, as in the PNG scaling
+    with pytest.raises(ValueError, match=r"\(H, W\)"):
+        downscale_keeping_peaks(np.zeros((1, 4, 4), np.float32), 2)
 
 
 def test_png_refuses_maps_that_are_not_2d():
@@ -275,6 +312,16 @@ def test_save_heatmap_describes_what_it_stored(tmp_path):
     assert (ref.format, ref.width, ref.height) == ("png", 20, 12)
     assert ref.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert path.is_relative_to(tmp_path.resolve())
+
+
+def test_save_heatmap_with_a_size_cap_stores_the_shrunk_map(tmp_path):
+    store = FileHeatmapStore(tmp_path)
+    amap = np.zeros((256, 200), np.float32)
+    amap[101, 37] = 1.5  # 3x the threshold: 255
+    ref = save_heatmap(store, "L1", WHEN, "m/2", amap, 0.5, max_side_px=64)
+    decoded = cv2.imread(ref.uri.removeprefix("file://"), cv2.IMREAD_UNCHANGED)
+    assert (ref.width, ref.height) == (50, 64) and decoded.shape == (64, 50)
+    assert decoded[101 // 4, 37 // 4] == 255 and np.count_nonzero(decoded) == 1
 
 
 def test_open_heatmap_store_from_settings(tmp_path, monkeypatch):
