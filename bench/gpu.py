@@ -184,7 +184,10 @@ def measure(
         rows.append({"variant": variant, "size": size, "precision": precision, "graphs": graphs, "batch": batch,
                      "images_per_s": round(ips, 1), "share_of_peak": round(share, 4),
                      "batch1_latency_ms": round(lat, 3)})  # fmt: skip
-        print(f"| {variant} | {size} | {precision} | {graphs} | {batch} | {ips:,.0f} | {share:.1%} | {lat:.3f} |", flush=True)
+        print(
+            f"| {variant} | {size} | {precision} | {graphs} | {batch} | {ips:,.0f} | {share:.1%} | {lat:.3f} |",
+            flush=True,
+        )
     del runner
     return rows
 

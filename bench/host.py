@@ -9,8 +9,8 @@ benchmark shows it anywhere, by swapping the model for a **stand-in device** ins
   that takes ``batch / --model-ips`` seconds per batch (a sleep, which like a GPU sync releases the
   GIL; batches queue behind each other as on one CUDA stream) and returns anomaly maps the real
   model computed on the bench images (PNG cost depends on map content, so the maps must be real);
-  ``--model-ips 0`` makes it instant: the pure host ceiling. The uint8 batch is still copied into a
-  preallocated buffer, as the CUDA runner copies it into pinned memory;
+  ``--model-ips 0`` makes it instant: the pure host ceiling. The images are still copied into a
+  preallocated buffer (``models.gpu.fill_batch``), as the CUDA runner copies them into pinned memory;
 * ``--store-latency-ms`` adds a round trip to every heatmap write (a sleep before the real file
   write), as an object store (S3, MinIO) has: then the heatmap threads wait on I/O, not on a core.
 
@@ -75,8 +75,9 @@ class StandInDevice:
         h, w = maps.shape[1:]
         self._upload = np.empty((max_batch, h, w, 3), np.uint8)  # the runner's pinned buffer
 
-    def submit(self, batch: np.ndarray) -> Any:
+    def submit(self, batch: np.ndarray | list[np.ndarray]) -> Any:
         from models.detector import Detector, PendingPrediction
+        from models.gpu import fill_batch
 
         n = len(batch)
         with self._lock:
@@ -86,7 +87,7 @@ class StandInDevice:
             done_at = self._free_at
             idx = [(self._next + i) % len(self.maps) for i in range(n)]
             self._next = (self._next + n) % len(self.maps)
-        self._upload[:n] = batch
+        fill_batch(self._upload, batch)  # as the runner fills its pinned bucket buffer
         maps = self.maps[idx]
 
         def wait() -> Any:
@@ -105,7 +106,7 @@ def serve_with_standin(maps_path: str, images_per_s: float, max_batch: int, stor
     from worker.heatmaps import FileHeatmapStore
 
     device = StandInDevice(np.load(maps_path), images_per_s, max_batch)
-    Detector.submit = lambda self, batch: device.submit(self._stack(batch))  # type: ignore[method-assign]
+    Detector.submit = lambda self, batch: device.submit(batch if isinstance(batch, list) else self._stack(batch))  # type: ignore[method-assign]
     if store_latency_ms > 0:
         put = FileHeatmapStore.put
 

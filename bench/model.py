@@ -33,13 +33,31 @@ def _detector(variant: str, size: int, precision: str, device: str) -> Detector:
     model = SpaceModel(cfg)
     model.calibrated.fill_(True)
     card = ModelCard(
-        name=f"bench-{variant}", product_line="bench", version="0", variant=cfg.variant, size=cfg.size,
-        input_size=cfg.input_size, config=cfg, teacher=TeacherInfo(source="offline:filterbank"),
-        quantiles=Quantiles(qa_st=0, qb_st=1, qa_ae=0, qb_ae=1), default_threshold=1.0, threshold_method="bench",
+        name=f"bench-{variant}",
+        product_line="bench",
+        version="0",
+        variant=cfg.variant,
+        size=cfg.size,
+        input_size=cfg.input_size,
+        config=cfg,
+        teacher=TeacherInfo(source="offline:filterbank"),
+        quantiles=Quantiles(qa_st=0, qb_st=1, qa_ae=0, qb_ae=1),
+        default_threshold=1.0,
+        threshold_method="bench",
         validation_scores=ScoreStats(n=0, mean=0, std=0, min=0, q50=0, q90=0, q99=0, max=0),
         training=TrainingSummary(
-            data_root="", data_sha256="", n_train=0, n_validation=0, validation_source="validation_good", steps=0,
-            batch_size=1, seed=0, duration_s=0, device="cpu", precision="fp32", penalty_source="none",
+            data_root="",
+            data_sha256="",
+            n_train=0,
+            n_validation=0,
+            validation_source="validation_good",
+            steps=0,
+            batch_size=1,
+            seed=0,
+            duration_s=0,
+            device="cpu",
+            precision="fp32",
+            penalty_source="none",
         ),
     )
     return Detector.from_model(model, card, device=device, precision=precision, channels_last=True)  # type: ignore[arg-type]
@@ -83,8 +101,10 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"# Detector throughput, {args.input_size}px, device={args.device}, threads={args.threads}, "
-          f"reps={args.reps} (best of reps: the CPU is shared, the minimum is the least disturbed), torch {torch.__version__}")
+    print(
+        f"# Detector throughput, {args.input_size}px, device={args.device}, threads={args.threads}, "
+        f"reps={args.reps} (best of reps: the CPU is shared, the minimum is the least disturbed), torch {torch.__version__}"
+    )
     print("| precision | batch | efficientad img/s | space img/s | space cost vs efficientad |")
     print("|---|---|---|---|---|")
     for precision in args.precisions:

@@ -79,7 +79,11 @@ def _train_tiny(out: Path) -> Path:
     torch.manual_seed(0)
     data = build_product_line(LINE, out / "data", n_train=12, n_val=6, n_test_good=6, n_test_defect=6, size=128, seed=0)
     root = out / "registry"
-    train(TrainConfig(data=data, product_line=LINE, out=root, steps=5, input_size=128, seed=0, model_version="v1", device="cpu"))
+    train(
+        TrainConfig(
+            data=data, product_line=LINE, out=root, steps=5, input_size=128, seed=0, model_version="v1", device="cpu"
+        )
+    )
     ModelRegistry(str(root)).promote(LINE, "v1", by="soak")
     return root
 
@@ -151,7 +155,9 @@ def run_soak(
         stack.up()
         env_stack = stack.env()
     else:
-        env_stack = {k: os.environ[k] for k in ("SPACE_KAFKA__BOOTSTRAP_SERVERS", "SPACE_REDIS__URL") if k in os.environ}
+        env_stack = {
+            k: os.environ[k] for k in ("SPACE_KAFKA__BOOTSTRAP_SERVERS", "SPACE_REDIS__URL") if k in os.environ
+        }
     proc = None
     try:
         root = model_root or _train_tiny(workdir / "model")
@@ -176,7 +182,9 @@ def run_soak(
             proc = subprocess.Popen([sys.executable, "-m", "worker", "serve"], env=env, cwd=REPO, stdout=out,
                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)  # fmt: skip
         rng = np.random.default_rng(0)
-        images = [cv2.imencode(".png", rng.integers(90, 160, (128, 128, 3), dtype=np.uint8))[1].tobytes() for _ in range(8)]
+        images = [
+            cv2.imencode(".png", rng.integers(90, 160, (128, 128, 3), dtype=np.uint8))[1].tobytes() for _ in range(8)
+        ]
         producer = KafkaProducer(**settings.kafka.client_kwargs(), acks="all", linger_ms=2)
         sent = 0
 
@@ -250,7 +258,7 @@ def run_soak(
 
 
 def _judge(samples: list[Sample]) -> tuple[bool, str]:
-    usable = samples[max(1, len(samples) // 5):]  # skip warm-up (allocator and caches settle)
+    usable = samples[max(1, len(samples) // 5) :]  # skip warm-up (allocator and caches settle)
     if len(usable) < 4:
         return False, f"too few samples ({len(samples)}) to judge"
     q = max(1, len(usable) // 4)

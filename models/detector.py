@@ -264,21 +264,31 @@ class Detector:
             maps = maps_t.float().cpu().numpy()
         return self._finish(maps, originals)
 
-    def submit(self, batch: np.ndarray) -> PendingPrediction:
-        """Start scoring an (N, h, w, 3) uint8 batch; :meth:`PendingPrediction.result` waits for it.
+    def submit(self, batch: np.ndarray | Sequence[np.ndarray]) -> PendingPrediction:
+        """Start scoring N images: an (N, h, w, 3) uint8 array or a list of (h, w, 3) uint8 images at
+        :attr:`input_size`; :meth:`PendingPrediction.result` waits for it.
 
-        On CUDA (N <= ``max_batch``) this returns once the upload and the forward are queued, so the
-        caller can prepare the next batch while the device computes this one; keep at most two
-        batches in flight. Elsewhere it computes before returning.
+        With the bucketed runner (CUDA, or torch.compile on) a list goes image by image into the
+        bucket's buffer, with no stacked copy of the batch first. On CUDA (N <= ``max_batch``) this
+        returns once the upload and the forward are queued, so the caller can prepare the next batch
+        while the device computes this one; keep at most two batches in flight. Elsewhere it computes
+        before returning.
         """
-        x_np = self._stack(batch)
         runner = self._runner
-        if runner is None or len(x_np) == 0 or len(x_np) > runner.max_batch:
-            done = self.predict(x_np)
+        images: np.ndarray | Sequence[np.ndarray] = batch if self._at_input_size(batch) else self._stack(batch)
+        if runner is None or len(images) == 0 or len(images) > runner.max_batch:
+            done = self.predict(images if isinstance(images, np.ndarray) else self._stack(images))
             return PendingPrediction(lambda: done)
         with self._lock, self._compile_errors():
-            pending = runner.submit(np.ascontiguousarray(x_np))
+            pending = runner.submit(images)
         return PendingPrediction(lambda: self._finish(pending.result(), None))
+
+    def _at_input_size(self, batch: np.ndarray | Sequence[np.ndarray]) -> bool:
+        """Whether ``batch`` is a list of (h, w, 3) uint8 images at the input size (usable as they are)."""
+        if isinstance(batch, np.ndarray):
+            return False
+        shape = (*self.input_size, 3)
+        return all(isinstance(im, np.ndarray) and im.dtype == np.uint8 and im.shape == shape for im in batch)
 
     @staticmethod
     def _finish(maps: np.ndarray, originals: list[tuple[int, int]] | None) -> Prediction:

@@ -106,15 +106,30 @@ def split_to_buckets(n: int, buckets: Sequence[int]) -> list[int]:
     return chunks
 
 
-def pad_batch(images: np.ndarray, bucket: int) -> np.ndarray:
-    """(n, h, w, c) -> (bucket, h, w, c) by repeating the last image (never garbage in a padded row)."""
-    n = images.shape[0]
-    if n > bucket:
-        raise ValueError(f"{n} images do not fit a bucket of {bucket}")
-    if n == bucket:
-        return images
-    pad = np.repeat(images[-1:], bucket - n, axis=0)
-    return np.concatenate([images, pad], axis=0)
+def fill_batch(out: np.ndarray, images: np.ndarray | Sequence[np.ndarray]) -> int:
+    """Copy ``n`` images into ``out[:n]``, one copy each (no stacked intermediate); returns ``n``.
+
+    The worker hands a batch over as a list of decoded images: copying each straight into the bucket's
+    (pinned) buffer replaces a stack, a pad and a copy of the whole batch. Rows past ``n`` keep what
+    they held (zeros in a new buffer, else an earlier batch's images): every row is scored on its own,
+    so they only need to be valid pixels, and refilling them could copy most of a bucket for nothing.
+
+    Raises:
+        ValueError: no images, more than ``out`` holds, or an image of another shape or dtype.
+    """
+    n = len(images)
+    if n == 0 or n > out.shape[0]:
+        raise ValueError(f"{n} images do not fit a buffer of {out.shape[0]}")
+    if isinstance(images, np.ndarray):
+        if images.shape[1:] != out.shape[1:] or images.dtype != out.dtype:
+            raise ValueError(f"images are {images.shape[1:]} {images.dtype}, expected {out.shape[1:]} {out.dtype}")
+        out[:n] = images
+        return n
+    for i, image in enumerate(images):
+        if image.shape != out.shape[1:] or image.dtype != out.dtype:
+            raise ValueError(f"image {i} is {image.shape} {image.dtype}, expected {out.shape[1:]} {out.dtype}")
+        out[i] = image
+    return n
 
 
 @dataclass
@@ -224,7 +239,7 @@ class BucketedRunner:
         slot = self._slots.get((bucket, turn))
         if slot is None:
             h, w = self.input_size
-            host = torch.empty((bucket, h, w, 3), dtype=torch.uint8, pin_memory=self.is_cuda)
+            host = torch.zeros((bucket, h, w, 3), dtype=torch.uint8, pin_memory=self.is_cuda)
             slot = _Bucket(bucket, host)
             self._slots[(bucket, turn)] = slot
         return slot
@@ -237,25 +252,31 @@ class BucketedRunner:
             return self._forward(x)
 
     # -- execution -------------------------------------------------------------------------------
-    def submit(self, images: np.ndarray) -> Pending:
-        """Start scoring (n, h, w, 3) uint8 images (n <= max_batch); returns a handle."""
-        n = images.shape[0]
+    def submit(self, images: np.ndarray | Sequence[np.ndarray]) -> Pending:
+        """Start scoring n (h, w, 3) uint8 images (an array or a list, n <= max_batch); returns a handle.
+
+        The images are copied into the bucket's buffer (:func:`fill_batch`) before this returns, so
+        the caller may reuse or drop them at once.
+        """
+        n = len(images)
         bucket = bucket_for(n, self.buckets)
         slot = self._slot(bucket)
-        padded = pad_batch(images, bucket)
         if not self.is_cuda:
+            fill_batch(slot.host_in.numpy(), images)
             with torch.inference_mode():
-                maps = self._compute(torch.from_numpy(np.ascontiguousarray(padded)))
+                maps = self._compute(slot.host_in)
             slot.warm = True
             return Pending(n, _maps=maps.detach())
-        return self._submit_cuda(slot, padded, n)
+        return self._submit_cuda(slot, images, n)
 
-    def _submit_cuda(self, slot: _Bucket, padded: np.ndarray, n: int) -> Pending:  # pragma: no cover - needs CUDA
+    def _submit_cuda(
+        self, slot: _Bucket, images: np.ndarray | Sequence[np.ndarray], n: int
+    ) -> Pending:  # pragma: no cover - needs CUDA
         if slot.busy and slot.done_event is not None:
             # The batch submitted two turns ago still owns these buffers: wait for it.
             slot.done_event.synchronize()
         slot.busy = True
-        slot.host_in.numpy()[...] = padded
+        fill_batch(slot.host_in.numpy(), images)
         compute = torch.cuda.current_stream(self.device)
         with torch.inference_mode():
             if slot.dev_in is None:

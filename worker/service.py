@@ -609,8 +609,9 @@ class Worker:
             return None
         model = items[0].model
         assert model is not None
-        # (N, h, w, 3) uint8; every item that reached a batch was decoded (failures became dead letters)
-        images = np.stack([cast(np.ndarray, it.image) for it in items])
+        # (h, w, 3) uint8 each; every item that reached a batch was decoded (failures became dead letters).
+        # A list, not a stack: the runner copies each image straight into its pinned bucket buffer.
+        images = [cast(np.ndarray, it.image) for it in items]
         start = time.monotonic()
         try:
             pending = model.detector.submit(images)

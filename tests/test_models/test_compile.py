@@ -197,6 +197,20 @@ def test_reloaded_compiled_models_use_their_own_weights_and_old_ones_are_freed(c
     assert max(entries) <= 2, f"graphs on the shared code object after each reload: {entries}"
 
 
+@pytest.mark.usefixtures("_fresh_dynamo")
+def test_compiled_detector_takes_a_list_of_images_like_an_array(compiled: list[int]) -> None:
+    # With the bucketed runner a list goes image by image into the bucket's buffer (no stacked copy).
+    model = make_model("efficientad", seed=5)
+    eager = Detector(make_model("efficientad", seed=5), make_card(model), torch.device("cpu"), None, False)
+    detector = Detector(model, make_card(model), torch.device("cpu"), None, False, max_batch=4, compile_mode="default")
+    detector.warmup((4,))
+    images = _images(3, seed=6)
+    np.testing.assert_allclose(
+        detector.submit(list(images)).result().maps, eager.predict(images).maps, rtol=1e-5, atol=1e-6
+    )
+    assert compiled
+
+
 # -- failures are clear errors, never a silent fallback --------------------------------------------
 
 

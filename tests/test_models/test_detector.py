@@ -36,9 +36,7 @@ def test_load_exposes_card_and_input_size(detector: Detector) -> None:
     assert detector.device.type == "cpu"
 
 
-@pytest.mark.parametrize(
-    "shape", [(50, 70), (50, 70, 1), (300, 200, 3), (64, 64, 4), (SIZE, SIZE, 3)]
-)
+@pytest.mark.parametrize("shape", [(50, 70), (50, 70, 1), (300, 200, 3), (64, 64, 4), (SIZE, SIZE, 3)])
 def test_prepare_accepts_gray_rgb_rgba_of_any_size(detector: Detector, shape: tuple[int, ...]) -> None:
     img = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     out = detector.prepare(img)
@@ -91,6 +89,16 @@ def test_submit_gives_what_predict_gives(detector: Detector) -> None:
     np.testing.assert_array_equal(first.maps, expected.maps)
     np.testing.assert_allclose(second.maps[0], expected.maps[0], rtol=1e-4, atol=1e-5)
     assert pending[0].result() is first  # waits once
+
+
+def test_submit_takes_a_list_of_images_like_the_stacked_array(detector: Detector) -> None:
+    # The worker hands batches over as lists of decoded images; other sizes are prepared first.
+    batch = _images(3, seed=4)
+    expected = detector.predict(batch)
+    listed = detector.submit(list(batch)).result()
+    np.testing.assert_array_equal(listed.maps, expected.maps)
+    larger = [np.repeat(np.repeat(im, 2, axis=0), 2, axis=1) for im in batch]  # prepare() shrinks them back
+    np.testing.assert_allclose(detector.submit(larger).result().maps, expected.maps, rtol=1e-4, atol=1e-5)
 
 
 def test_list_input_and_original_map_size(detector: Detector) -> None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.gpu import BucketedRunner, bucket_for, bucket_sizes, pad_batch, split_to_buckets
+from models.gpu import BucketedRunner, bucket_for, bucket_sizes, fill_batch, split_to_buckets
 
 
 def test_bucket_sizes_are_powers_of_two_capped_by_the_max() -> None:
@@ -35,20 +35,47 @@ def test_split_to_buckets_covers_every_image() -> None:
     assert sum(split_to_buckets(1000, bucket_sizes(64))) == 1000
 
 
-def test_pad_batch_repeats_the_last_image() -> None:
+def test_fill_batch_copies_a_list_or_an_array_and_leaves_the_rest_of_the_bucket_alone() -> None:
+    out = np.full((4, 2, 2, 3), 7, np.uint8)  # an earlier batch's pixels
     x = np.arange(3 * 2 * 2 * 3, dtype=np.uint8).reshape(3, 2, 2, 3)
-    padded = pad_batch(x, 4)
-    assert padded.shape == (4, 2, 2, 3)
-    assert np.array_equal(padded[:3], x)
-    assert np.array_equal(padded[3], x[2])
-    assert pad_batch(x, 3) is x
-    with pytest.raises(ValueError, match="do not fit"):
-        pad_batch(x, 2)
+    assert fill_batch(out, list(x)) == 3
+    assert np.array_equal(out[:3], x) and np.all(out[3] == 7)
+    out[:] = 7
+    assert fill_batch(out, x[:2]) == 2
+    assert np.array_equal(out[:2], x[:2]) and np.all(out[2:] == 7)
+
+
+@pytest.mark.parametrize(
+    ("images", "match"),
+    [
+        ([], "do not fit"),
+        ([np.zeros((2, 2, 3), np.uint8)] * 5, "do not fit"),
+        ([np.zeros((2, 2, 3), np.uint8), np.zeros((2, 3), np.uint8)], r"image 1 is \(2, 3\)"),
+        ([np.zeros((2, 2, 3), np.float32)], "float32"),
+        (np.zeros((2, 2, 2, 4), np.uint8), r"images are \(2, 2, 4\)"),
+    ],
+)
+def test_fill_batch_refuses_what_does_not_fit(images: object, match: str) -> None:
+    # A (2, 3) image would broadcast silently into a (2, 2, 3) row: refused instead.
+    with pytest.raises(ValueError, match=match):
+        fill_batch(np.zeros((4, 2, 2, 3), np.uint8), images)  # type: ignore[arg-type]
 
 
 def _forward(x: torch.Tensor) -> torch.Tensor:
     # A stand-in "anomaly map": per-pixel mean over channels (b, h, w); padding must not leak.
     return x.mean(dim=1)
+
+
+def test_runner_scores_a_list_like_the_stacked_array_whatever_the_bucket_held_before() -> None:
+    runner = BucketedRunner(_forward, (4, 6), max_batch=8, device=torch.device("cpu"))
+    rng = np.random.default_rng(2)
+    runner.run(rng.integers(0, 255, (8, 4, 6, 3), dtype=np.uint8))  # fills the 8-bucket with other pixels
+    images = rng.integers(0, 255, (5, 4, 6, 3), dtype=np.uint8)
+    as_list = runner.submit(list(images)).result()
+    as_array = runner.submit(images).result()
+    expected = images.astype(np.float32).mean(axis=3) / 255
+    np.testing.assert_allclose(as_list, expected, rtol=1e-6)
+    np.testing.assert_array_equal(as_list, as_array)
 
 
 def test_runner_on_cpu_matches_direct_computation_and_tracks_warm_buckets() -> None:
