@@ -244,8 +244,16 @@ def test_replica_bounds_and_lag_threshold(docs: list[dict[str, Any]]) -> None:
     assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] <= REQUESTS_PARTITIONS
     rate = float(notes["scaling.space-worker/per-pod-images-per-second"])
     drain_s = float(notes["scaling.space-worker/target-drain-seconds"])
-    assert float(spec["triggers"][0]["metadata"]["lagThreshold"]) == rate * drain_s
+    threshold = float(spec["triggers"][0]["metadata"]["lagThreshold"])
+    assert threshold == rate * drain_s
     assert re.search(r"estimate|not measured|measured", notes["scaling.space-worker/per-pod-figure"])
+    # docs/scaling.md: a keeping-up pod still shows the lag floor L0 = in-flight images + r x commit
+    # interval; the threshold must sit well above it (>= 7 x), or KEDA scales on pipeline occupancy.
+    env = worker_env(docs)
+    inflight = float(_setting(env, "SPACE_BATCHING__MAX_INFLIGHT_IMAGES", DEFAULTS.batching.max_inflight_images))
+    commit_s = float(_setting(env, "SPACE_KAFKA__COMMIT_INTERVAL_MS", DEFAULTS.kafka.commit_interval_ms)) / 1000
+    lag_floor = inflight + rate * commit_s
+    assert threshold >= 7 * lag_floor, f"lagThreshold {threshold} < 7 x lag floor {lag_floor}"
     behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
     scale_down = behavior["scaleDown"]
     assert scale_down["stabilizationWindowSeconds"] >= 300
