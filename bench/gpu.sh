@@ -64,8 +64,8 @@ if ! redis-cli ping >/dev/null 2>&1; then export SPACE_REDIS__URL="redis://127.0
 HOST=(python3 bench/host.py --real-model --device cuda --precision bf16 --cuda-graphs --px 256 --batch 64
       --max-wait-ms 5 --images 20000 --heatmap-threads 8 --decode-workers 4 --steps 5 --model-seconds 2)
 section processes gpu-processes "${GPU_PROCESSES_S:-300}" bash -c \
-  "${HOST[*]} --processes 1,2,4 --heatmaps none --out $OUT/processes.json;
-   ${HOST[*]} --processes 4 --heatmaps all --out $OUT/processes-heatmaps.json"
+  "${HOST[*]} --processes 1,2,4 --heatmaps none --work /tmp/space-host-gpu --out $OUT/processes.json;
+   ${HOST[*]} --processes 4 --heatmaps all --model-root /tmp/space-host-gpu/registry --out $OUT/processes-heatmaps.json"
 
 # 2b. torch.compile vs eager side by side (SPACE_MODELS__COMPILE=default): efficientad-s and space-s,
 #     256 px bf16, batch 64 then batch 1, without and with CUDA graphs. Each new shape compiles first

@@ -184,6 +184,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="Interleaved rounds of all cases (median reported).")
     p.add_argument("--steps", type=int, default=3, help="Training steps of the throwaway model (maps only).")
     p.add_argument("--model-root", default=None, help="Use this registry (line brick must be promoted).")
+    p.add_argument("--work", default=None, help="Working folder (default: a new temp folder); the trained "
+                   "registry lands in WORK/registry for a later --model-root.")  # fmt: skip
     p.add_argument("--real-model", action="store_true", help="Serve the real model instead of the stand-in.")
     p.add_argument("--device", default="cpu", help="SPACE_MODELS__DEVICE with --real-model.")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="With --real-model.")
@@ -216,7 +218,8 @@ def main() -> None:
     from worker.stack import Stack
 
     configure_logging("WARNING", "console")
-    work = Path(tempfile.mkdtemp(prefix="space-host-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="space-host-"))
+    work.mkdir(parents=True, exist_ok=True)
     if args.model_root:
         root, line = Path(args.model_root), "brick"
         version = ModelRegistry(str(root)).active_version(line)
