@@ -3,7 +3,7 @@
 One worker process is bound by its interpreter lock: kafka-python, request parsing, result JSON and
 the sends are Python, about 1 ms of CPU per image (bench/host.py), so a process tops out near a
 thousand images a second whatever the card does. Running N processes against one GPU (N pods per
-GPU with the device plugin's time-slicing, deploy/README.md) multiplies that. This module starts N
+GPU with the device plugin's time-slicing, docs/scaling.md) multiplies that. This module starts N
 workers as subprocesses, tells when the group has settled (every process assigned partitions, all of
 them covered: only then is the measurement window fair), reads their CPU time from /proc and stops
 them.

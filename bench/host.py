@@ -312,7 +312,7 @@ def main() -> None:
             "mean_batch": statistics.mean(r["batch_size"] for r in results), "measured_results": len(after),
             "results_before_settled": len(stamps) - len(after),
             "heatmap_kib_mean": statistics.mean(stored) / 1024 if stored else 0.0,
-            "exit_codes": max(codes),
+            "worker_exit_code": max(codes),
         }  # fmt: skip
 
     cases = list(itertools.product(counts, speeds, policies))
@@ -337,7 +337,8 @@ def main() -> None:
                "runs": [round(f["images_per_s"], 1) for f in figs],
                "cpu_ms_per_image": round(statistics.median(f["cpu_ms_per_image"] for f in figs), 3),
                "mean_batch": round(statistics.mean(f["mean_batch"] for f in figs), 1),
-               "heatmap_kib_mean": round(statistics.mean(f["heatmap_kib_mean"] for f in figs), 2)}  # fmt: skip
+               "heatmap_kib_mean": round(statistics.mean(f["heatmap_kib_mean"] for f in figs), 2),
+               "worker_exit_code": max(f["worker_exit_code"] for f in figs)}  # fmt: skip
         if speed or model_ips:
             row["over_model"] = round(ips / (speed or model_ips), 3)
         one = next((r for r in rows if r["processes"] == 1 and r["model_images_per_s"] == row["model_images_per_s"]

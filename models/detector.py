@@ -277,7 +277,7 @@ class Detector:
         runner = self._runner
         images: np.ndarray | Sequence[np.ndarray] = batch if self._at_input_size(batch) else self._stack(batch)
         if runner is None or len(images) == 0 or len(images) > runner.max_batch:
-            done = self.predict(images if isinstance(images, np.ndarray) else self._stack(images))
+            done = self.predict(images)
             return PendingPrediction(lambda: done)
         with self._lock, self._compile_errors():
             pending = runner.submit(images)

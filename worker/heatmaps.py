@@ -152,10 +152,10 @@ def downscale_keeping_peaks(anomaly_map: np.ndarray, max_side_px: int) -> np.nda
     """Shrink a map so its longer side is at most ``max_side_px``, keeping each block's maximum.
 
     The map is cut into f x f blocks (f = ceil(longer side / max_side_px); the last row and column of
-    blocks may be partial) and each block becomes its maximum. Unlike averaging,
-    a defect smaller than a block keeps its peak: the stored heatmap reaches 128 exactly where the full
-    map reaches the threshold, block for block, and its maximum is the image's score. NaN counts as 0,
-    as in :func:`heatmap_to_uint8`.
+    blocks may be partial) and each block becomes its maximum. Unlike averaging, a defect smaller than
+    a block keeps its peak: the stored heatmap reaches 128 exactly where the full map reaches the
+    threshold, block for block, and its maximum is the image's score. NaN counts as 0, as in
+    :func:`heatmap_to_uint8`.
 
     Args:
         anomaly_map: (H, W) float map.

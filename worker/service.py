@@ -123,7 +123,6 @@ class _Publishing:
     threshold: ResolvedThreshold
     verdicts: list[Verdict]
     heatmaps: dict[int, Future[StoredHeatmap]]
-    started: float
 
 
 @dataclass
@@ -699,7 +698,6 @@ class Worker:
         TTL) happens here, and with Redis down it costs at most ``socket_timeout_ms`` x (1 + retries)
         once per back-off before the last known value serves (tests/reliability/test_redis_faults.py).
         """
-        start = time.monotonic()
         model = scored.items[0].model
         assert model is not None
         threshold = self.thresholds.resolve(model.line, model.version, model.default_threshold)
@@ -723,12 +721,13 @@ class Worker:
                     threshold.value,
                     self.settings.heatmaps.max_side_px,
                 )
-        return _Publishing(scored, model, threshold, verdicts, futures, start)
+        return _Publishing(scored, model, threshold, verdicts, futures)
 
     def _publish(self, publishing: _Publishing) -> None:
         """Wait for a prepared batch's heatmaps and send its results and alerts (batch order)."""
         scored, model, threshold = publishing.scored, publishing.model, publishing.threshold
-        verdicts, futures, start = publishing.verdicts, publishing.heatmaps, publishing.started
+        verdicts, futures = publishing.verdicts, publishing.heatmaps
+        start = time.monotonic()  # publish_ms: this thread's time on the batch, not its wait in the queue
         k = self.settings.kafka
         anomalous = 0
         for i, it in enumerate(scored.items):
