@@ -84,14 +84,14 @@ class PDN(nn.Module):
 
     def forward_with_trunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (trunk activation before the output conv, output features)."""
-        x = self.avgpool1(F.relu(self.conv1(x)))
-        x = self.avgpool2(F.relu(self.conv2(x)))
+        x = self.avgpool1(F.relu(self.conv1(x), inplace=True))
+        x = self.avgpool2(F.relu(self.conv2(x), inplace=True))
         if self.size == "s":
-            trunk = F.relu(self.conv3(x))  # (N, 256, g+3, g+3)
+            trunk = F.relu(self.conv3(x), inplace=True)  # (N, 256, g+3, g+3)
             return trunk, self.conv4(trunk)
-        x = F.relu(self.conv3(x))
-        trunk = F.relu(self.conv4(x))  # (N, 512, g+3, g+3)
-        return trunk, self.conv6(F.relu(self.conv5(trunk)))
+        x = F.relu(self.conv3(x), inplace=True)
+        trunk = F.relu(self.conv4(x), inplace=True)  # (N, 512, g+3, g+3)
+        return trunk, self.conv6(F.relu(self.conv5(trunk), inplace=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the output features (N, out_channels, g, g)."""
@@ -127,7 +127,7 @@ class AutoEncoder(nn.Module):
         self.sizes = list(zip(decoder_sizes(h), decoder_sizes(w), strict=True))
         enc: list[nn.Module] = []
         for cin, cout in ((3, 32), (32, 32), (32, 64), (64, 64), (64, 64)):
-            enc += [nn.Conv2d(cin, cout, 4, stride=2, padding=1), nn.ReLU()]
+            enc += [nn.Conv2d(cin, cout, 4, stride=2, padding=1), nn.ReLU(inplace=True)]
         enc.append(nn.Conv2d(64, AE_LATENT, (h // 32, w // 32)))
         self.encoder = nn.Sequential(*enc)
         self.dec_convs = nn.ModuleList([nn.Conv2d(AE_LATENT if i == 0 else 64, 64, 4, padding=2) for i in range(6)])
@@ -140,9 +140,9 @@ class AutoEncoder(nn.Module):
         z = self.encoder(x)  # (N, 64, 1, 1)
         for size, conv in zip(self.sizes, self.dec_convs, strict=True):
             z = F.interpolate(z, size=size, mode="bilinear")
-            z = self.dropout(F.relu(conv(z)))
+            z = self.dropout(F.relu(conv(z), inplace=True))
         z = F.interpolate(z, size=self.out_size, mode="bilinear")
-        return self.dec_conv8(F.relu(self.dec_conv7(z)))
+        return self.dec_conv8(F.relu(self.dec_conv7(z), inplace=True))
 
 
 class FeatureConverter(nn.Module):
@@ -172,7 +172,7 @@ class FeatureConverter(nn.Module):
 
     def forward(self, fe: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
         """Return the gated residual to add to the student PDN output; inputs share the output grid."""
-        h = self.dropout(F.relu(self.conv2(F.relu(self.conv1(fe)))))
+        h = self.dropout(F.relu(self.conv2(F.relu(self.conv1(fe), inplace=True)), inplace=True))
         g = torch.sigmoid(self.gate(torch.cat([trunk, h], dim=1)))
         return g * self.conv3(h)
 

@@ -87,3 +87,38 @@ def test_student_without_fm_uses_plain_projection_and_needs_fe() -> None:
     assert student.fm is None and student.fe_proj is not None
     with pytest.raises(ValueError, match="fe="):
         student(torch.zeros(1, 3, 128, 128))
+
+
+def test_inplace_relus_give_the_out_of_place_outputs_and_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The networks rectify conv outputs in place (no fresh buffer per activation: 1.05-1.13x on CPU);
+    forward values and every parameter's gradient must equal the out-of-place reference."""
+    import types
+
+    import torch.nn.functional as F
+
+    import models.networks as networks
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        student = Student("s", fe_channels=256, use_fm=True, fm_dropout=0.0)
+        ae = AutoEncoder((64, 64))
+        with torch.no_grad():  # a non-zero FM output, so its relus reach the loss
+            student.fm.conv3.weight.normal_(0, 0.1)  # type: ignore[union-attr]
+        x = torch.randn(2, 3, 64, 64)
+        fe = torch.randn(2, 256, 6, 6)
+        out = torch.cat([student(x, fe), ae(x)], dim=1)
+        out.pow(2).mean().backward()
+        params = {f"s.{n}": p for n, p in student.named_parameters()} | {f"a.{n}": p for n, p in ae.named_parameters()}
+        return out.detach(), {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+
+    out_inplace, grads_inplace = run()
+    functional = types.SimpleNamespace(**{k: getattr(F, k) for k in dir(F) if not k.startswith("__")})
+    functional.relu = lambda t, inplace=False: F.relu(t)  # the reference ignores inplace=True
+    monkeypatch.setattr(networks, "F", functional)
+    relu_module = torch.nn.ReLU
+    monkeypatch.setattr(torch.nn, "ReLU", lambda inplace=False: relu_module())
+    out_ref, grads_ref = run()
+    assert torch.equal(out_inplace, out_ref)
+    assert grads_inplace.keys() == grads_ref.keys() and len(grads_ref) > 20
+    for name, grad in grads_ref.items():
+        assert torch.equal(grads_inplace[name], grad), name
