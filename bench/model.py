@@ -99,10 +99,15 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--malloc", default="retain", choices=["retain", "system"],
+                    help="SPACE_MODELS__MALLOC as `space serve` applies it (bench/malloc.py compares the two).")  # fmt: skip
     args = ap.parse_args()
+    from worker.malloc import configure_malloc
+
+    configure_malloc(args.malloc)
     torch.set_num_threads(args.threads)
     print(
-        f"# Detector throughput, {args.input_size}px, device={args.device}, threads={args.threads}, "
+        f"# Detector throughput, {args.input_size}px, device={args.device}, threads={args.threads}, malloc={args.malloc}, "
         f"reps={args.reps} (best of reps: the CPU is shared, the minimum is the least disturbed), torch {torch.__version__}"
     )
     print("| precision | batch | efficientad img/s | space img/s | space cost vs efficientad |")

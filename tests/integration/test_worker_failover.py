@@ -15,6 +15,7 @@ import pytest
 from tests.kafka_helpers import collect, produce
 from tests.worker_harness import request_record, running_worker
 from worker.kafka_clients import make_consumer
+from worker.malloc import glibc
 from worker.settings import Settings
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
@@ -141,6 +142,8 @@ def test_sigterm_drains_publishes_and_commits_everything(make_settings, topics, 
     events = [e["event"] for e in log_lines]
     assert "worker_draining" in events
     assert "worker_stopped" in events
+    malloc = next(e for e in log_lines if e["event"] == "malloc_configured")  # the default, SPACE_MODELS__MALLOC=retain
+    assert malloc["malloc"] == "retain" and malloc["applied"] is (glibc() is not None)
 
 
 def test_two_workers_one_leaves_mid_stream_every_request_answered(make_settings, topics, trained_model) -> None:

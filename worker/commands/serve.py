@@ -38,10 +38,17 @@ def run(args: argparse.Namespace) -> int:
             merged[section].update(values)
         settings = load_settings(**merged)
 
+    import structlog
+
     from worker.app import build_app
     from worker.logging import configure_logging
+    from worker.malloc import configure_malloc
 
     configure_logging(settings.log.level, settings.log.format)
+    malloc = configure_malloc(settings.models.malloc)  # before models load and threads start
+    structlog.get_logger("worker.malloc").info(
+        "malloc_configured", malloc=malloc.mode, applied=malloc.applied, reason=malloc.reason or None
+    )
     app = build_app(settings)
     app.install_signal_handlers()
     return app.run()

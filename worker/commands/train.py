@@ -72,6 +72,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, help="Model name for the card.")
     parser.add_argument("--model-version", default=None, help="Version folder (default: UTC timestamp).")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default).")
+    parser.add_argument(
+        "--malloc",
+        choices=("retain", "system"),
+        default="retain",
+        help="glibc malloc: retain keeps freed memory for the next step (1.1-1.2x on CPU), as SPACE_MODELS__MALLOC.",
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="No progress line.")
 
 
@@ -83,7 +89,9 @@ def run(args: argparse.Namespace) -> int:
     from models.data import DatasetError
     from models.teacher import TeacherError
     from models.train import TrainConfig, train
+    from worker.malloc import configure_malloc
 
+    configure_malloc(args.malloc)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.data.is_dir():

@@ -216,7 +216,9 @@ def _train_line(cfg: DemoConfig, line: str, dirs: dict[str, Path], version: str,
     from models.synthetic import build_product_line
     from models.train import TrainConfig, train
     from worker.logging import configure_logging
+    from worker.malloc import configure_malloc
 
+    configure_malloc("retain")  # this process only trains: keep freed activations (1.1-1.2x per step on CPU)
     configure_logging("WARNING", "json")
     torch.set_num_threads(threads)
     sys.stderr = _PrefixedLines(f"  [{line}] ", sys.__stderr__ or sys.stderr)  # type: ignore[assignment]
