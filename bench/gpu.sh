@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# One prepared GPU run: the GPU tests, the model throughput table, torch.compile vs eager, the
+# One prepared GPU run: the GPU tests, where the model's time goes (per layer and kernel), the model
+# throughput table, torch.compile vs eager, the
 # end-to-end worker through the embedded broker (with and without heatmaps, CPU vs GPU JPEG decode)
 # and 1, 2, 4 worker processes sharing the card.
 # Usage on a CUDA host, from the repo root:  bash bench/gpu.sh [OUT_DIR]
 #
 # GPU_SECTIONS picks sections (their limits in seconds, override with the *_S variables):
-#   tests (90)  model (220)  compile (150)  processes (300)  e2e-fast (75)  e2e (200)  e2e-large (100)
-# The default, "tests processes compile" (at most ~540 s), fits one 600 s device command and
+#   tests (90)  breakdown (60)  model (220)  compile (130)  processes (260)  e2e-fast (75)  e2e (200)
+#   e2e-large (100)
+# The default, "tests breakdown processes compile" (at most ~540 s), fits one 600 s device command and
 # measures what the H100 run of 2026-11-27 left open (docs/performance.md); run GPU_SECTIONS=e2e
 # (latency at 50/90 % load, heatmaps for every image) as a second command when time is left.
 # GPU_SECTIONS=all runs every section (~1,135 s: split it over two commands).
@@ -36,8 +38,8 @@ fi
   python3 -c "import torchvision; print('torchvision', torchvision.__version__)" || true
   nproc; } 2>&1 | tee "$OUT/env.txt"
 
-SECTIONS=" ${GPU_SECTIONS:-tests processes compile} "
-[ "$SECTIONS" = " all " ] && SECTIONS=" tests model compile processes e2e-fast e2e e2e-large "
+SECTIONS=" ${GPU_SECTIONS:-tests breakdown processes compile} "
+[ "$SECTIONS" = " all " ] && SECTIONS=" tests breakdown model compile processes e2e-fast e2e e2e-large "
 section() {  # section KEY NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.txt
   local key=$1 name=$2 limit=$3; shift 3
   [[ "$SECTIONS" == *" $key "* ]] || { echo "== $name skipped (GPU_SECTIONS)"; return 0; }
@@ -53,6 +55,13 @@ section() {  # section KEY NAME SECONDS COMMAND...: run with a limit, log to $OU
 section tests gpu-tests "${GPU_TESTS_S:-90}" python3 -m pytest -q -p no:cacheprovider -m gpu -o addopts="" \
   tests/test_models/test_gpu_runtime.py tests/test_models/test_compile.py tests/test_worker/test_device_decode.py
 
+# 1a. Where the time goes (bench/breakdown.py): per-layer times with TFLOP/s and GB/s, functional ops
+#     (relu) per network, and torch.profiler's top kernels, for efficientad-s and space-s at batch 64
+#     in bf16, channels_last vs contiguous. The H100 run reached ~18 % of the bf16 peak and was flat
+#     from batch 8 to 128; this names the layers and kernels responsible.
+section breakdown gpu-breakdown "${GPU_BREAKDOWN_S:-60}" python3 bench/breakdown.py --device cuda --precision bf16 \
+  --px 256 --batch 64 --variant efficientad,space --size s --memory-format channels_last,contiguous --out "$OUT"
+
 # 2. Model throughput: efficientad/space x s/m x fp32/bf16/fp16, batch 1..128, graphs on/off (bf16).
 section model gpu-model "${GPU_MODEL_S:-220}" python3 bench/gpu.py --out "$OUT" --seconds "${GPU_BENCH_SECONDS:-0.3}"
 
@@ -63,14 +72,14 @@ section model gpu-model "${GPU_MODEL_S:-220}" python3 bench/gpu.py --out "$OUT" 
 if ! redis-cli ping >/dev/null 2>&1; then export SPACE_REDIS__URL="redis://127.0.0.1:1/0"; fi  # stack starts its own
 HOST=(python3 bench/host.py --real-model --device cuda --precision bf16 --cuda-graphs --px 256 --batch 64
       --max-wait-ms 5 --images 20000 --heatmap-threads 8 --decode-workers 4 --steps 5 --model-seconds 2)
-section processes gpu-processes "${GPU_PROCESSES_S:-300}" bash -c \
+section processes gpu-processes "${GPU_PROCESSES_S:-260}" bash -c \
   "${HOST[*]} --processes 1,2,4 --heatmaps none --work /tmp/space-host-gpu --out $OUT/processes.json;
    ${HOST[*]} --processes 4 --heatmaps all --model-root /tmp/space-host-gpu/registry --out $OUT/processes-heatmaps.json"
 
 # 2b. torch.compile vs eager side by side (SPACE_MODELS__COMPILE=default): efficientad-s and space-s,
 #     256 px bf16, batch 64 then batch 1, without and with CUDA graphs. Each new shape compiles first
 #     (the batch-64 rows come first, so a timeout still leaves them in compile.json).
-section compile gpu-compile "${GPU_COMPILE_S:-150}" python3 bench/compile.py --device cuda --precision bf16 --px 256 \
+section compile gpu-compile "${GPU_COMPILE_S:-130}" python3 bench/compile.py --device cuda --precision bf16 --px 256 \
   --variant efficientad,space --size s --batch 64,1 --cuda-graphs both --seconds 0.3 --repeats 3 \
   --out "$OUT/compile.json"
 

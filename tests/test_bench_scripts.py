@@ -1,0 +1,84 @@
+"""The prepared GPU run and the layer breakdown, checked where no GPU is: budget, sections, arithmetic."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bench.breakdown import NETWORKS, conv_gflop, layer_times
+
+REPO = Path(__file__).resolve().parents[1]
+GPU_SH = (REPO / "bench" / "gpu.sh").read_text(encoding="utf-8")
+DEVICE_COMMAND_S = 600  # one device command's limit; the default sections must leave room to start
+
+
+def section_limits() -> dict[str, int]:
+    """``section KEY NAME "${VAR:-SECONDS}"`` lines of bench/gpu.sh -> {key: seconds}."""
+    found = re.findall(r'^section (\S+) \S+ "\$\{GPU_\w+_S:-(\d+)\}"', GPU_SH, flags=re.MULTILINE)
+    return {key: int(seconds) for key, seconds in found}
+
+
+def test_default_gpu_sections_exist_and_fit_one_device_command() -> None:
+    limits = section_limits()
+    default = re.search(r'SECTIONS=" \$\{GPU_SECTIONS:-([\w -]+)\} "', GPU_SH)
+    assert default is not None
+    keys = default.group(1).split()
+    assert set(keys) <= set(limits), set(keys) - set(limits)
+    assert "breakdown" in keys
+    assert sum(limits[k] for k in keys) <= DEVICE_COMMAND_S - 60, {k: limits[k] for k in keys}
+
+
+def test_all_names_every_section() -> None:
+    everything = re.search(r'\[ "\$SECTIONS" = " all " \] && SECTIONS=" ([\w -]+) "', GPU_SH)
+    assert everything is not None
+    assert set(everything.group(1).split()) == set(section_limits())
+
+
+def test_conv_gflop_counts_multiply_adds_twice() -> None:
+    conv = nn.Conv2d(128, 256, 4)
+    # EfficientAD-S conv2 at 256 px: 123x123 outputs, 256 channels, 128x4x4 inputs each.
+    assert abs(conv_gflop(conv, torch.Size([1, 256, 123, 123])) - 2 * 123 * 123 * 256 * 128 * 16 / 1e9) < 1e-9
+    grouped = nn.Conv2d(8, 8, 3, groups=8)
+    assert conv_gflop(grouped, torch.Size([2, 8, 10, 10])) == 2 * 2 * 8 * 10 * 10 * 1 * 9 / 1e9
+
+
+class TinyTeacher(nn.Module):
+    """Entered through ``forward_with_trunk``, as SpaceModel calls its teacher (module hooks miss it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward_with_trunk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, torch.relu(self.conv(x))
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.teacher = TinyTeacher()
+        self.student = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.teacher.forward_with_trunk(x)[1] - self.student(x)
+
+
+def test_layer_times_cover_every_leaf_and_network_and_unhook_afterwards() -> None:
+    model = Tiny().eval()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.inference_mode():
+        total_ms, layers = layer_times(model, lambda: model(x), torch.device("cpu"), reps=3)
+    by_name = {lt.name: lt for lt in layers}
+    assert {"teacher", "teacher.conv", "student", "student.0", "student.1", "student.2"} <= set(by_name)
+    assert set(by_name) & set(NETWORKS) == {"teacher", "student"}
+    assert total_ms > 0 and all(lt.ms >= 0 for lt in layers)
+    assert by_name["student"].ms <= total_ms
+    assert by_name["student.0"].out_shape == [2, 8, 14, 14]
+    assert by_name["student.0"].gflop == conv_gflop(model.student[0], torch.Size([2, 8, 14, 14]))
+    assert by_name["student.0"].mbytes == (2 * 3 * 16 * 16 + 2 * 8 * 14 * 14) * 4 / 1e6
+    # hooks and wrappers are gone: the model runs plain again
+    assert not model.student[0]._forward_hooks and not model.student[0]._forward_pre_hooks
+    assert "forward" not in vars(model.student) and "forward_with_trunk" not in vars(model.teacher)
