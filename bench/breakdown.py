@@ -270,7 +270,7 @@ def main() -> None:
     args = p.parse_args()
 
     device = torch.device(args.device)
-    dtype = DTYPES[args.precision] if device.type == "cuda" or args.precision != "fp32" else None
+    dtype = DTYPES[args.precision]  # None = fp32 (tf32 on CUDA)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
