@@ -71,7 +71,8 @@ section model gpu-model "${GPU_MODEL_S:-220}" python3 bench/gpu.py --out "$OUT" 
 #     (~1 ms of CPU per image, docs/performance.md "Host ceiling"); this says how many a GPU pod needs.
 if ! redis-cli ping >/dev/null 2>&1; then export SPACE_REDIS__URL="redis://127.0.0.1:1/0"; fi  # stack starts its own
 HOST=(python3 bench/host.py --real-model --device cuda --precision bf16 --cuda-graphs --px 256 --batch 64
-      --max-wait-ms 5 --images 20000 --heatmap-threads 8 --decode-workers 4 --steps 5 --model-seconds 2)
+      --max-wait-ms 5 --images 20000 --heatmap-threads 8 --decode-workers 4 --steps 5 --model-seconds 2
+      --worker-env SPACE_MODELS__MALLOC=system)  # as the gpu-prod overlay ships it
 section processes gpu-processes "${GPU_PROCESSES_S:-260}" bash -c \
   "${HOST[*]} --processes 1,2,4 --heatmaps none --work /tmp/space-host-gpu --out $OUT/processes.json;
    ${HOST[*]} --processes 4 --heatmaps all --model-root /tmp/space-host-gpu/registry --out $OUT/processes-heatmaps.json"
