@@ -256,6 +256,17 @@ def test_calibrate_writes_a_threshold_for_the_cards_line_and_version(
     assert record is not None
     assert (record.value, record.model_version, record.method) == (result["threshold"], "v1", "quantile")
     assert (record.updated_by, record.note) == ("qe-anna", "first calibration")
+    assert result["inference_precision"] == "fp32"
+
+    # Scored at the workers' precision (SPACE_MODELS__PRECISION=bf16): a threshold of its own, noted in the history.
+    assert main([*argv, "--precision", "bf16", "--target-fpr", "0.05", "--write", "--by", "qe-anna"]) == 0
+    out = capsys.readouterr().out
+    bf16 = json.loads(out[out.index("{\n") :])
+    assert bf16["inference_precision"] == "bf16" and bf16["written_version"] == 2
+    assert abs(bf16["threshold"] - result["threshold"]) <= 0.1 * abs(result["threshold"])
+    record = ThresholdStore(redis_client, key_prefix, 10).get(trained_model.line)
+    assert record is not None and record.value == bf16["threshold"]
+    assert record.note is not None and record.note.startswith("space calibrate (scored in bf16): ")
 
 
 def test_redis_outage_serves_cached_thresholds_and_recovers(make_settings, topics, trained_model, own_redis) -> None:

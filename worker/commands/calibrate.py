@@ -51,6 +51,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="Write a value outside the configured bounds.")
     parser.add_argument("--json", action="store_true", help="Print JSON instead of text.")
     parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="Default: cpu.")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "bf16", "fp16"),
+        help="Score at the precision the workers serve (SPACE_MODELS__PRECISION): bf16 moves scores by up "
+        "to a few %% of the threshold (docs/performance.md). Default: fp32.",
+    )
     parser.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="Images per batch (8).")
 
 
@@ -68,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         raise SpaceError(f"--model {args.model} is not a folder")
     try:
         index = scan_dataset(args.data, check_readable=False, require_train=False)
-        detector = Detector.load(args.model, device=args.device)
+        detector = Detector.load(args.model, device=args.device, precision=args.precision)
         result = calibrate(detector, index, args.method, target_fpr=args.target_fpr, batch_size=args.batch_size)
     except (DatasetError, ArtifactError, DetectorError, CalibrationError) as exc:
         raise SpaceError(str(exc)) from exc
@@ -97,7 +104,8 @@ def _write(args: argparse.Namespace, card: Any, result: Any) -> Any:
         min_value=settings.thresholds.min_value,
         max_value=settings.thresholds.max_value,
     )
-    note = args.note if args.note is not None else f"space calibrate: {result.summary()}"
+    at = "" if args.precision == "fp32" else f" (scored in {args.precision})"
+    note = args.note if args.note is not None else f"space calibrate{at}: {result.summary()}"
     try:
         return store.set(
             card.product_line,
@@ -129,12 +137,14 @@ def _print(args: argparse.Namespace, card: Any, result: Any, record: Any) -> Non
             "recall": result.recall,
             "precision": result.precision,
             "model_default_threshold": card.default_threshold,
+            "inference_precision": args.precision,
             "warnings": list(result.warnings),
             "written_version": record.version if record is not None else None,
         }
         print(json.dumps(doc, indent=2))
         return
-    print(f"line {card.product_line}, model {card.version}: {result.summary()}")
+    at = "" if args.precision == "fp32" else f" (scored in {args.precision})"
+    print(f"line {card.product_line}, model {card.version}{at}: {result.summary()}")
     print(f"(model card default: {card.default_threshold:.6g})")
     for warning in result.warnings:
         print(f"warning: {warning}")
