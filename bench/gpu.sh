@@ -7,11 +7,11 @@
 #
 # GPU_SECTIONS picks sections (their limits in seconds, override with the *_S variables):
 #   tests (90)  breakdown (60)  model (220)  compile (130)  processes (260)  e2e-fast (75)  e2e (200)
-#   e2e-large (100)
+#   e2e-large (100)  precision (60)
 # The default, "tests breakdown processes compile" (at most ~540 s), fits one 600 s device command and
 # measures what the H100 run of 2026-11-27 left open (docs/performance.md); run GPU_SECTIONS=e2e
 # (latency at 50/90 % load, heatmaps for every image) as a second command when time is left.
-# GPU_SECTIONS=all runs every section (~1,135 s: split it over two commands).
+# GPU_SECTIONS=all runs every section (~1,195 s: split it over two commands).
 #
 # The host needs python3 with a CUDA torch (and torchvision for nvJPEG). The worker's other
 # dependencies come from PyPI where pip works; on an offline GPU host, first run
@@ -39,7 +39,7 @@ fi
   nproc; } 2>&1 | tee "$OUT/env.txt"
 
 SECTIONS=" ${GPU_SECTIONS:-tests breakdown processes compile} "
-[ "$SECTIONS" = " all " ] && SECTIONS=" tests breakdown model compile processes e2e-fast e2e e2e-large "
+[ "$SECTIONS" = " all " ] && SECTIONS=" tests breakdown model compile processes e2e-fast e2e e2e-large precision "
 section() {  # section KEY NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.txt
   local key=$1 name=$2 limit=$3; shift 3
   [[ "$SECTIONS" == *" $key "* ]] || { echo "== $name skipped (GPU_SECTIONS)"; return 0; }
@@ -61,6 +61,11 @@ section tests gpu-tests "${GPU_TESTS_S:-90}" python3 -m pytest -q -p no:cachepro
 #     from batch 8 to 128; this names the layers and kernels responsible.
 section breakdown gpu-breakdown "${GPU_BREAKDOWN_S:-60}" python3 bench/breakdown.py --device cuda --precision bf16 \
   --px 256 --batch 64 --variant efficientad,space --size s --memory-format channels_last,contiguous --out "$OUT"
+
+# 1b. Verdicts at bf16 / fp16 of an fp32-calibrated model on the GPU (bench/precision.py): score
+#     change as a share of the threshold, flips, AUROC, images/s (CPU figures in docs/performance.md).
+section precision gpu-precision "${GPU_PRECISION_S:-60}" python3 bench/precision.py --device cuda --size 256 \
+  --steps 300 --precisions fp32,bf16,fp16 --batch 64 --seconds 2 --out "$OUT/precision.json"
 
 # 2. Model throughput: efficientad/space x s/m x fp32/bf16/fp16, batch 1..128, graphs on/off (bf16).
 section model gpu-model "${GPU_MODEL_S:-220}" python3 bench/gpu.py --out "$OUT" --seconds "${GPU_BENCH_SECONDS:-0.3}"
