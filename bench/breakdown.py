@@ -175,7 +175,10 @@ def layer_times(
             torch.cuda.synchronize(device)
         totals.append(timer.elapsed_ms(start, end))
         per_rep.append(
-            {name: sum(timer.elapsed_ms(a, b) for a, b in zip(m[::2], m[1::2], strict=True)) for name, m in marks.items()}
+            {
+                name: sum(timer.elapsed_ms(a, b) for a, b in zip(m[::2], m[1::2], strict=True))
+                for name, m in marks.items()
+            }
         )
     layers = []
     for name in per_rep[0]:
@@ -227,8 +230,9 @@ def make_forward(model: Any, x: torch.Tensor, device: torch.device, dtype: torch
     """The detector's forward (inference mode, autocast without weight cache) on a fixed batch."""
 
     def forward() -> Any:
-        with torch.inference_mode(), torch.autocast(
-            device.type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None, cache_enabled=False),
         ):
             return model.anomaly_map(x)
 
@@ -252,6 +256,55 @@ def print_layers(title: str, total_ms: float, layers: list[LayerTime], batch: in
         peak = f"{lt.tflops / peak_tflops:7.1%}" if peak_tflops and lt.gflop else f"{'':>7}"
         print(f"  {lt.name:<28} {lt.kind:<10} {lt.out_shape!s:<22} {lt.ms:8.3f} {lt.ms / total_ms:6.1%} "
               f"{lt.gflop:8.2f} {lt.tflops:8.1f} {peak} {lt.gbytes_per_s:8.0f}")  # fmt: skip
+
+
+#: The convolutions that read the 3-channel image: (name, out channels, kernel, stride, padding).
+FIRST_CONVS = (("pdn conv1 (S)", 128, 4, 1, 0), ("ae encoder.0", 32, 4, 2, 1))
+
+
+def first_conv_variants(
+    device: torch.device, dtype: torch.dtype | None, batch: int, px: int, reps: int = 10
+) -> list[dict[str, Any]]:
+    """ms per batch of each first convolution with its input as served (3 channels) and zero-padded
+    to 4 and 8 channels, channels_last and contiguous.
+
+    Tensor-core kernels want channel counts in multiples of 4 or 8 in NHWC; a 3-channel input can
+    fall back to a slow kernel. Padding the image and the weights with zero channels gives the same
+    output, so if a padded row is much faster, the runner can pad at no cost in accuracy.
+    """
+    timer = Timer(device)
+    dt = dtype or torch.float32
+    rows = []
+    for name, c_out, k, stride, pad in FIRST_CONVS:
+        for fmt_name, fmt in (("channels_last", torch.channels_last), ("contiguous", torch.contiguous_format)):
+            for c_in in (3, 4, 8):
+                x = torch.rand(batch, c_in, px, px, device=device, dtype=dt).contiguous(memory_format=fmt)
+                w = torch.rand(c_out, c_in, k, k, device=device, dtype=dt).contiguous(memory_format=fmt)
+                b = torch.rand(c_out, device=device, dtype=dt)
+                times = []
+                with torch.inference_mode():
+                    for i in range(reps + 3):
+                        start = timer.mark()
+                        torch.nn.functional.conv2d(x, w, b, stride, pad)
+                        end = timer.mark()
+                        if timer.cuda:
+                            torch.cuda.synchronize(device)
+                        if i >= 3:
+                            times.append(timer.elapsed_ms(start, end))
+                rows.append({"conv": name, "memory_format": fmt_name, "in_channels": c_in,
+                             "ms": round(sorted(times)[len(times) // 2], 4)})  # fmt: skip
+    return rows
+
+
+def print_first_convs(rows: list[dict[str, Any]], batch: int, px: int) -> None:
+    print(
+        f"\nfirst convolutions at batch {batch}, {px} px (input zero-padded to 4 / 8 channels gives the same output):"
+    )
+    for row in rows:
+        base = next(r for r in rows if r["conv"] == row["conv"] and r["memory_format"] == row["memory_format"]
+                    and r["in_channels"] == 3)  # fmt: skip
+        print(f"  {row['conv']:<14} {row['memory_format']:<14} C={row['in_channels']}  {row['ms']:8.3f} ms  "
+              f"{base['ms'] / row['ms']:5.2f}x vs C=3")  # fmt: skip
 
 
 def main() -> None:
@@ -307,6 +360,8 @@ def main() -> None:
                 del model
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+    report["first_convs"] = first_conv_variants(device, dtype, args.batch, args.px)
+    print_first_convs(report["first_convs"], args.batch, args.px)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -58,7 +58,8 @@ section tests gpu-tests "${GPU_TESTS_S:-90}" python3 -m pytest -q -p no:cachepro
 # 1a. Where the time goes (bench/breakdown.py): per-layer times with TFLOP/s and GB/s, functional ops
 #     (relu) per network, and torch.profiler's top kernels, for efficientad-s and space-s at batch 64
 #     in bf16, channels_last vs contiguous. The H100 run reached ~18 % of the bf16 peak and was flat
-#     from batch 8 to 128; this names the layers and kernels responsible.
+#     from batch 8 to 128; this names the layers and kernels responsible, and times the first
+#     convolutions with the 3-channel input zero-padded to 4 / 8 channels (same output).
 section breakdown gpu-breakdown "${GPU_BREAKDOWN_S:-60}" python3 bench/breakdown.py --device cuda --precision bf16 \
   --px 256 --batch 64 --variant efficientad,space --size s --memory-format channels_last,contiguous --out "$OUT"
 
