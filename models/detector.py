@@ -96,6 +96,12 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     raise DetectorError(f"unknown precision {precision!r}; use fp32, bf16 or fp16")
 
 
+def precision_name(recorded: str) -> str:
+    """A model card's training precision (``fp32``, ``torch.bfloat16``, ...) as a setting value (``bf16``)."""
+    names = {"torch.bfloat16": "bf16", "bfloat16": "bf16", "torch.float16": "fp16", "float16": "fp16"}
+    return names.get(recorded, recorded)
+
+
 def resolve_compile_mode(compile_mode: str) -> str | None:
     """``torch.compile`` mode for a ``compile`` setting (None = eager); never one that captures CUDA graphs."""
     if compile_mode not in TORCH_COMPILE_MODES:
@@ -194,6 +200,20 @@ class Detector:
             precision=precision,
             compile_mode=compile_mode,
         )
+        calibrated_at = precision_name(card.training.precision)
+        if calibrated_at != precision:
+            # The card's default threshold came from scores at the training precision; another precision
+            # moves a score by up to ~6 % of the threshold (docs/performance.md, bench/precision.py). A
+            # threshold calibrated at the serving precision and written to Redis is not affected.
+            log.info(
+                "precision_differs_from_calibration",
+                model_name=card.name,
+                model_version=card.version,
+                precision=precision,
+                calibrated_precision=calibrated_at,
+                hint=f"results that fall back to the card's default threshold (source=model-default) may differ; "
+                f"calibrate at {precision}: space calibrate --precision {precision} --write",
+            )
         return cls(
             model, card, dev, autocast, channels_last, max_batch=max_batch, cuda_graphs=cuda_graphs,
             compile_mode=compile_mode,

@@ -11,7 +11,7 @@ import torch
 
 import models.detector as detector_module
 from models.artifact import save_artifact
-from models.detector import Detector, DetectorError, Prediction, resolve_precision
+from models.detector import Detector, DetectorError, Prediction, precision_name, resolve_precision
 from tests.test_models.model_fixtures import SIZE, make_card, make_model
 
 
@@ -150,3 +150,21 @@ def test_bf16_on_a_cpu_without_native_bf16_is_allowed_but_logged(monkeypatch: py
     with structlog.testing.capture_logs() as logs:
         assert resolve_precision("bf16", torch.device("cpu")) is torch.bfloat16
     assert [e["event"] for e in logs] == ([] if native else ["bf16_emulated_on_cpu"])
+
+
+@pytest.mark.parametrize(("serving", "warned"), [("fp32", False), ("bf16", True)])
+def test_serving_at_another_precision_than_the_calibration_is_logged(
+    artifact: Path, serving: str, warned: bool
+) -> None:
+    # The fixture's card was calibrated in fp32; bf16 scores move by a few % of the threshold.
+    with structlog.testing.capture_logs() as logs:
+        Detector.load(artifact, device="cpu", precision=serving)  # type: ignore[arg-type]
+    found = [e for e in logs if e["event"] == "precision_differs_from_calibration"]
+    assert bool(found) is warned
+    if warned:
+        assert (found[0]["precision"], found[0]["calibrated_precision"]) == ("bf16", "fp32")
+        assert "space calibrate --precision bf16" in found[0]["hint"]
+
+
+def test_recorded_training_precisions_map_to_setting_values() -> None:
+    assert [precision_name(p) for p in ("fp32", "torch.bfloat16", "torch.float16")] == ["fp32", "bf16", "fp16"]
