@@ -60,16 +60,6 @@ def score(detector: Any, images: list[np.ndarray], batch: int) -> tuple[np.ndarr
     return np.concatenate(scores), np.concatenate(maps)
 
 
-def images_per_s(detector: Any, images: list[np.ndarray], batch: int, seconds: float) -> float:
-    x = np.stack([images[i % len(images)] for i in range(batch)])
-    detector.predict(x)
-    n, start = 0, time.perf_counter()
-    while n == 0 or time.perf_counter() - start < seconds:
-        detector.predict(x)
-        n += batch
-    return n / (time.perf_counter() - start)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=None, help="Artifact folder (default: train one).")
@@ -91,6 +81,7 @@ def main() -> None:
     from worker.malloc import configure_malloc
 
     configure_malloc(args.malloc)
+    from bench.e2e import raw_throughput
     from models.data import load_image, scan_dataset
     from models.detector import Detector
     from models.metrics import image_auroc
@@ -127,7 +118,7 @@ def main() -> None:
         row: dict[str, Any] = {
             "image_auroc": round(image_auroc(labels, scores), 4),
             "anomalous": int(verdicts.sum()),
-            "images_per_s": round(images_per_s(detector, images, args.batch, args.seconds), 2),
+            "images_per_s": round(raw_throughput(detector, args.batch, args.seconds)[0], 2),
         }
         if ref_scores is None or ref_maps is None:
             ref_scores, ref_maps = scores, maps

@@ -104,8 +104,7 @@ def _write(args: argparse.Namespace, card: Any, result: Any) -> Any:
         min_value=settings.thresholds.min_value,
         max_value=settings.thresholds.max_value,
     )
-    at = "" if args.precision == "fp32" else f" (scored in {args.precision})"
-    note = args.note if args.note is not None else f"space calibrate{at}: {result.summary()}"
+    note = args.note if args.note is not None else f"space calibrate{_scored_in(args)}: {result.summary()}"
     try:
         return store.set(
             card.product_line,
@@ -120,6 +119,11 @@ def _write(args: argparse.Namespace, card: Any, result: Any) -> Any:
         raise SpaceError(f"Redis at {settings.redis.url} failed: {exc}") from exc
     finally:
         client.close()
+
+
+def _scored_in(args: argparse.Namespace) -> str:
+    """`` (scored in bf16)`` when the scores were not fp32, for the printed line and the history note."""
+    return "" if args.precision == "fp32" else f" (scored in {args.precision})"
 
 
 def _print(args: argparse.Namespace, card: Any, result: Any, record: Any) -> None:
@@ -143,8 +147,7 @@ def _print(args: argparse.Namespace, card: Any, result: Any, record: Any) -> Non
         }
         print(json.dumps(doc, indent=2))
         return
-    at = "" if args.precision == "fp32" else f" (scored in {args.precision})"
-    print(f"line {card.product_line}, model {card.version}{at}: {result.summary()}")
+    print(f"line {card.product_line}, model {card.version}{_scored_in(args)}: {result.summary()}")
     print(f"(model card default: {card.default_threshold:.6g})")
     for warning in result.warnings:
         print(f"warning: {warning}")
