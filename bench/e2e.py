@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=400, help="Backlog size for throughput runs.")
     parser.add_argument("--latency-images", type=int, default=200, help="Images per paced latency run.")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
     parser.add_argument("--decode-workers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20, help="Training steps of the throwaway model.")

@@ -188,7 +188,7 @@ def main() -> None:
                    "registry lands in WORK/registry for a later --model-root.")  # fmt: skip
     p.add_argument("--real-model", action="store_true", help="Serve the real model instead of the stand-in.")
     p.add_argument("--device", default="cpu", help="SPACE_MODELS__DEVICE with --real-model.")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="With --real-model.")
+    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"], help="With --real-model.")
     p.add_argument("--cuda-graphs", action="store_true", help="SPACE_MODELS__CUDA_GRAPHS with --real-model.")
     p.add_argument("--model-seconds", type=float, default=3.0, help="Timing of the model alone (--real-model).")
     p.add_argument(

@@ -27,7 +27,7 @@ from models.preprocess import prepare_image
 
 log = structlog.get_logger(__name__)
 
-Precision = Literal["fp32", "bf16", "fp16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 CompileMode = Literal["off", "default", "max-autotune"]
 
 #: The setting that turns torch.compile on (models must not import worker.settings; a test checks the name).
@@ -79,7 +79,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype for ``precision`` on ``device`` (None = fp32); fp16 is cuda-only."""
+    """Autocast dtype for ``precision`` on ``device`` (None = fp32); fp16 is cuda-only; resolve ``auto`` first."""
     if precision == "fp32":
         return None
     if precision == "fp16":
@@ -100,6 +100,28 @@ def precision_name(recorded: str) -> str:
     """A model card's training precision (``fp32``, ``torch.bfloat16``, ...) as a setting value (``bf16``)."""
     names = {"torch.bfloat16": "bf16", "bfloat16": "bf16", "torch.float16": "fp16", "float16": "fp16"}
     return names.get(recorded, recorded)
+
+
+def native_precision(precision: str, device: torch.device) -> bool:
+    """Whether ``device`` runs ``precision`` in hardware (fp32 always; bf16/fp16 where the kernels exist)."""
+    if precision == "fp32":
+        return True
+    if device.type == "cuda":
+        return precision == "fp16" or (precision == "bf16" and torch.cuda.is_bf16_supported())
+    return precision == "bf16" and cpu_has_native_bf16()
+
+
+def choose_precision(setting: str, calibrated: str, device: torch.device) -> str:
+    """The precision to serve a card at: ``setting``, or for ``auto`` the card's own where it runs natively.
+
+    ``auto`` keeps scores where the card's default threshold was chosen (its training precision) when
+    the device has the kernels for it: a bf16 card serves in bf16 on a GPU or on a CPU with AVX-512 bf16
+    or AMX (1.8x fp32 on an AVX-512 bf16 EPYC), and in fp32 elsewhere (emulated bf16 is 4-8x slower),
+    which :meth:`Detector.load` then logs as ``precision_differs_from_calibration``.
+    """
+    if setting != "auto":
+        return setting
+    return calibrated if calibrated in ("bf16", "fp16") and native_precision(calibrated, device) else "fp32"
 
 
 def resolve_compile_mode(compile_mode: str) -> str | None:
@@ -174,17 +196,23 @@ class Detector:
         cls,
         path: str | Path,
         device: str = "auto",
-        precision: Precision = "fp32",
+        precision: Precision = "auto",
         channels_last: bool = True,
         *,
         max_batch: int = 64,
         cuda_graphs: bool = False,
         compile_mode: CompileMode = "off",
     ) -> Detector:
-        """Load an artifact folder (weights hash checked) onto ``device``."""
+        """Load an artifact folder (weights hash checked) onto ``device``.
+
+        ``precision="auto"`` serves at the card's training precision where ``device`` runs it natively,
+        else fp32 (:func:`choose_precision`); :attr:`precision` says which one was chosen.
+        """
         dev = resolve_device(device)
-        autocast = resolve_precision(precision, dev)
         card, state = load_artifact(Path(path))
+        calibrated_at = precision_name(card.training.precision)
+        serving = choose_precision(precision, calibrated_at, dev)
+        autocast = resolve_precision(serving, dev)
         model = SpaceModel(card.config)
         try:
             model.load_state_dict(state)
@@ -197,11 +225,11 @@ class Detector:
             model_name=card.name,
             model_version=card.version,
             device=str(dev),
-            precision=precision,
+            precision=serving,
+            precision_setting=precision,
             compile_mode=compile_mode,
         )
-        calibrated_at = precision_name(card.training.precision)
-        if calibrated_at != precision:
+        if calibrated_at != serving:
             # The card's default threshold came from scores at the training precision; another precision
             # moves a score by up to ~6 % of the threshold (docs/performance.md, bench/precision.py). A
             # threshold calibrated at the serving precision and written to Redis is not affected.
@@ -209,10 +237,10 @@ class Detector:
                 "precision_differs_from_calibration",
                 model_name=card.name,
                 model_version=card.version,
-                precision=precision,
+                precision=serving,
                 calibrated_precision=calibrated_at,
                 hint=f"results that fall back to the card's default threshold (source=model-default) may differ; "
-                f"calibrate at {precision}: space calibrate --precision {precision} --write",
+                f"calibrate at {serving}: space calibrate --precision {serving} --write",
             )
         return cls(
             model, card, dev, autocast, channels_last, max_batch=max_batch, cuda_graphs=cuda_graphs,
@@ -231,6 +259,13 @@ class Detector:
         """Wrap an in-memory model (tests, evaluation right after training)."""
         dev = resolve_device(device)
         return cls(model, card, dev, resolve_precision(precision, dev), channels_last)
+
+    @property
+    def precision(self) -> str:
+        """The precision this detector scores at: ``fp32``, ``bf16`` or ``fp16`` (never ``auto``)."""
+        if self.autocast is None:
+            return "fp32"
+        return "bf16" if self.autocast is torch.bfloat16 else "fp16"
 
     @property
     def input_size(self) -> tuple[int, int]:

@@ -293,6 +293,12 @@ def _model_info(card: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in info.items()}
 
 
+def _inference_info(detector: Any) -> dict[str, str]:
+    """Where the scores were computed: device and precision (a threshold holds at the precision it was chosen at)."""
+    info = {"device": getattr(detector, "device", None), "precision": getattr(detector, "precision", None)}
+    return {k: str(v) for k, v in info.items() if v is not None}
+
+
 def _json_safe(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
@@ -353,6 +359,7 @@ def evaluate(
     result: dict[str, Any] = {
         "schema_version": METRICS_SCHEMA_VERSION,
         "model": _model_info(detector.card),
+        "inference": _inference_info(detector),
         "data": {
             "root": str(index.root),
             "n_test": len(items),

@@ -226,7 +226,12 @@ class ModelSettings(_Section):
 
     root: str = Field(".space/models", description="Registry root: a directory or s3://bucket/prefix.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Inference precision (autocast).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Inference precision (autocast). auto: each model's training precision (the one its default "
+        "threshold was chosen at) where the device runs it natively (bf16 on GPUs and on CPUs with AVX-512 bf16 "
+        "or AMX), else fp32. Calibrate thresholds at the precision the workers use.",
+    )
     channels_last: bool = Field(True, description="NHWC memory format for the convolutions.")
     cuda_graphs: bool = Field(False, description="Capture a CUDA graph per batch bucket (CUDA only).")
     compile: Literal["off", "default", "max-autotune"] = Field(

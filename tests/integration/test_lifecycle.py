@@ -26,6 +26,7 @@ import redis
 from kafka import KafkaProducer
 
 from models.artifact import load_artifact, save_artifact
+from models.detector import Detector
 from tests.kafka_helpers import collect
 from tests.worker_harness import request_record, running_worker
 from worker import model_manager
@@ -245,7 +246,8 @@ def test_calibrate_writes_a_threshold_for_the_cards_line_and_version(
     monkeypatch.setattr("worker.logging.configure_logging", lambda *args, **kwargs: None)
     model_dir = trained_model.root / trained_model.line / trained_model.version
     argv = ["calibrate", "--model", str(model_dir), "--data", str(trained_model.data), "--json"]
-    assert main([*argv, "--target-fpr", "0.05", "--write", "--by", "qe-anna", "--note", "first calibration"]) == 0
+    first = ["--precision", "fp32", "--target-fpr", "0.05", "--write", "--by", "qe-anna", "--note", "first calibration"]
+    assert main([*argv, *first]) == 0
     out = capsys.readouterr().out
     result = json.loads(out[out.index("{\n") :])
     assert result["normal_source"] == "validation" and result["n_normal"] == 8 and result["n_defect"] == 12
@@ -267,6 +269,13 @@ def test_calibrate_writes_a_threshold_for_the_cards_line_and_version(
     record = ThresholdStore(redis_client, key_prefix, 10).get(trained_model.line)
     assert record is not None and record.value == bf16["threshold"]
     assert record.note is not None and record.note.startswith("space calibrate (scored in bf16): ")
+
+    # The default (auto) scores where a worker on this machine serves: the card's precision if native, else fp32.
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    auto = json.loads(out[out.index("{\n") :])
+    assert auto["inference_precision"] == Detector.load(model_dir, device="cpu").precision
+    assert auto["threshold"] == (bf16 if auto["inference_precision"] == "bf16" else result)["threshold"]
 
 
 def test_redis_outage_serves_cached_thresholds_and_recovers(make_settings, topics, trained_model, own_redis) -> None:

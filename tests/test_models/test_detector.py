@@ -11,7 +11,14 @@ import torch
 
 import models.detector as detector_module
 from models.artifact import save_artifact
-from models.detector import Detector, DetectorError, Prediction, precision_name, resolve_precision
+from models.detector import (
+    Detector,
+    DetectorError,
+    Prediction,
+    choose_precision,
+    precision_name,
+    resolve_precision,
+)
 from tests.test_models.model_fixtures import SIZE, make_card, make_model
 
 
@@ -168,3 +175,43 @@ def test_serving_at_another_precision_than_the_calibration_is_logged(
 
 def test_recorded_training_precisions_map_to_setting_values() -> None:
     assert [precision_name(p) for p in ("fp32", "torch.bfloat16", "torch.float16")] == ["fp32", "bf16", "fp16"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "calibrated", "device", "native_bf16", "chosen"),
+    [
+        ("auto", "bf16", "cpu", True, "bf16"),  # AVX-512 bf16 / AMX: serve where the threshold was chosen
+        ("auto", "bf16", "cpu", False, "fp32"),  # AVX2: emulated bf16 is 4-8x slower, fp32 instead
+        ("auto", "fp32", "cpu", True, "fp32"),  # an fp32 card never drops to bf16 on its own
+        ("auto", "fp16", "cpu", True, "fp32"),  # no fp16 kernels on CPU
+        ("fp32", "bf16", "cpu", True, "fp32"),  # an explicit setting always wins
+        ("bf16", "fp32", "cpu", False, "bf16"),
+    ],
+)
+def test_auto_precision_serves_at_the_cards_precision_where_the_device_runs_it(
+    monkeypatch: pytest.MonkeyPatch, setting: str, calibrated: str, device: str, native_bf16: bool, chosen: str
+) -> None:
+    monkeypatch.setattr(detector_module, "cpu_has_native_bf16", lambda: native_bf16)
+    assert choose_precision(setting, calibrated, torch.device(device)) == chosen
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_auto_load_of_a_bf16_card(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native_bf16: bool) -> None:
+    model = make_model("efficientad")
+    card = make_card(model)
+    card = card.model_copy(update={"training": card.training.model_copy(update={"precision": "torch.bfloat16"})})
+    path = save_artifact(tmp_path / "v1", card, model.state_dict())
+    monkeypatch.setattr(detector_module, "cpu_has_native_bf16", lambda: native_bf16)
+    with structlog.testing.capture_logs() as logs:
+        det = Detector.load(path, device="cpu")  # precision="auto" is the default
+    assert det.precision == ("bf16" if native_bf16 else "fp32")
+    assert (det.autocast is torch.bfloat16) is native_bf16
+    assert next(e for e in logs if e["event"] == "detector_loaded")["precision"] == det.precision
+    differs = [e for e in logs if e["event"] == "precision_differs_from_calibration"]
+    assert bool(differs) is not native_bf16  # fp32 on a CPU without bf16: the card's threshold may move
+    assert det.predict(_images(2)).scores.shape == (2,)
+
+
+def test_precision_property_names_what_scores(artifact: Path, detector: Detector) -> None:
+    assert detector.precision == "fp32"
+    assert Detector.load(artifact, device="cpu", precision="bf16").precision == "bf16"

@@ -240,6 +240,7 @@ def test_evaluate_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "image AUROC" in capsys.readouterr().out
     result = json.loads((out / "metrics.json").read_text())
     assert result["model"]["product_line"] == "brick"
+    assert result["inference"] == {"device": "cpu", "precision": "fp32"}  # an fp32 card: auto serves fp32
     assert result["overall"]["n_images"] == 5
     assert set(result["per_defect_type"]) == {"crack", "hole", "scratch"}
     for key in ("image_auroc", "pixel_auroc", "au_pro"):

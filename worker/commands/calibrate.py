@@ -53,10 +53,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="Default: cpu.")
     parser.add_argument(
         "--precision",
-        default="fp32",
-        choices=("fp32", "bf16", "fp16"),
+        default="auto",
+        choices=("auto", "fp32", "bf16", "fp16"),
         help="Score at the precision the workers serve (SPACE_MODELS__PRECISION): bf16 moves scores by up "
-        "to a few %% of the threshold (docs/performance.md). Default: fp32.",
+        "to a few %% of the threshold (docs/performance.md). Default: auto, resolved as a worker on this "
+        "machine resolves it (the card's training precision where it runs natively, else fp32); the "
+        "output says which one scored.",
     )
     parser.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="Images per batch (8).")
 
@@ -80,12 +82,12 @@ def run(args: argparse.Namespace) -> int:
     except (DatasetError, ArtifactError, DetectorError, CalibrationError) as exc:
         raise SpaceError(str(exc)) from exc
     card = detector.card
-    record = _write(args, card, result) if args.write else None
-    _print(args, card, result, record)
+    record = _write(args, card, result, detector.precision) if args.write else None
+    _print(args, card, result, record, detector.precision)
     return 0
 
 
-def _write(args: argparse.Namespace, card: Any, result: Any) -> Any:
+def _write(args: argparse.Namespace, card: Any, result: Any, precision: str) -> Any:
     """Store the threshold for the card's line and version; returns the written record."""
     import redis
 
@@ -104,7 +106,7 @@ def _write(args: argparse.Namespace, card: Any, result: Any) -> Any:
         min_value=settings.thresholds.min_value,
         max_value=settings.thresholds.max_value,
     )
-    note = args.note if args.note is not None else f"space calibrate{_scored_in(args)}: {result.summary()}"
+    note = args.note if args.note is not None else f"space calibrate{_scored_in(precision)}: {result.summary()}"
     try:
         return store.set(
             card.product_line,
@@ -121,12 +123,12 @@ def _write(args: argparse.Namespace, card: Any, result: Any) -> Any:
         client.close()
 
 
-def _scored_in(args: argparse.Namespace) -> str:
+def _scored_in(precision: str) -> str:
     """`` (scored in bf16)`` when the scores were not fp32, for the printed line and the history note."""
-    return "" if args.precision == "fp32" else f" (scored in {args.precision})"
+    return "" if precision == "fp32" else f" (scored in {precision})"
 
 
-def _print(args: argparse.Namespace, card: Any, result: Any, record: Any) -> None:
+def _print(args: argparse.Namespace, card: Any, result: Any, record: Any, precision: str) -> None:
     if args.json:
         doc = {
             "product_line": card.product_line,
@@ -141,13 +143,13 @@ def _print(args: argparse.Namespace, card: Any, result: Any, record: Any) -> Non
             "recall": result.recall,
             "precision": result.precision,
             "model_default_threshold": card.default_threshold,
-            "inference_precision": args.precision,
+            "inference_precision": precision,
             "warnings": list(result.warnings),
             "written_version": record.version if record is not None else None,
         }
         print(json.dumps(doc, indent=2))
         return
-    print(f"line {card.product_line}, model {card.version}{_scored_in(args)}: {result.summary()}")
+    print(f"line {card.product_line}, model {card.version}{_scored_in(precision)}: {result.summary()}")
     print(f"(model card default: {card.default_threshold:.6g})")
     for warning in result.warnings:
         print(f"warning: {warning}")

@@ -44,7 +44,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="Output folder (created).")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="Default: auto.")
     parser.add_argument(
-        "--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="Inference precision (fp32)."
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        help="Inference precision; auto (default) resolves as a worker on this machine does.",
     )
     parser.add_argument(
         "--gallery", default=24, type=_non_negative_int, metavar="N", help="Gallery images (default 24)."
