@@ -76,6 +76,7 @@ class App:
         try:
             if self.settings.models.preload:
                 self.models.preload(self.settings.models.preload)
+            self.publish_serving()
             return self.worker.run()
         finally:
             self._stop.set()
@@ -94,9 +95,14 @@ class App:
             try:
                 self.models.refresh()
                 self.worker.heartbeats.beat("model-refresh")
-                self.worker.metrics.set_serving({line: m.version for line, m in self.models.loaded().items()})
+                self.publish_serving()
             except Exception:
                 log.exception("model_refresh_failed")
+
+    def publish_serving(self) -> None:
+        """Set ``space_model_serving`` from the loaded models (after preload, then on every refresh)."""
+        loaded = self.models.loaded()
+        self.worker.metrics.set_serving({line: (m.version, m.precision) for line, m in loaded.items()})
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT start a graceful drain (main thread only)."""

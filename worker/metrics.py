@@ -77,16 +77,19 @@ class WorkerMetrics:
         self.model_loads = Counter("space_model_loads", "Model loads.", ["product_line", "outcome"], registry=r)
         self.late_images = Counter("space_late_images", "Images past their deadline.", registry=r)
         self.model_serving = Gauge(
-            "space_model_serving", "1 for the model version serving each line.", ["product_line", "version"], registry=r
+            "space_model_serving",
+            "1 for the model version serving each line, and the precision it scores at.",
+            ["product_line", "version", "precision"],
+            registry=r,
         )
-        self._serving: dict[str, str] = {}
+        self._serving: dict[str, tuple[str, str]] = {}
 
-    def set_serving(self, versions: dict[str, str]) -> None:
-        """Publish which version serves each line (old label sets are removed on a swap)."""
-        for line, version in list(self._serving.items()):
-            if versions.get(line) != version:
-                self.model_serving.remove(line, version)
+    def set_serving(self, serving: dict[str, tuple[str, str]]) -> None:
+        """Publish which (version, precision) serves each line; a line's old label set goes on a swap."""
+        for line, labels in list(self._serving.items()):
+            if serving.get(line) != labels:
+                self.model_serving.remove(line, *labels)
                 del self._serving[line]
-        for line, version in versions.items():
-            self.model_serving.labels(line, version).set(1)
-            self._serving[line] = version
+        for line, labels in serving.items():
+            self.model_serving.labels(line, *labels).set(1)
+            self._serving[line] = labels

@@ -60,6 +60,11 @@ class LoadedModel:
     def default_threshold(self) -> float:
         return float(self.detector.card.default_threshold)
 
+    @property
+    def precision(self) -> str:
+        """What the detector scores at (``SPACE_MODELS__PRECISION=auto`` resolves per model and node)."""
+        return str(getattr(self.detector, "precision", "unknown"))
+
 
 class ModelManager:
     """Holds the serving model of each line.

@@ -341,6 +341,9 @@ def test_promotion_mid_stream_loses_nothing_and_switches_version(
     )  # fmt: skip
     line = trained_model.line
     with running_worker(settings) as app, _producer(settings) as producer:
+        precision = app.models.loaded()[line].precision
+        assert precision in ("fp32", "bf16")  # auto: the card's (bf16 on a CPU with bf16 kernels) or fp32
+        assert _serving(app) == {(line, "v1", precision): 1.0}  # published right after preload
         requests = _Requests(settings, producer, _good_image(trained_model.data), line)
         stop = threading.Event()
 
@@ -358,6 +361,7 @@ def test_promotion_mid_stream_loses_nothing_and_switches_version(
         registry.verify(line, "v2")
         registry.promote(line, "v2", by="test")
         swap_s = _wait_until(lambda: app.models.loaded()[line].version == "v2", 10, "the swap to v2")
+        _wait_until(lambda: _serving(app) == {(line, "v2", precision): 1.0}, 2, "space_model_serving on v2")
         time.sleep(0.5)  # keep streaming on v2
         stop.set()
         sender.join(10)
@@ -372,6 +376,12 @@ def test_promotion_mid_stream_loses_nothing_and_switches_version(
         "space_model_loads_total", {"product_line": line, "outcome": "failed"}
     ) in (None, 0.0)
     assert not collect(settings, topics.dlq, idle_s=0.5, timeout_s=5)
+
+
+def _serving(app: Any) -> dict[tuple[str, str, str], float]:
+    """The ``space_model_serving`` series of a running worker: (line, version, precision) -> value."""
+    (family,) = [f for f in app.worker.metrics.registry.collect() if f.name == "space_model_serving"]
+    return {(s.labels["product_line"], s.labels["version"], s.labels["precision"]): s.value for s in family.samples}
 
 
 def test_corrupt_promoted_version_keeps_the_old_one_serving(
