@@ -188,7 +188,9 @@ def test_models_cli_promote_list_show_rollback(cli_root: Path, capsys: pytest.Ca
 
     assert main(["models", "list"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split()[:4] == ["LINE", "VERSION", "ACTIVE", "VARIANT"]
+    assert table[0].split() == [
+        "LINE", "VERSION", "ACTIVE", "VARIANT", "INPUT", "DEFAULT_THRESHOLD", "PRECISION", "CREATED_AT", "METRICS"
+    ]  # fmt: skip
     v2_row = next(r for r in table if r.split()[1] == "v2")
     assert (
         v2_row.split()[2] == "*" and "space-s" in v2_row and f"{SIZE}x{SIZE}" in v2_row and "image_auroc=0.97" in v2_row
@@ -200,6 +202,7 @@ def test_models_cli_promote_list_show_rollback(cli_root: Path, capsys: pytest.Ca
     assert line["line"] == "brick" and line["active"] == "v2"
     assert [(v["version"], v["active"]) for v in line["versions"]] == [("v1", False), ("v2", True)]
     assert line["versions"][0]["default_threshold"] == pytest.approx(0.3)
+    assert line["versions"][0]["precision"] == "fp32"  # the card's training precision, as a setting value
 
     assert main(["models", "show", "brick"]) == 0
     shown = json.loads(capsys.readouterr().out)

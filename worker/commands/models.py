@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 NAME = "models"
 HELP = "List, show, promote and roll back model versions per product line (SPACE_MODELS__ROOT)."
 
-_COLUMNS = ("line", "version", "active", "variant", "input", "default_threshold", "created_at", "metrics")
+_COLUMNS = ("line", "version", "active", "variant", "input", "default_threshold", "precision", "created_at", "metrics")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -87,6 +87,7 @@ def _previous(pointer: Any) -> str:
 def _card_summary(registry: ModelRegistry, line: str, version: str) -> dict[str, Any]:
     """The card fields an operator compares versions by; ``error`` when the card is unreadable."""
     from models.artifact import ModelCard
+    from models.detector import precision_name
 
     try:
         card = ModelCard.model_validate_json(registry.card_text(line, version))
@@ -97,6 +98,9 @@ def _card_summary(registry: ModelRegistry, line: str, version: str) -> dict[str,
         "variant": f"{card.variant}-{card.size}",
         "input_size": list(card.input_size),
         "default_threshold": card.default_threshold,
+        # The training precision: the default threshold was chosen on its scores, and
+        # SPACE_MODELS__PRECISION=auto serves it where the node has the kernels.
+        "precision": precision_name(card.training.precision),
         "created_at": card.created_at.isoformat(timespec="seconds").replace("+00:00", "Z"),
         "metrics": card.metrics,
         "card_version": card.version,
@@ -147,6 +151,7 @@ def _print_list(registry: ModelRegistry, *, as_json: bool) -> None:
                     variant=v["variant"],
                     input="x".join(map(str, v["input_size"])),
                     default_threshold=f"{v['default_threshold']:.6g}",
+                    precision=v["precision"],
                     created_at=v["created_at"],
                     metrics=_fmt_metrics(v["metrics"]),
                 )
