@@ -6,9 +6,9 @@
 # Usage on a CUDA host, from the repo root:  bash bench/gpu.sh [OUT_DIR]
 #
 # GPU_SECTIONS picks sections (their limits in seconds, override with the *_S variables):
-#   tests (90)  breakdown (60)  model (220)  compile (130)  processes (260)  e2e-fast (75)  e2e (200)
-#   e2e-large (100)  precision (60)
-# The default, "tests breakdown processes compile" (at most ~540 s), fits one 600 s device command and
+#   tests (90)  breakdown (60)  branches (45)  model (220)  compile (130)  processes (215)  e2e-fast (75)
+#   e2e (200)  e2e-large (100)  precision (60)
+# The default, "tests breakdown branches processes compile" (at most ~540 s), fits one 600 s device command and
 # measures what the H100 run of 2026-11-27 left open (docs/performance.md); run GPU_SECTIONS=e2e
 # (latency at 50/90 % load, heatmaps for every image) as a second command when time is left.
 # GPU_SECTIONS=all runs every section (~1,195 s: split it over two commands).
@@ -38,8 +38,8 @@ fi
   python3 -c "import torchvision; print('torchvision', torchvision.__version__)" || true
   nproc; } 2>&1 | tee "$OUT/env.txt"
 
-SECTIONS=" ${GPU_SECTIONS:-tests breakdown processes compile} "
-[ "$SECTIONS" = " all " ] && SECTIONS=" tests breakdown model compile processes e2e-fast e2e e2e-large precision "
+SECTIONS=" ${GPU_SECTIONS:-tests breakdown branches processes compile} "
+[ "$SECTIONS" = " all " ] && SECTIONS=" tests breakdown branches model compile processes e2e-fast e2e e2e-large precision "
 section() {  # section KEY NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.txt
   local key=$1 name=$2 limit=$3; shift 3
   [[ "$SECTIONS" == *" $key "* ]] || { echo "== $name skipped (GPU_SECTIONS)"; return 0; }
@@ -63,6 +63,13 @@ section tests gpu-tests "${GPU_TESTS_S:-90}" python3 -m pytest -q -p no:cachepro
 section breakdown gpu-breakdown "${GPU_BREAKDOWN_S:-60}" python3 bench/breakdown.py --device cuda --precision bf16 \
   --px 256 --batch 64 --variant efficientad,space --size s --memory-format channels_last,contiguous --out "$OUT"
 
+# 1a'. Serial vs concurrent branches (bench/branches.py, SPACE_MODELS__CONCURRENT_BRANCHES): the
+#     autoencoder (and EfficientAD's teacher) on side streams beside the student, inside the CUDA
+#     graph; batch 1 (latency target <= 1 ms, 1.10 / 1.27 ms on the H100) and batch 64, bf16.
+section branches gpu-branches "${GPU_BRANCHES_S:-45}" python3 bench/branches.py --precision bf16 --px 256 \
+  --batch 1,64 --variant efficientad,space --size s --cuda-graphs on --seconds 0.25 --repeats 4 \
+  --out "$OUT/branches.json"
+
 # 1b. Verdicts at bf16 / fp16 of an fp32-calibrated model on the GPU (bench/precision.py): score
 #     change as a share of the threshold, flips, AUROC, images/s (CPU figures in docs/performance.md).
 section precision gpu-precision "${GPU_PRECISION_S:-60}" python3 bench/precision.py --device cuda --size 256 \
@@ -77,9 +84,9 @@ section model gpu-model "${GPU_MODEL_S:-220}" python3 bench/gpu.py --out "$OUT" 
 #     (~1 ms of CPU per image, docs/performance.md "Host ceiling"); this says how many a GPU pod needs.
 if ! redis-cli ping >/dev/null 2>&1; then export SPACE_REDIS__URL="redis://127.0.0.1:1/0"; fi  # stack starts its own
 HOST=(python3 bench/host.py --real-model --device cuda --precision bf16 --cuda-graphs --px 256 --batch 64
-      --max-wait-ms 5 --images 20000 --heatmap-threads 8 --decode-workers 4 --steps 5 --model-seconds 2
+      --max-wait-ms 5 --images 16000 --heatmap-threads 8 --decode-workers 4 --steps 5 --model-seconds 2
       --worker-env SPACE_MODELS__MALLOC=system)  # as the gpu-prod overlay ships it
-section processes gpu-processes "${GPU_PROCESSES_S:-260}" bash -c \
+section processes gpu-processes "${GPU_PROCESSES_S:-215}" bash -c \
   "${HOST[*]} --processes 1,2,4 --heatmaps none --work /tmp/space-host-gpu --out $OUT/processes.json;
    ${HOST[*]} --processes 4 --heatmaps all --model-root /tmp/space-host-gpu/registry --out $OUT/processes-heatmaps.json"
 

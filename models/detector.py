@@ -8,6 +8,7 @@ One caller at a time: a lock serialises :meth:`Detector.predict`.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -21,7 +22,7 @@ import structlog
 import torch
 
 from models.artifact import ArtifactError, ModelCard, load_artifact
-from models.gpu import TORCH_COMPILE_MODES, BucketedRunner
+from models.gpu import TORCH_COMPILE_MODES, BranchStreams, BucketedRunner
 from models.model import SpaceModel
 from models.preprocess import prepare_image
 
@@ -30,8 +31,10 @@ log = structlog.get_logger(__name__)
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 CompileMode = Literal["off", "default", "max-autotune"]
 
-#: The setting that turns torch.compile on (models must not import worker.settings; a test checks the name).
+#: The settings that turn torch.compile and branch streams on (models must not import worker.settings;
+#: a test checks the names).
 COMPILE_SETTING = "SPACE_MODELS__COMPILE"
+BRANCHES_SETTING = "SPACE_MODELS__CONCURRENT_BRANCHES"
 
 
 class DetectorError(ValueError):
@@ -157,16 +160,24 @@ class Detector:
         max_batch: int = 64,
         cuda_graphs: bool = False,
         compile_mode: CompileMode = "off",
+        concurrent_branches: bool = False,
     ) -> None:
         """Wrap ``model`` (use :meth:`load` or :meth:`from_model`); the detector takes ownership of it.
 
         On CUDA, batches run through :class:`models.gpu.BucketedRunner` (fixed bucket shapes up to
         ``max_batch``, pinned uint8 uploads on a copy stream, optional CUDA graphs per bucket). With
         ``compile_mode`` other than ``off`` they do on CPU too, so torch.compile sees only the bucket
-        shapes: one graph per bucket, all compiled by :meth:`warmup`.
+        shapes: one graph per bucket, all compiled by :meth:`warmup`. ``concurrent_branches`` runs the
+        networks that do not wait for each other on side CUDA streams (:class:`models.gpu.BranchStreams`;
+        CUDA only, a no-op on CPU; not with torch.compile).
         """
         if not bool(model.calibrated):
             raise DetectorError("model is not calibrated (no map quantiles)")
+        if concurrent_branches and compile_mode != "off":
+            raise DetectorError(
+                f"{BRANCHES_SETTING}=true runs side CUDA streams that torch.compile does not capture; "
+                f"set {COMPILE_SETTING}=off or {BRANCHES_SETTING}=false"
+            )
         self.model = model.eval().to(device).requires_grad_(False)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -185,9 +196,13 @@ class Detector:
         self._runner: BucketedRunner | None = None
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # bucketed batches: few fixed shapes, tuned once in warm-up
+        self.concurrent_branches = concurrent_branches and device.type == "cuda"
         if device.type == "cuda" or torch_mode is not None:
+            forward = self.model.anomaly_map
+            if self.concurrent_branches:
+                forward = functools.partial(self.model.anomaly_map, branches=BranchStreams(device))
             self._runner = BucketedRunner(
-                self.model.anomaly_map, self.input_size, max_batch, device, autocast=autocast,
+                forward, self.input_size, max_batch, device, autocast=autocast,
                 cuda_graphs=cuda_graphs, compile_mode=torch_mode,
             )  # fmt: skip
 
@@ -202,6 +217,7 @@ class Detector:
         max_batch: int = 64,
         cuda_graphs: bool = False,
         compile_mode: CompileMode = "off",
+        concurrent_branches: bool = False,
     ) -> Detector:
         """Load an artifact folder (weights hash checked) onto ``device``.
 
@@ -228,6 +244,7 @@ class Detector:
             precision=serving,
             precision_setting=precision,
             compile_mode=compile_mode,
+            concurrent_branches=concurrent_branches and dev.type == "cuda",
         )
         if calibrated_at != serving:
             # The card's default threshold came from scores at the training precision; another precision
@@ -244,7 +261,7 @@ class Detector:
             )
         return cls(
             model, card, dev, autocast, channels_last, max_batch=max_batch, cuda_graphs=cuda_graphs,
-            compile_mode=compile_mode,
+            compile_mode=compile_mode, concurrent_branches=concurrent_branches,
         )  # fmt: skip
 
     @classmethod

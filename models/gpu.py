@@ -14,6 +14,8 @@ decides throughput. This module keeps the device busy:
 * **CUDA graphs** (optional) replay the whole forward of a bucket with one launch.
 * **torch.compile** (optional) compiles the forward once per bucket shape (``dynamic=False``); the
   first call of each bucket compiles, so :meth:`BucketedRunner.warmup` pays for all of them.
+* **Branch streams** (optional, :class:`BranchStreams`): the networks that do not wait for each
+  other run on side streams, captured into the same graph.
 
 The pure parts (bucket choice, padding, bookkeeping) are tested on CPU; the CUDA parts run only
 where ``torch.cuda.is_available()``. On CPU :class:`BucketedRunner` runs synchronously with the same API.
@@ -130,6 +132,46 @@ def fill_batch(out: np.ndarray, images: np.ndarray | Sequence[np.ndarray]) -> in
             raise ValueError(f"image {i} is {image.shape} {image.dtype}, expected {out.shape[1:]} {out.dtype}")
         out[i] = image
     return n
+
+
+class BranchStreams:
+    """Side CUDA streams for the parts of a forward that do not wait for each other (fork/join).
+
+    ``SpaceModel.anomaly_map(x, branches=...)`` starts the autoencoder (and, for EfficientAD, the
+    teacher) here while the student runs on the current stream. At batch 1 no single network fills
+    the card, so side by side they finish sooner; ``bench/branches.py`` measures it. Works inside
+    CUDA graph capture: each side stream first waits for the current stream (fork) and the current
+    stream waits for all of them in :meth:`join`, which capture requires before it ends.
+
+    Memory: tensors cross streams only along that order. The image read by a side stream was
+    queued before the fork, and whatever the current stream allocates after the join runs after
+    the side streams finished; a side stream's outputs are freed into its own pool, which its next
+    use reaches only after the next fork, behind the current stream's reads. So no ``record_stream``.
+    One caller at a time (the detector's lock).
+    """
+
+    def __init__(self, device: torch.device, count: int = 2) -> None:
+        """Create ``count`` side streams on ``device`` (CUDA)."""
+        if device.type != "cuda":
+            raise ValueError("branch streams need a CUDA device")
+        self.device = device
+        self.streams = [torch.cuda.Stream(device=device) for _ in range(count)]
+        self._started: list[Any] = []
+
+    def start(self, index: int, fn: Callable[[], Any]) -> Any:
+        """Queue ``fn`` on side stream ``index`` after everything queued so far; valid after :meth:`join`."""
+        stream = self.streams[index]
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        self._started.append(stream)
+        with torch.cuda.stream(stream):
+            return fn()
+
+    def join(self) -> None:
+        """Make the current stream wait for every side stream started since the last join."""
+        current = torch.cuda.current_stream(self.device)
+        for stream in self._started:
+            current.wait_stream(stream)
+        self._started.clear()
 
 
 @dataclass

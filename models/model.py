@@ -8,7 +8,8 @@ mean/std, map quantiles, a ``calibrated`` flag), so one state dict fully determi
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from collections.abc import Callable
+from typing import Literal, NamedTuple, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 TeacherKind = Literal["pdn", "filterbank"]
+_T = TypeVar("_T")
 
 
 class ModelConfig(BaseModel):
@@ -65,6 +67,18 @@ def imagenet_normalize(x: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
+
+
+class Branches(Protocol):
+    """Runs parts of a forward beside the current one (fork/join); :class:`models.gpu.BranchStreams` on CUDA."""
+
+    def start(self, index: int, fn: Callable[[], _T]) -> _T:
+        """Queue ``fn`` on side lane ``index`` after the work queued so far; its result is ready after :meth:`join`."""
+        ...
+
+    def join(self) -> None:
+        """Make the current lane wait for every lane started since the last join."""
+        ...
 
 
 class Maps(NamedTuple):
@@ -127,12 +141,27 @@ class SpaceModel(nn.Module):
         """Student output (N, 768, g, g); ``trunk`` is the FE input when the variant uses it."""
         return self.student(xn, trunk if self.student.uses_fe else None)
 
-    def raw_maps(self, x: torch.Tensor) -> Maps:
-        """Per-branch squared-distance maps on the feature grid for RGB input in [0, 1] (§1.8 steps 1-3)."""
+    def raw_maps(self, x: torch.Tensor, branches: Branches | None = None) -> Maps:
+        """Per-branch squared-distance maps on the feature grid for RGB input in [0, 1] (§1.8 steps 1-3).
+
+        With ``branches`` (inference on CUDA, :class:`models.gpu.BranchStreams`) the networks that do
+        not wait for each other run side by side: the autoencoder needs only the image, and so does
+        the teacher unless the student reads its trunk (the FE of ``space``). Same maps either way.
+        """
         xn = self.normalize(x)
-        trunk, t = self.teacher_features(xn)
-        s = self.student_features(xn, trunk).float()
-        a = self.ae(xn).float()
+        if branches is None:
+            trunk, t = self.teacher_features(xn)
+            s = self.student_features(xn, trunk).float()
+            a = self.ae(xn).float()
+        else:
+            a = branches.start(0, lambda: self.ae(xn).float())
+            if self.student.uses_fe:
+                trunk, t = self.teacher_features(xn)
+                s = self.student_features(xn, trunk).float()
+            else:
+                trunk, t = branches.start(1, lambda: self.teacher_features(xn))
+                s = self.student_features(xn, None).float()
+            branches.join()  # a and t were computed beside the student: wait before reading them
         st = (t - s[:, :TEACHER_CHANNELS]).pow(2).mean(dim=1, keepdim=True)
         ae = (a - s[:, TEACHER_CHANNELS:]).pow(2).mean(dim=1, keepdim=True)
         return Maps(st, ae)
@@ -143,14 +172,17 @@ class SpaceModel(nn.Module):
             m = F.pad(m, (4, 4, 4, 4))
         return F.interpolate(m, size=self.config.input_size, mode="bilinear", align_corners=False)
 
-    def branch_maps(self, x: torch.Tensor) -> Maps:
+    def branch_maps(self, x: torch.Tensor, branches: Branches | None = None) -> Maps:
         """Per-branch maps at input size, before quantile normalisation (used for calibration)."""
-        st, ae = self.raw_maps(x)
+        st, ae = self.raw_maps(x, branches)
         return Maps(self.upsample(st), self.upsample(ae))
 
-    def anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
-        """Combined quantile-normalised map (N, H, W) at input size: 0.5·M'_ST + 0.5·M'_AE (§1.8)."""
-        st, ae = self.branch_maps(x)
+    def anomaly_map(self, x: torch.Tensor, branches: Branches | None = None) -> torch.Tensor:
+        """Combined quantile-normalised map (N, H, W) at input size: 0.5·M'_ST + 0.5·M'_AE (§1.8).
+
+        ``branches`` runs independent networks side by side (see :meth:`raw_maps`).
+        """
+        st, ae = self.branch_maps(x, branches)
         q = self.quantiles
         combined = 0.5 * normalize_map(st, q[0], q[1]) + 0.5 * normalize_map(ae, q[2], q[3])
         return combined.squeeze(1)

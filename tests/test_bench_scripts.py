@@ -82,3 +82,18 @@ def test_layer_times_cover_every_leaf_and_network_and_unhook_afterwards() -> Non
     # hooks and wrappers are gone: the model runs plain again
     assert not model.student[0]._forward_hooks and not model.student[0]._forward_pre_hooks
     assert "forward" not in vars(model.student) and "forward_with_trunk" not in vars(model.teacher)
+
+
+def test_branches_bench_refuses_a_machine_without_cuda_with_a_clear_message() -> None:
+    import subprocess
+    import sys
+
+    import pytest
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA host runs the bench itself (bench/gpu.sh section branches)")
+    done = subprocess.run(
+        [sys.executable, "bench/branches.py", "--batch", "1"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode != 0
+    assert "bench/branches.py needs a CUDA device" in done.stderr

@@ -46,6 +46,7 @@ def load_detector(settings: Settings) -> Any:
             max_batch=settings.batching.max_batch_size,
             cuda_graphs=m.cuda_graphs,
             compile_mode=m.compile,
+            concurrent_branches=m.concurrent_branches,
         )
 
     return load

@@ -240,6 +240,13 @@ class ModelSettings(_Section):
         "each bucket compiles, so warm-up takes longer (minutes on a small CPU). Needs a C++ compiler "
         "(CPU) or triton (CUDA); a failed compile is an error, never a silent fallback to eager.",
     )
+    concurrent_branches: bool = Field(
+        False,
+        description="Run the networks that do not wait for each other (the autoencoder; for efficientad the "
+        "teacher too) on side CUDA streams beside the student, captured into the same CUDA graphs: meant to "
+        "shorten small batches, where no single network fills the card (bench/branches.py measures it). "
+        "CUDA only (no effect on CPU); needs SPACE_MODELS__COMPILE=off.",
+    )
     max_loaded: int = Field(4, ge=1, le=64, description="Models kept in memory (LRU).")
     refresh_interval_s: float = Field(5.0, gt=0, le=3_600, description="How often active versions are checked.")
     warmup: bool = Field(True, description="Run a warm-up batch before serving a model.")
@@ -254,6 +261,15 @@ class ModelSettings(_Section):
     negative_ttl_s: float = Field(5.0, ge=0, le=3_600, description="Remember an unknown or failing line this long.")
     swap_retry_s: float = Field(30.0, ge=0, le=86_400, description="Retry a failed promoted version after this.")
     warmup_batch_sizes: IntList = Field((1,), description="Batch sizes run once before a model serves.")
+
+    @model_validator(mode="after")
+    def _check_branches(self) -> ModelSettings:
+        if self.concurrent_branches and self.compile != "off":
+            raise ValueError(
+                "SPACE_MODELS__CONCURRENT_BRANCHES=true needs SPACE_MODELS__COMPILE=off "
+                "(torch.compile does not capture the side streams)"
+            )
+        return self
 
 
 class HeatmapSettings(_Section):

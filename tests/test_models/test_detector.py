@@ -215,3 +215,12 @@ def test_auto_load_of_a_bf16_card(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_precision_property_names_what_scores(artifact: Path, detector: Detector) -> None:
     assert detector.precision == "fp32"
     assert Detector.load(artifact, device="cpu", precision="bf16").precision == "bf16"
+
+
+def test_concurrent_branches_are_a_no_op_on_cpu_and_refused_with_compile(artifact: Path, detector: Detector) -> None:
+    det = Detector.load(artifact, device="cpu", precision="fp32", concurrent_branches=True)
+    assert det.concurrent_branches is False  # side streams are CUDA streams; the CPU path is unchanged
+    batch = _images(2, seed=5)
+    np.testing.assert_array_equal(det.predict(batch).maps, detector.predict(batch).maps)
+    with pytest.raises(DetectorError, match="SPACE_MODELS__CONCURRENT_BRANCHES=true runs side CUDA streams"):
+        Detector.load(artifact, device="cpu", concurrent_branches=True, compile_mode="default")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.gpu import BucketedRunner, bucket_for, bucket_sizes, fill_batch, split_to_buckets
+from models.gpu import BranchStreams, BucketedRunner, bucket_for, bucket_sizes, fill_batch, split_to_buckets
+from tests.test_models.model_fixtures import SIZE, make_model
 
 
 def test_bucket_sizes_are_powers_of_two_capped_by_the_max() -> None:
@@ -109,3 +110,29 @@ def test_runner_on_cuda_matches_cpu(graphs: bool) -> None:  # pragma: no cover -
     gpu = BucketedRunner(_forward, (8, 8), max_batch=8, device=torch.device("cuda"), cuda_graphs=graphs)
     gpu.warmup()
     np.testing.assert_allclose(gpu.run(images), cpu, rtol=1e-5)
+
+
+def test_branch_streams_need_cuda() -> None:
+    with pytest.raises(ValueError, match="branch streams need a CUDA device"):
+        BranchStreams(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("variant", ["efficientad", "space"])
+@pytest.mark.parametrize("graphs", [False, True])
+def test_branch_streams_give_the_serial_maps(variant: str, graphs: bool) -> None:  # pragma: no cover - GPU only
+    import functools
+
+    device = torch.device("cuda")
+    model = make_model(variant).to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    images = np.random.default_rng(3).integers(0, 255, (29, SIZE, SIZE, 3), dtype=np.uint8)
+    serial = BucketedRunner(model.anomaly_map, (SIZE, SIZE), max_batch=8, device=device, cuda_graphs=graphs)
+    aside = BucketedRunner(
+        functools.partial(model.anomaly_map, branches=BranchStreams(device)), (SIZE, SIZE), max_batch=8,
+        device=device, cuda_graphs=graphs,
+    )  # fmt: skip
+    aside.warmup()  # captures every bucket's graph with the side streams forked and joined inside
+    want = serial.run(images)
+    for _ in range(3):  # replays after other buckets ran: nothing left over from an earlier batch
+        np.testing.assert_allclose(aside.run(images), want, rtol=1e-5, atol=1e-6)

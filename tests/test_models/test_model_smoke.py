@@ -80,3 +80,37 @@ def test_anomaly_map_is_half_half_of_normalised_branches() -> None:
 def test_teacher_stays_in_eval_mode() -> None:
     model = make_model("space").train()
     assert not model.teacher.training and model.student.training
+
+
+class _RecordingBranches:
+    """Runs each branch inline and records what started where and when the join came."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int]] = []
+
+    def start(self, index: int, fn):  # type: ignore[no-untyped-def]
+        self.events.append(("start", index))
+        return fn()
+
+    def join(self) -> None:
+        self.events.append(("join", -1))
+
+
+@pytest.mark.parametrize(
+    ("variant", "lanes"),
+    [
+        ("efficientad", [("start", 0), ("start", 1), ("join", -1)]),  # AE and teacher beside the student
+        ("space", [("start", 0), ("join", -1)]),  # the student reads the teacher's trunk (FE): only the AE
+    ],
+)
+def test_branches_run_the_independent_networks_aside_and_give_the_same_map(
+    variant: str, lanes: list[tuple[str, int]]
+) -> None:
+    model = make_model(variant)
+    x = torch.rand(2, 3, SIZE, SIZE)
+    branches = _RecordingBranches()
+    with torch.inference_mode():
+        serial = model.anomaly_map(x)
+        aside = model.anomaly_map(x, branches=branches)
+    assert branches.events == lanes
+    torch.testing.assert_close(aside, serial, rtol=0, atol=0)

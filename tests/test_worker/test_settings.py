@@ -69,6 +69,14 @@ def test_secret_files_and_redaction(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     assert "hunter2" not in repr(settings)
 
 
+def test_branch_streams_with_torch_compile_are_refused_at_startup(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPACE_MODELS__CONCURRENT_BRANCHES", "true")
+    assert load_settings().models.concurrent_branches  # fine on its own
+    monkeypatch.setenv("SPACE_MODELS__COMPILE", "default")
+    with pytest.raises(ConfigError, match="SPACE_MODELS__CONCURRENT_BRANCHES=true needs SPACE_MODELS__COMPILE=off"):
+        load_settings()
+
+
 def test_sasl_without_credentials_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SPACE_KAFKA__SECURITY_PROTOCOL", "SASL_PLAINTEXT")
     with pytest.raises(ConfigError, match="SPACE_KAFKA: sasl_mechanism is required"):
