@@ -6,8 +6,9 @@ decides throughput. This module keeps the device busy:
 * **Buckets.** A batch of n images is padded up to the smallest bucket >= n (powers of two up to
   ``max_batch``), so every call has one of a few fixed shapes: cuDNN picks its algorithms once,
   CUDA graphs can be captured per bucket, and ``warmup()`` covers every shape before ``/readyz``.
-* **Pinned buffers + copy stream.** Each bucket owns a page-locked host buffer; the host->device
-  copy runs ``non_blocking`` on a side stream, so the copy of batch n+1 overlaps compute of batch n
+* **Pinned buffers + copy streams.** Each bucket owns a page-locked host buffer; the host->device
+  copy runs ``non_blocking`` on a side stream, so the copy of batch n+1 overlaps compute of batch n,
+  and the maps come back on another, so the forward of batch n+1 does not wait for that copy
   (:meth:`BucketedRunner.submit` returns a handle, :meth:`Pending.result` waits).
 * **uint8 on the wire.** Images cross PCIe as uint8 NHWC (4x fewer bytes than fp32); the
   conversion to float and the NCHW view (channels_last strides for free) run on the device.
@@ -236,6 +237,7 @@ class BucketedRunner:
     _slots: dict[tuple[int, int], _Bucket] = field(init=False, default_factory=dict)
     _turn: dict[int, int] = field(init=False, default_factory=dict)
     _copy_stream: Any = field(init=False, default=None)
+    _readback_stream: Any = field(init=False, default=None)
     _graph_pool: Any = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -253,6 +255,7 @@ class BucketedRunner:
             self._forward = compile_forward(self.forward, self.compile_mode, len(self.buckets))
         if self.is_cuda:
             self._copy_stream = torch.cuda.Stream(device=self.device)
+            self._readback_stream = torch.cuda.Stream(device=self.device)
 
     # -- bookkeeping -----------------------------------------------------------------------------
     @property
@@ -337,9 +340,13 @@ class BucketedRunner:
             assert out is not None
             if slot.host_out is None or slot.host_out.shape != out.shape or slot.host_out.dtype != out.dtype:
                 slot.host_out = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-            slot.host_out.copy_(out, non_blocking=True)
+            # The maps go back on their own stream, so the next batch's forward does not queue behind
+            # this copy. dev_out is rewritten only when this slot runs again, after done_event (below).
+            self._readback_stream.wait_stream(compute)
+            with torch.cuda.stream(self._readback_stream):
+                slot.host_out.copy_(out, non_blocking=True)
             event = torch.cuda.Event()
-            event.record(compute)
+            event.record(self._readback_stream)
         slot.done_event = event
         slot.warm = True
 
