@@ -70,7 +70,11 @@ def test_secret_files_and_redaction(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 
 
 def test_branch_streams_with_torch_compile_are_refused_at_startup(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SPACE_MODELS__CONCURRENT_BRANCHES", "true")
+    from models.detector import BRANCHES_SETTING
+    from worker.config_docs import env_variable
+
+    assert env_variable("models", "concurrent_branches") == BRANCHES_SETTING  # the name models/ quotes
+    monkeypatch.setenv(BRANCHES_SETTING, "true")
     assert load_settings().models.concurrent_branches  # fine on its own
     monkeypatch.setenv("SPACE_MODELS__COMPILE", "default")
     with pytest.raises(ConfigError, match="SPACE_MODELS__CONCURRENT_BRANCHES=true needs SPACE_MODELS__COMPILE=off"):
