@@ -81,6 +81,19 @@ class Branches(Protocol):
         ...
 
 
+class _Inline:
+    """:class:`Branches` that runs every part where it is called, one after another (CPU, training)."""
+
+    def start(self, index: int, fn: Callable[[], _T]) -> _T:
+        return fn()
+
+    def join(self) -> None:
+        pass
+
+
+_INLINE = _Inline()
+
+
 class Maps(NamedTuple):
     """Raw per-branch maps on the feature grid: local (student-teacher) and global (student-AE)."""
 
@@ -149,19 +162,15 @@ class SpaceModel(nn.Module):
         the teacher unless the student reads its trunk (the FE of ``space``). Same maps either way.
         """
         xn = self.normalize(x)
-        if branches is None:
+        lanes = branches or _INLINE
+        a = lanes.start(0, lambda: self.ae(xn).float())
+        if self.student.uses_fe:
             trunk, t = self.teacher_features(xn)
             s = self.student_features(xn, trunk).float()
-            a = self.ae(xn).float()
         else:
-            a = branches.start(0, lambda: self.ae(xn).float())
-            if self.student.uses_fe:
-                trunk, t = self.teacher_features(xn)
-                s = self.student_features(xn, trunk).float()
-            else:
-                trunk, t = branches.start(1, lambda: self.teacher_features(xn))
-                s = self.student_features(xn, None).float()
-            branches.join()  # a and t were computed beside the student: wait before reading them
+            trunk, t = lanes.start(1, lambda: self.teacher_features(xn))
+            s = self.student_features(xn, None).float()
+        lanes.join()  # a and t may have been computed beside the student: wait before reading them
         st = (t - s[:, :TEACHER_CHANNELS]).pow(2).mean(dim=1, keepdim=True)
         ae = (a - s[:, TEACHER_CHANNELS:]).pow(2).mean(dim=1, keepdim=True)
         return Maps(st, ae)
