@@ -26,7 +26,6 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu import DTYPES, build, images_per_s
+from bench.gpu import DTYPES, build, images_per_s, latency_ms
 from models.gpu import BranchStreams, BucketedRunner
 from models.model import SpaceModel
 
@@ -53,16 +52,6 @@ def make_runner(model: SpaceModel, args: argparse.Namespace, batch: int, graphs:
     )
 
 
-def call_ms(runner: BucketedRunner, x: np.ndarray, reps: int) -> float:
-    """Median wall time of one synchronous call (upload, forward, maps back), in ms."""
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        runner.submit(x).result()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1000)
-
-
 def measure(model: SpaceModel, args: argparse.Namespace, batch: int, graphs: bool) -> dict[str, Any]:
     """One configuration: agreement, then interleaved timed repeats of both runners."""
     x = np.random.default_rng(0).integers(0, 255, (batch, args.px, args.px, 3), dtype=np.uint8)
@@ -77,7 +66,7 @@ def measure(model: SpaceModel, args: argparse.Namespace, batch: int, graphs: boo
         for kind in KINDS if rep % 2 == 0 else KINDS[::-1]:
             ips[kind].append(images_per_s(runners[kind], x, args.seconds))
             if batch == 1:
-                latency[kind].append(call_ms(runners[kind], x, args.latency_reps))
+                latency[kind].append(latency_ms(runners[kind], args.latency_reps, x))
     serial, concurrent = statistics.median(ips["serial"]), statistics.median(ips["concurrent"])
     row: dict[str, Any] = {
         "batch": batch, "graphs": graphs, "serial_images_per_s": round(serial, 1),
@@ -137,9 +126,7 @@ def main() -> None:
         for variant in args.variant.split(","):
             teacher = args.teacher
             if variant not in models:
-                models[variant] = build(variant, args.size, args.px, teacher)
-                for p in models[variant].parameters():  # as Detector keeps them: no per-call weight casts
-                    p.data = p.data.to(DTYPES[args.precision] or torch.float32)
+                models[variant] = build(variant, args.size, args.px, teacher, weights=DTYPES[args.precision])
             for graphs in graph_settings:
                 name = f"{variant}-{args.size}"
                 try:

@@ -217,13 +217,9 @@ def prepare(
     variant: str, size: str, px: int, teacher: str, device: torch.device, dtype: torch.dtype | None, memory_format: str
 ) -> nn.Module:
     """A calibrated, untrained model as the detector serves it (weights in the compute dtype)."""
-    model = build(variant, size, px, teacher, device=str(device))
+    model = build(variant, size, px, teacher, device=str(device), weights=dtype)
     fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
-    model = model.to(memory_format=fmt)  # type: ignore[call-overload]
-    if dtype is not None:
-        for p in model.parameters():
-            p.data = p.data.to(dtype)
-    return model
+    return model.to(memory_format=fmt)  # type: ignore[call-overload]
 
 
 def make_forward(model: Any, x: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> Callable[[], Any]:

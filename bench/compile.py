@@ -135,9 +135,8 @@ def main() -> None:
     for batch in (int(b) for b in args.batch.split(",")):
         for variant in args.variant.split(","):
             if variant not in models:
-                models[variant] = build(variant, args.size, args.px, args.teacher, args.device)
-                for p in models[variant].parameters():  # as Detector keeps them: no per-call weight casts
-                    p.data = p.data.to(DTYPES[args.precision] or torch.float32)
+                weights = DTYPES[args.precision] or torch.float32
+                models[variant] = build(variant, args.size, args.px, args.teacher, args.device, weights)
             for graphs in graph_settings:
                 name = f"{variant}-{args.size}"
                 try:

@@ -51,13 +51,21 @@ def matmul_peak(dtype: torch.dtype, n: int = 8192, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
 
 
-def build(variant: str, size: str, px: int, teacher: str, device: str = "cuda") -> SpaceModel:
+def build(
+    variant: str, size: str, px: int, teacher: str, device: str = "cuda", weights: torch.dtype | None = None
+) -> SpaceModel:
+    """A calibrated, untrained channels_last model; ``weights`` casts its parameters to that dtype, as
+    :class:`models.detector.Detector` keeps them for autocast (no per-call weight casts)."""
     common: dict[str, Any] = {"size": size, "input_size": (px, px), "teacher_kind": teacher}
     cfg = ModelConfig(**common) if variant == "space" else efficientad_config(**common)
     torch.manual_seed(0)
     model = SpaceModel(cfg)
     model.calibrated.fill_(True)
-    return model.eval().to(device).to(memory_format=torch.channels_last)
+    model = model.eval().to(device).to(memory_format=torch.channels_last)
+    if weights is not None:
+        for p in model.parameters():
+            p.data = p.data.to(weights)
+    return model
 
 
 def images_per_s(runner: BucketedRunner, x: np.ndarray, seconds: float) -> float:
@@ -85,9 +93,11 @@ def throughput(runner: BucketedRunner, batch: int, seconds: float) -> float:
     return images_per_s(runner, x, seconds)
 
 
-def latency_ms(runner: BucketedRunner, reps: int = 200) -> float:
+def latency_ms(runner: BucketedRunner, reps: int = 200, x: np.ndarray | None = None) -> float:
+    """Median wall time of one synchronous call (upload, forward, maps back) after 20 warm-up calls, in ms;
+    ``x`` defaults to one black image."""
     h, w = runner.input_size
-    x = np.zeros((1, h, w, 3), np.uint8)
+    x = np.zeros((1, h, w, 3), np.uint8) if x is None else x
     for _ in range(20):
         runner.submit(x).result()
     times = []
