@@ -45,6 +45,11 @@ _GRAPH_CAPTURING_MODES = ("reduce-overhead", "max-autotune")
 _compiled_shapes_lock = threading.Lock()
 _compiled_shapes = 0  # bucket shapes of every forward compiled in this process
 
+#: One CUDA graph capture at a time in this process (CUDA and PyTorch allow no more, and every
+#: ``torch.cuda.graph`` shares one class-level capture stream). Models load on decode and refresh
+#: threads, so two lines' warm-ups can meet; the infer thread captures lazily with warm-up off.
+_capture_lock = threading.Lock()
+
 
 def raise_recompile_limit(limit: int) -> None:
     """Let dynamo keep at least ``limit`` compiled graphs per function (never lowers a limit).
@@ -196,6 +201,18 @@ class Pending:
             self._done()
         return maps
 
+    def detach(self) -> None:
+        """Keep this batch's maps in memory of its own: its buffers are about to be reused.
+
+        Waits for the batch; :meth:`result` then reads the copy and no longer releases the buffers.
+        """
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        if self._host is not None:
+            self._host = self._host[: self.n].clone()
+        self._done = None
+
 
 @dataclass
 class _Bucket:
@@ -208,6 +225,7 @@ class _Bucket:
     warm: bool = False
     busy: bool = False
     done_event: Any = None
+    pending: Pending | None = None  # the handle of the batch in these buffers, until its result is read
 
 
 @dataclass
@@ -317,9 +335,13 @@ class BucketedRunner:
     def _submit_cuda(
         self, slot: _Bucket, images: np.ndarray | Sequence[np.ndarray], n: int
     ) -> Pending:  # pragma: no cover - needs CUDA
-        if slot.busy and slot.done_event is not None:
-            # The batch submitted two turns ago still owns these buffers: wait for it.
-            slot.done_event.synchronize()
+        if slot.pending is not None:
+            # The batch submitted two turns ago still owns these buffers (its maps were not read yet):
+            # wait for it and move its maps out of host_out, where this batch's maps will land.
+            slot.pending.detach()
+            slot.pending = None
+        elif slot.busy and slot.done_event is not None:
+            slot.done_event.synchronize()  # a submit that failed part way left work on these buffers
         slot.busy = True
         fill_batch(slot.host_in.numpy(), images)
         compute = torch.cuda.current_stream(self.device)
@@ -349,28 +371,41 @@ class BucketedRunner:
             event.record(self._readback_stream)
         slot.done_event = event
         slot.warm = True
+        pending = Pending(n, _event=event, _host=slot.host_out)
 
         def release() -> None:
-            slot.busy = False
+            if slot.pending is pending:
+                slot.busy = False
+                slot.pending = None
 
-        return Pending(n, _event=event, _host=slot.host_out, _done=release)
+        pending._done = release
+        slot.pending = pending
+        return pending
 
     def _capture(self, slot: _Bucket) -> None:  # pragma: no cover - needs CUDA
         assert slot.dev_in is not None
+        compute = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(device=self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
+        side.wait_stream(compute)
         with torch.cuda.stream(side):
             for _ in range(3):  # warm cuDNN/autotuning outside the graph
-                self._compute(slot.dev_in)
-        torch.cuda.current_stream(self.device).wait_stream(side)
+                warm = self._compute(slot.dev_in)
+        compute.wait_stream(side)
+        # The maps land in a buffer of their own, outside the graphs' pool, and the graph copies its
+        # output there. One memory pool serves all buckets' graphs (without sharing, 16 graphs of an
+        # M model at batch <= 128 held 47 GiB on the H100), so one graph's scratch may be memory a
+        # graph captured earlier wrote its output to. Replays queue one after another on the compute
+        # stream, but the maps are read back on another stream: an output inside the pool could be
+        # overwritten by the next batch's replay while it is still being copied out.
+        slot.dev_out = torch.empty_like(warm)
+        del warm
         graph = torch.cuda.CUDAGraph()
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
-        # One memory pool for all buckets' graphs: replays run one after another on the compute
-        # stream, and a graph's output stays allocated, so later captures never reuse its memory.
-        # Without sharing, 16 graphs of an M model at batch <= 128 held 47 GiB (H100 run).
-        with torch.cuda.graph(graph, pool=self._graph_pool):
-            slot.dev_out = self._compute(slot.dev_in)
+        # thread_local: the other threads' CUDA work (the infer thread serving another line, nvJPEG
+        # decodes) goes on during the capture; "global" would fail their allocations and syncs.
+        with _capture_lock, torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+            slot.dev_out.copy_(self._compute(slot.dev_in))
         slot.graph = graph
 
     def run(self, images: np.ndarray) -> np.ndarray:

@@ -89,5 +89,12 @@ def resize_on_device(image_chw: torch.Tensor, size_hw: tuple[int, int]) -> torch
     if src_hw == tuple(size_hw):
         return image_chw.permute(1, 2, 0).contiguous()
     rows, cols = _resize_matrices(src_hw, (size_hw[0], size_hw[1]), str(image_chw.device))
+    if image_chw.is_cuda:
+        # The cached matrices were made on the stream of whichever thread first missed the cache; read
+        # on this thread's stream, they must not be reused by the allocator before this read is done
+        # when the cache drops them (another thread's 65th size) while this stream still runs.
+        stream = torch.cuda.current_stream(image_chw.device)
+        rows.record_stream(stream)
+        cols.record_stream(stream)
     out = rows @ image_chw.float() @ cols  # (h, H) @ (3, H, W) @ (W, w) -> (3, h, w)
     return out.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous()

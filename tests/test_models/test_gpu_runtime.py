@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from models.gpu import BranchStreams, BucketedRunner, bucket_for, bucket_sizes, fill_batch, split_to_buckets
+from models.gpu import (
+    BranchStreams,
+    BucketedRunner,
+    Pending,
+    bucket_for,
+    bucket_sizes,
+    fill_batch,
+    split_to_buckets,
+)
 from tests.test_models.model_fixtures import SIZE, make_model
 
 
@@ -110,6 +118,101 @@ def test_runner_on_cuda_matches_cpu(graphs: bool) -> None:  # pragma: no cover -
     gpu = BucketedRunner(_forward, (8, 8), max_batch=8, device=torch.device("cuda"), cuda_graphs=graphs)
     gpu.warmup()
     np.testing.assert_allclose(gpu.run(images), cpu, rtol=1e-5)
+
+
+def test_a_detached_result_keeps_its_maps_and_no_longer_frees_the_buffers() -> None:
+    # The CUDA runner detaches a handle whose buffers a later batch of its bucket needs: the handle
+    # must keep its own maps and must not mark the buffers free for the batch that took them over.
+    host = torch.arange(12, dtype=torch.float32).reshape(3, 2, 2)
+    released: list[int] = []
+    pending = Pending(2, _host=host, _done=lambda: released.append(1))
+    pending.detach()
+    host.fill_(-1)  # the next batch's maps land in the shared buffer
+    np.testing.assert_array_equal(pending.result(), np.arange(8, dtype=np.float32).reshape(2, 2, 2))
+    assert released == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("graphs", [False, True])
+def test_a_held_result_survives_later_batches_of_its_bucket(graphs: bool) -> None:  # pragma: no cover - GPU only
+    rng = np.random.default_rng(4)
+    first, later = (
+        rng.integers(0, 255, (8, 8, 8, 3), dtype=np.uint8),
+        rng.integers(0, 255, (24, 8, 8, 3), dtype=np.uint8),
+    )
+    gpu = BucketedRunner(_forward, (8, 8), max_batch=8, device=torch.device("cuda"), cuda_graphs=graphs)
+    held = gpu.submit(first)  # not read yet: its buffers are needed again by the third 8-batch below
+    later_maps = gpu.run(later)
+    np.testing.assert_allclose(held.result(), first.astype(np.float32).mean(axis=3) / 255, rtol=1e-5)
+    np.testing.assert_allclose(later_maps, later.astype(np.float32).mean(axis=3) / 255, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graph_maps_survive_the_next_replay_while_they_are_read_back() -> None:  # pragma: no cover - GPU only
+    # The worker submits the next batch before it collects this one; the graphs of all buckets share
+    # one memory pool, so a small bucket's replay must not write where a big bucket's maps wait.
+    device = torch.device("cuda")
+    model = make_model("space").to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    rng = np.random.default_rng(5)
+    batches = [rng.integers(0, 255, (n, SIZE, SIZE, 3), dtype=np.uint8) for n in (8, 1, 8, 2, 8, 1) * 3]
+    reference = BucketedRunner(model.anomaly_map, (SIZE, SIZE), max_batch=8, device=device)
+    want = [reference.submit(b).result() for b in batches]
+    runner = BucketedRunner(model.anomaly_map, (SIZE, SIZE), max_batch=8, device=device, cuda_graphs=True)
+    runner.warmup()
+    inflight: Pending | None = None
+    got: list[np.ndarray] = []
+    for b in batches:
+        nxt = runner.submit(b)
+        if inflight is not None:
+            got.append(inflight.result())
+        inflight = nxt
+    assert inflight is not None
+    got.append(inflight.result())
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graphs_capture_on_two_threads_while_a_third_serves() -> None:  # pragma: no cover - GPU only
+    # Two product lines load at once on two decode threads while the infer thread serves a third.
+    import threading
+
+    device = torch.device("cuda")
+    images = np.random.default_rng(6).integers(0, 255, (13, 8, 8, 3), dtype=np.uint8)
+    want = images.astype(np.float32).mean(axis=3) / 255
+    serving = BucketedRunner(_forward, (8, 8), max_batch=8, device=device)
+    serving.warmup()
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        try:
+            while not stop.is_set():
+                np.testing.assert_allclose(serving.run(images), want, rtol=1e-5)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def load() -> None:
+        try:
+            runner = BucketedRunner(_forward, (8, 8), max_batch=8, device=device, cuda_graphs=True)
+            runner.warmup()
+            np.testing.assert_allclose(runner.run(images), want, rtol=1e-5)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    server = threading.Thread(target=serve)
+    server.start()
+    loaders = [threading.Thread(target=load) for _ in range(2)]
+    for t in loaders:
+        t.start()
+    for t in loaders:
+        t.join()
+    stop.set()
+    server.join()
+    assert errors == []
 
 
 def test_branch_streams_need_cuda() -> None:
