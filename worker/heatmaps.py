@@ -2,9 +2,12 @@
 
 Owns:
 
-* :func:`heatmap_key`: ``<line>/<yyyy>/<mm>/<dd>/<id>.<ext>`` built from untrusted message fields.
-  Every component is sanitized so that a key never escapes the store's root, and two different ids
-  never share a key (an id that had to be changed or truncated carries a sha256 suffix).
+* :func:`heatmap_key`: ``<line>/<yyyy>/<mm>/<dd>/<id>.<digest>.<ext>`` built from untrusted message
+  fields and the file's own SHA-256. Every component is sanitized so that a key never escapes the
+  store's root, and two different ids never share a key (an id that had to be changed or truncated
+  carries a sha256 suffix). The content digest keeps two different heatmaps apart when ids repeat
+  (CloudEvents ids are unique only per source: two cameras may both send ``msg-0001``), so a
+  published result's ``uri`` always holds the bytes its ``sha256`` names.
 * :func:`encode_heatmap_png`: an 8-bit grayscale PNG where 128 is the decision threshold, so a viewer
   can tell "above threshold" at a glance without knowing the score scale.
 * :func:`encode_overlay_jpeg`: a JET colour map blended over the input image, for humans.
@@ -60,6 +63,8 @@ _HASH_CHARS = 16  # 64 bits of sha256: a collision between two real ids is not a
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _HASHED_TAIL = re.compile(rf"-[0-9a-f]{{{_HASH_CHARS}}}\Z")
 _EXT = re.compile(r"[a-z0-9]{1,8}")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_CONTENT_DIGITS = 16  # of the file's sha256 in its key
 _MAX_CACHED_DIRECTORIES = 4096  # lines x days; cleared (not evicted one by one) when full
 
 # Heatmaps are smooth (upsampled from a coarse map): the Paeth row filter followed by zlib's run-length
@@ -102,14 +107,18 @@ def sanitize_component(text: str, max_chars: int = MAX_COMPONENT_CHARS) -> str:
     return f"{stem}-{digest}"
 
 
-def heatmap_key(product_line: str, captured_at: datetime, message_id: str, ext: str) -> str:
-    """The store key of one image's heatmap: ``<line>/<yyyy>/<mm>/<dd>/<id>.<ext>``.
+def heatmap_key(
+    product_line: str, captured_at: datetime, message_id: str, ext: str, *, content_sha256: str | None = None
+) -> str:
+    """The store key of one image's heatmap: ``<line>/<yyyy>/<mm>/<dd>/<id>[.<digest>].<ext>``.
 
     Args:
         product_line: the product line (sanitized like the id).
         captured_at: capture time; converted to UTC (a naive time is taken as UTC).
         message_id: the request's message id (untrusted).
         ext: file extension without the dot, 1-8 lowercase letters or digits (``png``, ``jpg``).
+        content_sha256: the file's SHA-256 (hex); its first 16 digits go into the name, so files of
+            different content never share a key and writing the same file twice is idempotent.
 
     Returns:
         A relative key with exactly four ``/`` separators and no ``.``/``..`` components.
@@ -119,6 +128,10 @@ def heatmap_key(product_line: str, captured_at: datetime, message_id: str, ext: 
     when = captured_at.astimezone(UTC) if captured_at.tzinfo else captured_at.replace(tzinfo=UTC)
     line = sanitize_component(product_line)
     name = sanitize_component(message_id)
+    if content_sha256 is not None:
+        if not _SHA256_HEX.fullmatch(content_sha256):
+            raise ValueError("content_sha256 must be 64 lowercase hex digits")
+        name = f"{name}.{content_sha256[:_CONTENT_DIGITS]}"
     return f"{line}/{when:%Y}/{when:%m}/{when:%d}/{name}.{ext}"
 
 
@@ -440,9 +453,10 @@ def save_heatmap(
     if max_side_px is not None:
         anomaly_map = downscale_keeping_peaks(anomaly_map, max_side_px)
     data = encode_heatmap_png(anomaly_map, threshold)
-    uri = store.put(heatmap_key(product_line, captured_at, message_id, "png"), data, "image/png")
+    digest = hashlib.sha256(data).hexdigest()
+    uri = store.put(heatmap_key(product_line, captured_at, message_id, "png", content_sha256=digest), data, "image/png")
     height, width = anomaly_map.shape
-    return StoredHeatmap(uri, "png", int(width), int(height), hashlib.sha256(data).hexdigest())
+    return StoredHeatmap(uri, "png", int(width), int(height), digest)
 
 
 def open_heatmap_store(heatmaps: HeatmapSettings, s3: S3Settings, *, s3_client: Any | None = None) -> HeatmapStore:

@@ -50,9 +50,7 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     assert binary.exists(), f"{binary} missing: pip install 'moto[server]'"
     port = free_port()
     log = (tmp_path_factory.mktemp("moto") / "moto.log").open("wb")
-    proc = subprocess.Popen(
-        [str(binary), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
-    )
+    proc = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 15
         while True:
@@ -72,9 +70,7 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def s3_settings(moto_endpoint: str) -> S3Settings:
-    return S3Settings(
-        endpoint_url=moto_endpoint, access_key_id=SecretStr("test"), secret_access_key=SecretStr("test")
-    )
+    return S3Settings(endpoint_url=moto_endpoint, access_key_id=SecretStr("test"), secret_access_key=SecretStr("test"))
 
 
 @pytest.fixture(scope="session")
@@ -108,8 +104,8 @@ def test_open_heatmap_store_for_s3_saves_a_readable_png(s3_settings, s3_client, 
     store = open_heatmap_store(HeatmapSettings(store_uri=f"s3://{bucket}/hm"), s3_settings)
     amap = np.linspace(0, 1, 24 * 16, dtype=np.float32).reshape(16, 24)
     ref = save_heatmap(store, "L1", WHEN, "m-1", amap, threshold=0.5)
-    assert ref.uri == f"s3://{bucket}/hm/L1/2026/05/04/m-1.png"
-    data = s3_client.get_object(Bucket=bucket, Key="hm/L1/2026/05/04/m-1.png")["Body"].read()
+    assert ref.uri == f"s3://{bucket}/hm/L1/2026/05/04/m-1.{ref.sha256[:16]}.png"
+    data = s3_client.get_object(Bucket=bucket, Key=f"hm/L1/2026/05/04/m-1.{ref.sha256[:16]}.png")["Body"].read()
     assert hashlib.sha256(data).hexdigest() == ref.sha256
     decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     assert decoded.shape == (16, 24)
@@ -118,9 +114,7 @@ def test_open_heatmap_store_for_s3_saves_a_readable_png(s3_settings, s3_client, 
 
 def test_missing_bucket_fails_after_retries(s3_client):
     sleeps: list[float] = []
-    store = RetryingHeatmapStore(
-        S3HeatmapStore("no-such-bucket-x", "", s3_client), 2, 1.0, sleep=sleeps.append
-    )
+    store = RetryingHeatmapStore(S3HeatmapStore("no-such-bucket-x", "", s3_client), 2, 1.0, sleep=sleeps.append)
     with pytest.raises(HeatmapStoreError, match="gave up after 3 attempts"):
         store.put("L/2026/01/01/a.png", b"x", "image/png")
     assert sleeps == [0.001, 0.002]

@@ -70,7 +70,7 @@ def make_result() -> Callable[..., InspectionResult]:
             "verdict": decide_verdict(score, threshold),
             "late": False,
             "heatmap": HeatmapRef(
-                uri="s3://heatmaps/bottle/2026/11/26/msg-0001.png", width=256, height=256, sha256=SHA
+                uri="s3://heatmaps/bottle/2026/11/26/msg-0001.9f86d081884c7d65.png", width=256, height=256, sha256=SHA
             ),
             "timings": Timings(queue_ms=12.5, decode_ms=3.1, infer_ms=18.0, publish_ms=2.2, total_ms=38.4),
             "batch_size": 16,

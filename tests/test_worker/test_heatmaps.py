@@ -44,9 +44,7 @@ def test_key_date_is_utc():
     assert heatmap_key("L", datetime(2026, 3, 8, 1, 30), "m", "png").startswith("L/2026/03/08/")
 
 
-@pytest.mark.parametrize(
-    "message_id", ["../../etc/passwd", "..", ".", ".hidden", "a/b", "a\\b", "", "x" * 500, "é"]
-)
+@pytest.mark.parametrize("message_id", ["../../etc/passwd", "..", ".", ".hidden", "a/b", "a\\b", "", "x" * 500, "é"])
 def test_unsafe_ids_are_sanitized_and_hashed(message_id):
     name = heatmap_key("L", WHEN, message_id, "png").split("/")[-1]
     stem = name.removesuffix(".png")
@@ -75,10 +73,7 @@ def test_key_never_escapes_the_root_and_the_id_part_has_no_slash(line, message_i
     parts = key.split("/")
     assert len(parts) == 5
     assert all(part not in ("", ".", "..") and not part.startswith(".") for part in parts)
-    assert all(
-        set(part) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
-        for part in parts
-    )
+    assert all(set(part) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-") for part in parts)
     assert len(parts[-1]) <= 128 + len(".png")
     assert not PurePosixPath(key).is_absolute()
     root = Path("/srv/heatmaps")
@@ -203,9 +198,7 @@ def test_file_store_writes_atomically_and_returns_a_file_uri(tmp_path):
     assert target.stat().st_mode & 0o777 == 0o644
 
 
-@pytest.mark.parametrize(
-    "key", ["../x.png", "a/../../x.png", "/etc/x.png", "a//b.png", "./a.png", "", "a\\..\\b"]
-)
+@pytest.mark.parametrize("key", ["../x.png", "a/../../x.png", "/etc/x.png", "a//b.png", "./a.png", "", "a\\..\\b"])
 def test_file_store_refuses_keys_that_escape_the_root(tmp_path, key):
     store = FileHeatmapStore(tmp_path / "hm")
     with pytest.raises(ValueError):
@@ -296,9 +289,7 @@ def test_unwritable_root_fails_with_heatmap_store_error_after_retries(tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_bytes(b"a file where the root directory should be")
     sleeps: list[float] = []
-    store = RetryingHeatmapStore(
-        FileHeatmapStore(blocker / "hm"), retries=2, backoff_ms=5, sleep=sleeps.append
-    )
+    store = RetryingHeatmapStore(FileHeatmapStore(blocker / "hm"), retries=2, backoff_ms=5, sleep=sleeps.append)
     with pytest.raises(HeatmapStoreError, match="gave up after 3 attempts"):
         store.put(heatmap_key("L", WHEN, "m", "png"), b"x", "image/png")
     assert len(sleeps) == 2
@@ -314,6 +305,28 @@ def test_save_heatmap_describes_what_it_stored(tmp_path):
     assert path.is_relative_to(tmp_path.resolve())
 
 
+def test_two_maps_under_one_message_id_keep_their_own_files(tmp_path):
+    # CloudEvents ids are unique per source only: two cameras of a line may both send msg-0001 on one
+    # day, and a redelivery scored after a threshold move encodes the same map differently. Each
+    # published result must still find the bytes its sha256 names at its uri.
+    store = FileHeatmapStore(tmp_path)
+    first = save_heatmap(store, "L1", WHEN, "msg-0001", np.full((8, 8), 0.2, np.float32), 0.5)
+    second = save_heatmap(store, "L1", WHEN, "msg-0001", np.full((8, 8), 0.9, np.float32), 0.5)
+    assert first.uri != second.uri
+    for ref in (first, second):
+        assert hashlib.sha256(Path(ref.uri.removeprefix("file://")).read_bytes()).hexdigest() == ref.sha256
+    again = save_heatmap(store, "L1", WHEN, "msg-0001", np.full((8, 8), 0.2, np.float32), 0.5)
+    assert again.uri == first.uri  # the same file written twice (a redelivery) is one file
+
+
+def test_key_names_the_content_digest_after_the_id():
+    digest = hashlib.sha256(b"png").hexdigest()
+    key = heatmap_key("L", WHEN, "msg-0001", "png", content_sha256=digest)
+    assert key == f"L/2026/03/07/msg-0001.{digest[:16]}.png"
+    with pytest.raises(ValueError, match="64 lowercase hex"):
+        heatmap_key("L", WHEN, "m", "png", content_sha256="../x")
+
+
 def test_save_heatmap_with_a_size_cap_stores_the_shrunk_map(tmp_path):
     store = FileHeatmapStore(tmp_path)
     amap = np.zeros((256, 200), np.float32)
@@ -326,17 +339,13 @@ def test_save_heatmap_with_a_size_cap_stores_the_shrunk_map(tmp_path):
 
 def test_open_heatmap_store_from_settings(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    relative = open_heatmap_store(
-        HeatmapSettings(store_uri="file://.space/hm", retries=4, backoff_ms=7), S3Settings()
-    )
+    relative = open_heatmap_store(HeatmapSettings(store_uri="file://.space/hm", retries=4, backoff_ms=7), S3Settings())
     assert isinstance(relative, RetryingHeatmapStore)
     assert (relative.retries, relative.backoff_ms) == (4, 7)
     assert relative.inner.root == tmp_path.resolve() / ".space" / "hm"
     absolute = open_heatmap_store(HeatmapSettings(store_uri=f"file://{tmp_path}/abs"), S3Settings())
     assert absolute.inner.root == tmp_path.resolve() / "abs"
-    s3 = open_heatmap_store(
-        HeatmapSettings(store_uri="s3://bucket-a/some/prefix/"), S3Settings(), s3_client=object()
-    )
+    s3 = open_heatmap_store(HeatmapSettings(store_uri="s3://bucket-a/some/prefix/"), S3Settings(), s3_client=object())
     assert isinstance(s3.inner, S3HeatmapStore)
     assert s3.inner.object_key("L/x.png") == "some/prefix/L/x.png"
     assert s3.inner.bucket == "bucket-a"
