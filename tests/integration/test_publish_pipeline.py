@@ -38,7 +38,7 @@ def _record(app: Any, events: list[tuple[float, str, str]]) -> None:
 
     def put(key: str, data: bytes, content_type: str) -> str:
         with lock:
-            events.append((time.monotonic(), "put", key.rsplit("/", 1)[-1].removesuffix(".png")))
+            events.append((time.monotonic(), "put", key.rsplit("/", 1)[-1].split(".")[0]))  # <id>.<digest>.png
         time.sleep(WRITE_S)
         return original_put(key, data, content_type)
 
