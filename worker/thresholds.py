@@ -12,7 +12,10 @@ Owns three things:
   with ``source="cache"`` and Redis is not asked again for ``retry_interval_s`` (a dead Redis must not add
   a timeout to every batch); with no usable record the model card's default applies
   (``source="model-default"``). A record written for another model version is never applied: scores of
-  different model versions are on different scales.
+  different model versions are on different scales. When the line's record names another version
+  (a rollout wrote the next version's threshold first, or a rollback went back to the previous
+  model), the newest write in the line's history that does apply is used instead, so the serving
+  version keeps its calibrated value rather than falling back to the card default.
 * :class:`ThresholdWatcher`: a daemon thread subscribed to the notice channel that invalidates the cache,
   so a write is visible at once instead of after the TTL; it reconnects with capped exponential backoff.
 """
@@ -26,7 +29,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -286,6 +289,31 @@ class ThresholdStore:
             records.append(self._parse(key, data))
         return records
 
+    def latest_for(self, line: str, model_version: str, chunk: int = 64) -> ThresholdRecord | None:
+        """The newest write in a line's history that applies to ``model_version``.
+
+        That is one written for this version or for any version (no ``model_version``). Read newest
+        first in chunks of ``chunk`` entries, at most the ``history_max`` kept.
+
+        Raises:
+            ThresholdRecordError: an entry read before the match is not a valid record.
+            redis.exceptions.RedisError: Redis failed.
+        """
+        key = self.history_key(line)
+        for start in range(0, self._history_max, chunk):
+            entries = self._client.lrange(key, start, min(start + chunk, self._history_max) - 1)
+            for raw in entries:
+                try:
+                    data = json.loads(raw)
+                except ValueError as exc:
+                    raise ThresholdRecordError(f"{key} holds an entry that is not JSON: {exc}") from exc
+                record = self._parse(key, data)
+                if record.model_version in (None, model_version):
+                    return record
+            if len(entries) < chunk:
+                break
+        return None
+
     def _check_value(self, line: str, value: float, *, force: bool) -> None:
         if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
             raise ThresholdValueError(f"threshold for line {line} must be a finite number, got {value!r}")
@@ -334,6 +362,13 @@ class _Entry:
     record: ThresholdRecord | None
     loaded_at: float
     stale: bool = False
+    # Model version -> the newest history write that applies to it (None: none), for versions the
+    # current record does not apply to; read once per load of the line.
+    earlier: dict[str, ThresholdRecord | None] = field(default_factory=dict)
+
+
+def _applies(record: ThresholdRecord | None, model_version: str) -> bool:
+    return record is not None and record.model_version in (None, model_version)
 
 
 class ThresholdCache:
@@ -342,6 +377,9 @@ class ThresholdCache:
     Args:
         load: reads one line's record (``ThresholdStore.get``); None when the line has none.
         ttl_s: a record read from Redis is reused this long, then read again.
+        load_earlier: reads the newest write of a line that applies to a model version
+            (``ThresholdStore.latest_for``), asked only when the current record names another
+            version; None: such versions get the model default.
         clock: monotonic seconds (injected in tests).
         retry_interval_s: after a failed load, Redis is not asked again for this long; meanwhile the
             last known good record is served with ``source="cache"``.
@@ -355,6 +393,7 @@ class ThresholdCache:
         ttl_s: float,
         clock: Callable[[], float] = time.monotonic,
         *,
+        load_earlier: Callable[[str, str], ThresholdRecord | None] | None = None,
         retry_interval_s: float = 1.0,
         max_entries: int = 4096,
     ) -> None:
@@ -362,6 +401,7 @@ class ThresholdCache:
         if ttl_s <= 0 or retry_interval_s < 0 or max_entries < 1:
             raise ValueError("ttl_s must be > 0, retry_interval_s >= 0 and max_entries >= 1")
         self._load = load
+        self._load_earlier = load_earlier
         self._ttl_s = ttl_s
         self._clock = clock
         self._retry_interval_s = retry_interval_s
@@ -384,17 +424,26 @@ class ThresholdCache:
             The value with its version and source.
         """
         now = self._clock()
+        fresh: _Entry | None = None  # a fresh entry that only lacks this version's earlier record
         with self._lock:
             entry = self._entries.get(line)
             if entry is not None:
                 self._entries.move_to_end(line)
                 if not entry.stale and now - entry.loaded_at < self._ttl_s:
-                    return self._apply(entry.record, "redis", model_version, default)
+                    known, found = self._lookup(entry, model_version)
+                    if known:
+                        return self._apply(found, "redis", model_version, default)
+                    fresh = entry
             if self._retry_at.get(None, -math.inf) > now or self._retry_at.get(line, -math.inf) > now:
                 return self._fallback(entry, model_version, default)
             generation = self._generation
         try:
-            record = self._load(line)
+            record = fresh.record if fresh is not None else self._load(line)
+            earlier: ThresholdRecord | None = None
+            asked = not _applies(record, model_version) and record is not None and self._load_earlier is not None
+            if asked:
+                assert self._load_earlier is not None
+                earlier = self._load_earlier(line, model_version)
         except CONNECTION_ERRORS as exc:
             return self._load_failed(None, line, exc, now, model_version, default)
         except (
@@ -402,21 +451,28 @@ class ThresholdCache:
             ValueError,
         ) as exc:  # e.g. WRONGTYPE, a corrupt record: this line only
             return self._load_failed(line, line, exc, now, model_version, default)
-        if record is not None and record.model_version not in (None, model_version):
+        if record is not None and not _applies(record, model_version):
             log.warning(
                 "threshold_model_version_mismatch",
                 product_line=line,
                 record_model_version=record.model_version,
                 model_version=model_version,
                 version=record.version,
+                earlier_version=earlier.version if earlier is not None else None,
             )
         with self._lock:
-            # An invalidation that raced with this load leaves the entry stale: the next call reloads.
-            self._entries[line] = _Entry(record, now, stale=generation != self._generation)
-            self._entries.move_to_end(line)
-            while len(self._entries) > self._max_entries:
-                self._entries.popitem(last=False)
-        return self._apply(record, "redis", model_version, default)
+            if fresh is not None and self._entries.get(line) is fresh:
+                fresh.earlier[model_version] = earlier
+            elif fresh is None:
+                # An invalidation that raced with this load leaves the entry stale: the next call reloads.
+                new = _Entry(record, now, stale=generation != self._generation)
+                if asked:
+                    new.earlier[model_version] = earlier
+                self._entries[line] = new
+                self._entries.move_to_end(line)
+                while len(self._entries) > self._max_entries:
+                    self._entries.popitem(last=False)
+        return self._apply(record if _applies(record, model_version) else earlier, "redis", model_version, default)
 
     def invalidate(self, line: str | None = None) -> None:
         """Force a reload of one line (or of all lines with None) on its next use.
@@ -460,8 +516,21 @@ class ThresholdCache:
             self._retry_at[scope] = now + self._retry_interval_s
             return self._fallback(self._entries.get(line), model_version, default)
 
+    def _lookup(self, entry: _Entry, model_version: str) -> tuple[bool, ThresholdRecord | None]:
+        """(known, record): the record of a loaded entry that applies to ``model_version``.
+
+        Not known when the current record names another version and that version's earlier
+        record was not looked up yet.
+        """
+        if entry.record is None or _applies(entry.record, model_version) or self._load_earlier is None:
+            return True, entry.record
+        if model_version in entry.earlier:
+            return True, entry.earlier[model_version]
+        return False, None
+
     def _fallback(self, entry: _Entry | None, model_version: str, default: float) -> ResolvedThreshold:
-        return self._apply(entry.record if entry else None, "cache", model_version, default)
+        found = self._lookup(entry, model_version)[1] if entry is not None else None
+        return self._apply(found, "cache", model_version, default)
 
     @staticmethod
     def _apply(

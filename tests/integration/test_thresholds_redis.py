@@ -225,6 +225,21 @@ def test_concurrent_writers_with_the_same_version_one_wins(store):
     assert store.get("L1").version == 2
 
 
+def test_latest_for_finds_the_newest_write_that_applies_to_a_version(client, prefix):
+    store = ThresholdStore(client, prefix, history_max=200)
+    write(store, "L1", 0.12, model_version="v1")
+    write(store, "L1", 0.3, model_version=None)  # for any version
+    write(store, "L1", 0.11, model_version="v1")
+    for i in range(150):  # more than one chunk of v2 writes on top
+        write(store, "L1", 0.2 + i / 1000, model_version="v2")
+    earlier = store.latest_for("L1", "v1", chunk=64)
+    assert earlier is not None and (earlier.value, earlier.version) == (0.11, 3)
+    assert store.latest_for("L1", "v9").value == 0.3  # only the any-version write applies
+    assert store.latest_for("L2", "v1") is None
+    cache = ThresholdCache(store.get, ttl_s=60.0, load_earlier=store.latest_for)
+    assert (cache.resolve("L1", "v1", 0.9).value, cache.resolve("L1", "v2", 0.9).value) == (0.11, 0.349)
+
+
 def test_watcher_makes_a_write_visible_within_a_second_despite_a_long_ttl(store, prefix):
     cache = ThresholdCache(store.get, ttl_s=60.0)
     watcher = ThresholdWatcher(lambda: make_redis(RedisSettings(url=SHARED_URL)), store.channel, cache)
@@ -310,9 +325,7 @@ def test_make_redis_refuses_tls_files_without_rediss(tmp_path: Path):
 
 
 @pytest.fixture
-def cli_env(
-    monkeypatch: pytest.MonkeyPatch, prefix: str, client: redis.Redis, tmp_path: Path
-) -> Iterator[str]:
+def cli_env(monkeypatch: pytest.MonkeyPatch, prefix: str, client: redis.Redis, tmp_path: Path) -> Iterator[str]:
     import structlog
 
     import worker.logging

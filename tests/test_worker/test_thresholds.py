@@ -37,9 +37,7 @@ class FakeLoader:
         return self.records.get(line)
 
 
-def record(
-    value: float, version: int = 1, model_version: str | None = "v1", line: str = "L1"
-) -> ThresholdRecord:
+def record(value: float, version: int = 1, model_version: str | None = "v1", line: str = "L1") -> ThresholdRecord:
     return ThresholdRecord(
         product_line=line,
         value=value,
@@ -140,6 +138,51 @@ def test_recovers_to_redis_after_outage(cache, loader, clock):
     clock.advance(1.0)
     resolved = cache.resolve("L1", "v1", 0.5)
     assert (resolved.value, resolved.version, resolved.source) == (0.9, 2, "redis")
+
+
+class FakeHistory:
+    """Newest-first writes per line; ``latest_for`` like ``ThresholdStore.latest_for``; counts calls."""
+
+    def __init__(self) -> None:
+        self.writes: dict[str, list[ThresholdRecord]] = {}
+        self.calls: list[tuple[str, str]] = []
+
+    def __call__(self, line: str, model_version: str) -> ThresholdRecord | None:
+        self.calls.append((line, model_version))
+        return next((r for r in self.writes.get(line, []) if r.model_version in (None, model_version)), None)
+
+
+def test_a_version_the_current_record_does_not_name_keeps_its_own_earlier_value(loader, clock):
+    # Rollout: the quality engineer wrote v2's threshold before promoting v2; v1 still serves (and,
+    # after a rollback, serves again): it keeps its calibrated 0.12, not the card default.
+    history = FakeHistory()
+    v1, v2 = record(0.12, version=1, model_version="v1"), record(0.25, version=2, model_version="v2")
+    history.writes["L1"] = [v2, v1]
+    loader.records["L1"] = v2
+    cache = ThresholdCache(loader, ttl_s=10.0, clock=clock, load_earlier=history)
+    resolved = cache.resolve("L1", "v1", 0.5)
+    assert (resolved.value, resolved.version, resolved.source, resolved.model_version) == (0.12, 1, "redis", "v1")
+    assert cache.resolve("L1", "v2", 0.5).value == 0.25
+    for _ in range(3):  # both versions served side by side during the swap: no reload per call
+        assert cache.resolve("L1", "v1", 0.5).value == 0.12
+        assert cache.resolve("L1", "v2", 0.5).value == 0.25
+    assert loader.calls == ["L1"] and history.calls == [("L1", "v1")]
+    assert cache.resolve("L1", "v3", 0.5).source == "model-default"  # no write applies to v3
+    clock.advance(11)  # the TTL expires: the earlier values are read again with the record
+    assert cache.resolve("L1", "v1", 0.5).value == 0.12
+    assert history.calls == [("L1", "v1"), ("L1", "v3"), ("L1", "v1")]
+
+
+def test_an_earlier_value_is_served_from_cache_while_redis_is_down(loader, clock):
+    history = FakeHistory()
+    history.writes["L1"] = [record(0.25, version=2, model_version="v2"), record(0.12, version=1)]
+    loader.records["L1"] = history.writes["L1"][0]
+    cache = ThresholdCache(loader, ttl_s=10.0, clock=clock, load_earlier=history, retry_interval_s=1.0)
+    assert cache.resolve("L1", "v1", 0.5).value == 0.12
+    clock.advance(11)
+    loader.error = redis.exceptions.ConnectionError("down")
+    resolved = cache.resolve("L1", "v1", 0.5)
+    assert (resolved.value, resolved.source) == (0.12, "cache")
 
 
 def test_failure_without_any_known_value_gives_model_default(cache, loader):
@@ -246,9 +289,7 @@ def test_entries_are_bounded(loader, clock):
     assert [cache.age_s(f"L{i}") is None for i in range(5)] == [True, True, False, False, False]
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{"ttl_s": 0}, {"ttl_s": 1, "retry_interval_s": -1}, {"ttl_s": 1, "max_entries": 0}]
-)
+@pytest.mark.parametrize("kwargs", [{"ttl_s": 0}, {"ttl_s": 1, "retry_interval_s": -1}, {"ttl_s": 1, "max_entries": 0}])
 def test_cache_rejects_bad_parameters(loader, kwargs):
     with pytest.raises(ValueError):
         ThresholdCache(loader, **kwargs)
