@@ -15,36 +15,28 @@ Every failure is a :class:`DecodeError` with a stable kebab-case ``reason`` that
 letter's ``error-reason`` header.
 
 OpenCV keeps its own pixel limit, read from ``OPENCV_IO_MAX_IMAGE_PIXELS`` once, when the cv2 library
-loads. This module sets it (unless already set) from ``SPACE_DECODE__MAX_PIXELS`` or the settings'
-default before importing cv2; it only takes effect if this module is imported before anything else
-imports cv2, so it is a second line of defence: the probe is the guard that always applies.
+loads. The ``worker`` package sets it on import (see :mod:`worker`), before any of its modules imports
+cv2; it is a second line of defence: the probe is the guard that always applies.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
-from worker.settings import DecodeSettings, S3Settings
-
-os.environ.setdefault(
-    "OPENCV_IO_MAX_IMAGE_PIXELS",
-    os.environ.get("SPACE_DECODE__MAX_PIXELS", str(DecodeSettings.model_fields["max_pixels"].default)),
-)
-
-import cv2  # after OPENCV_IO_MAX_IMAGE_PIXELS is set (ruff allows os.environ first)
+import cv2
 import numpy as np
 from botocore.exceptions import BotoCoreError, ClientError
 
 from worker.s3 import make_s3_client, parse_s3_uri
+from worker.settings import DecodeSettings, S3Settings
 
 __all__ = [
     "CONTENT_TYPES",
@@ -92,6 +84,9 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _DEPTHS_8_16 = frozenset({1, 2, 4, 8, 16})
+#: The first-IFD tags the probe reads (the suffix names them in error details).
+_TIFF_TAG_NAMES = {256: " (ImageWidth)", 257: " (ImageLength)", 258: " (BitsPerSample)", 277: " (SamplesPerPixel)"}
+_TIFF_MAX_ENTRIES = 4096  # real files carry a few dozen
 
 
 class DecodeError(Exception):
@@ -203,9 +198,13 @@ def _probe_bmp(data: bytes) -> ImageInfo:
     return ImageInfo("bmp", width, height, channels, 8 if channels else None)
 
 
-def _probe_tiff(data: bytes) -> ImageInfo:
-    order = "<" if data[:2] == b"II" else ">"
-    big = data[2:4] in (b"+\x00", b"\x00+")
+def _tiff_entries(data: bytes, order: str, big: bool) -> Iterator[tuple[int, int, int]]:
+    """``(tag, type, offset of the value field)`` of each entry of the first IFD, in file order.
+
+    The TIFF specification requires ascending tags; a repeated tag is where decoders disagree (libtiff
+    keeps the first copy and ignores the rest), so a probe that read another copy than the decoder
+    would pass a bomb. Anything but strictly ascending tags is refused as corrupt.
+    """
     if big:  # BigTIFF: 8-byte offsets, 20-byte entries
         if len(data) < 16:
             raise _corrupt("tiff", "truncated header")
@@ -220,15 +219,31 @@ def _probe_tiff(data: bytes) -> ImageInfo:
     if ifd + count_size > len(data):
         raise _corrupt("tiff", "first IFD offset lies beyond the data")
     (count,) = struct.unpack_from(order + count_fmt, data, ifd)
-    tags: dict[int, int] = {}
-    for index in range(min(count, 4096)):
+    if count > _TIFF_MAX_ENTRIES:
+        raise _corrupt("tiff", f"the first IFD lists {count} entries (at most {_TIFF_MAX_ENTRIES} are read)")
+    seen: set[int] = set()
+    previous = -1
+    for index in range(count):
         entry = ifd + count_size + index * entry_size
         if entry + entry_size > len(data):
             raise _corrupt("tiff", "truncated IFD")
         tag, kind = struct.unpack_from(order + "HH", data, entry)
-        if tag not in (256, 257, 258, 277):
+        if tag in seen:
+            raise _corrupt("tiff", f"the first IFD repeats tag {tag}{_TIFF_TAG_NAMES.get(tag, '')}")
+        if tag < previous:
+            raise _corrupt("tiff", f"the first IFD's tags are not in ascending order ({tag} after {previous})")
+        seen.add(tag)
+        previous = tag
+        yield tag, kind, entry + entry_size - value_size
+
+
+def _probe_tiff(data: bytes) -> ImageInfo:
+    order = "<" if data[:2] == b"II" else ">"
+    big = data[2:4] in (b"+\x00", b"\x00+")
+    tags: dict[int, int] = {}
+    for tag, kind, value_at in _tiff_entries(data, order, big):
+        if tag not in _TIFF_TAG_NAMES:
             continue
-        value_at = entry + entry_size - value_size
         if kind == 3:  # SHORT: the first value sits at the start of the value field
             (tags[tag],) = struct.unpack_from(order + "H", data, value_at)
         elif kind == 4:
@@ -486,7 +501,13 @@ class ClaimCheckFetcher:
         parts = urlsplit(uri)
         if parts.netloc not in ("", "localhost"):
             raise DecodeError("claim-check-denied", f"file:// host {parts.netloc!r} is not local")
-        path = Path(unquote(parts.path)).resolve()
+        raw = unquote(parts.path)
+        if "\x00" in raw:  # %00: no file has it in its name, and Path.resolve() raises ValueError on it
+            raise DecodeError("claim-check-denied", f"{uri} holds a NUL byte")
+        try:
+            path = Path(raw).resolve()
+        except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before Python 3.13)
+            raise DecodeError("claim-check-denied", f"{uri}: {exc}") from exc
         if not path.is_relative_to(self._file_root):
             raise DecodeError("claim-check-denied", f"{path} is outside the claim-check root {self._file_root}")
         limit = self._settings.max_value_bytes

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -35,6 +37,8 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from schemas.request import CLAIM_CHECK_SCHEMES
+from worker import DEFAULT_MAX_PIXELS
 from worker.errors import ConfigError
 
 
@@ -54,6 +58,33 @@ IntList = Annotated[tuple[int, ...], NoDecode, BeforeValidator(_split_list)]
 ENV_PREFIX = "SPACE_"
 ENV_NESTED_DELIMITER = "__"
 DEFAULT_SECRETS_DIR = "/run/secrets/space"
+#: Words that mark a setting (or a URL query parameter) as secret: its value is never echoed.
+_SENSITIVE_WORDS = ("password", "secret", "key", "token")
+#: URL query parameters that carry credentials (redis-py passes any query parameter to the connection).
+_CREDENTIAL_QUERY_PARAMETERS = frozenset({"password", "username"})
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit for logs and error messages: user info and credential query values shown as ``***``.
+
+    ``redis://user:pw@host:6379/0?password=pw&db=1`` becomes ``redis://***@host:6379/0?password=***&db=1``.
+    Everything up to the last ``@`` counts as user info, so a password holding ``/`` or ``?`` is hidden too.
+    """
+    scheme, slashes, rest = url.partition("://")
+    if not slashes:
+        scheme, rest = "", url
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    location, sep, query = rest.partition("?")
+    if sep:
+        query = "&".join(_redact_query_pair(pair) for pair in query.split("&"))
+    return scheme + slashes + location + sep + query
+
+
+def _redact_query_pair(pair: str) -> str:
+    name, sep, _value = pair.partition("=")
+    words = (*_CREDENTIAL_QUERY_PARAMETERS, *_SENSITIVE_WORDS)
+    return f"{name}=***" if sep and any(word in unquote(name).lower() for word in words) else pair
 
 
 class _Section(BaseModel):
@@ -158,7 +189,10 @@ class KafkaSettings(_Section):
 class RedisSettings(_Section):
     """Where thresholds (and the model registry's pointers) live."""
 
-    url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL, no password in it.")
+    url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="redis://, rediss:// or unix:// URL without credentials (no user:password@, no ?password=).",
+    )
     username: str | None = Field(None, description="ACL user (Redis 6+).")
     password: SecretStr | None = Field(None, description="AUTH password; prefer a secret file.")
     ssl_ca_certs: Path | None = Field(None, description="CA bundle for rediss://.")
@@ -178,6 +212,13 @@ class RedisSettings(_Section):
             raise ValueError("must start with redis://, rediss:// or unix://")
         if "@" in value.split("//", 1)[1].split("/", 1)[0]:
             raise ValueError("put credentials in SPACE_REDIS__USERNAME/PASSWORD, not in the URL")
+        query = value.partition("?")[2].partition("#")[0]
+        names = {name.lower() for name, _ in parse_qsl(query, keep_blank_values=True)}
+        if names & _CREDENTIAL_QUERY_PARAMETERS:
+            raise ValueError(
+                "put credentials in SPACE_REDIS__USERNAME/PASSWORD, not in the URL's query "
+                f"({', '.join(sorted(names & _CREDENTIAL_QUERY_PARAMETERS))})"
+            )
         return value
 
 
@@ -211,14 +252,33 @@ class DecodeSettings(_Section):
         description="Where JPEGs are decoded and resized: cuda = nvJPEG via torchvision (refuses to start "
         "without it), auto = nvJPEG when present, cpu = OpenCV. Other formats always decode on the CPU.",
     )
-    max_pixels: int = Field(40_000_000, ge=1, description="Refuse images larger than this before decoding.")
+    max_pixels: int = Field(
+        DEFAULT_MAX_PIXELS,
+        ge=1,
+        description="Refuse images larger than this before decoding (as an environment variable it also sets "
+        "OpenCV's own limit, OPENCV_IO_MAX_IMAGE_PIXELS, unless that is set).",
+    )
     max_value_bytes: int = Field(32 * 1024 * 1024, ge=1, description="Refuse record values larger than this.")
-    claim_check_schemes: StrList = Field(("s3",), description="Allowed claim-check URI schemes.")
+    claim_check_schemes: StrList = Field(
+        ("s3",),
+        description=f"Allowed claim-check URI schemes, among {', '.join(CLAIM_CHECK_SCHEMES)} (http is never fetched).",
+    )
     claim_check_buckets: StrList = Field((), description="Allowed S3 buckets; empty allows any.")
     claim_check_file_root: Path | None = Field(
         None, description="If set, file:// claim checks are allowed only under this directory."
     )
     fetch_timeout_ms: int = Field(5_000, ge=10, description="Claim-check download timeout.")
+
+    @field_validator("claim_check_schemes")
+    @classmethod
+    def _check_schemes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        schemes = tuple(scheme.lower() for scheme in value)
+        unsupported = [scheme for scheme in schemes if scheme not in CLAIM_CHECK_SCHEMES]
+        if unsupported:
+            raise ValueError(
+                f"{', '.join(unsupported)} cannot be fetched (supported: {', '.join(CLAIM_CHECK_SCHEMES)})"
+            )
+        return schemes
 
 
 class ModelSettings(_Section):
@@ -298,7 +358,13 @@ class HeatmapSettings(_Section):
     @field_validator("store_uri")
     @classmethod
     def _check_uri(cls, value: str) -> str:
-        if not value.startswith(("file://", "s3://")):
+        if value.startswith("file://"):
+            if not value.removeprefix("file://").strip():
+                raise ValueError("file:// names no directory (file://DIR or file:///ABSOLUTE/DIR)")
+        elif value.startswith("s3://"):
+            if not urlsplit(value).netloc:  # what worker.s3.parse_s3_uri requires
+                raise ValueError("s3:// names no bucket (s3://bucket or s3://bucket/prefix)")
+        else:
             raise ValueError("must start with file:// or s3://")
         return value
 
@@ -446,6 +512,23 @@ class _SecretFilesSource(PydanticBaseSettingsSource):
         return data
 
 
+def _may_hold_secret(value: str) -> bool:
+    """A URL with user info, or a value naming a credential (``redis://host/0?pass%77ord=...`` too)."""
+    text = unquote(value).lower()
+    return "@" in text or any(word in text for word in ("password", "secret", "token"))
+
+
+def _settings_error_line(exc: SettingsError) -> str:
+    """A source's parse error (``SPACE_KAFKA='{bad'``) as one line naming the variable, never its value."""
+    field = re.search(r'error parsing value for field "([^"]+)"', str(exc))
+    if field is None:
+        return f"{ENV_PREFIX}*: {exc}"
+    cause = exc.__cause__
+    if isinstance(cause, json.JSONDecodeError):  # its message says where, without the value
+        return f"{env_name((field.group(1),))}: is not valid JSON ({cause})"
+    return f"{env_name((field.group(1),))}: cannot be parsed ({type(cause).__name__})"
+
+
 def env_name(loc: tuple[int | str, ...]) -> str:
     """The environment variable for a validation error location, e.g. ``SPACE_KAFKA__BOOTSTRAP_SERVERS``."""
     parts = [str(p) for p in loc if not isinstance(p, int)]
@@ -457,15 +540,15 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**overrides)
     except SettingsError as exc:
-        raise ConfigError(f"{ENV_PREFIX}*: {exc}") from None
+        raise ConfigError(_settings_error_line(exc)) from None
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = tuple(first["loc"])
         message = first["msg"].removeprefix("Value error, ")
         value = first.get("input")
         shown = f" (got {value!r})"
-        sensitive = any(word in str(loc).lower() for word in ("password", "secret", "key", "token"))
-        if isinstance(value, dict | list) or sensitive or (isinstance(value, str) and "@" in value):
+        sensitive = any(word in str(loc).lower() for word in _SENSITIVE_WORDS)
+        if isinstance(value, dict | list) or sensitive or (isinstance(value, str) and _may_hold_secret(value)):
             shown = ""  # never echo a secret, nor a URL that may carry credentials
         more = f"; and {len(exc.errors()) - 1} more" if len(exc.errors()) > 1 else ""
         raise ConfigError(f"{env_name(loc)}: {message}{shown}{more}") from None

@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 import structlog
 
 from worker.errors import SpaceError
+from worker.settings import redact_url
 
 log = structlog.get_logger(__name__)
 
@@ -258,7 +259,7 @@ class Stack:
     def _start_or_adopt_redis(self, port: int | None) -> ServiceState:
         if port is None and redis_answers(self.redis_url):
             parsed = urlparse(self.redis_url)
-            log.info("stack_redis_adopted", url=self.redis_url)
+            log.info("stack_redis_adopted", url=redact_url(self.redis_url))
             return ServiceState("redis", parsed.hostname or self.host, parsed.port or 6379, None, None, False)
         binary = redis_server_binary()
         port = self._pick_port(port, "redis", "--redis-port")

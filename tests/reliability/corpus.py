@@ -96,6 +96,26 @@ def tiff_header(width: int, height: int) -> bytes:
     return b"II*\x00" + struct.pack("<I", 8) + ifd
 
 
+def tiff_with_tags(entries: list[tuple[int, int, int]], strip: bytes) -> bytes:
+    """A little-endian TIFF with one strip; ``entries`` are ``(tag, type, value)`` written in the given order,
+    with StripOffsets (273) and StripByteCounts (279) filled in to point at ``strip``."""
+    fill = {273: 8 + 2 + 12 * len(entries) + 4, 279: len(strip)}
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, value in entries:
+        value = fill.get(tag, value)
+        ifd += struct.pack("<HHIHH", tag, kind, 1, value, 0) if kind == 3 else struct.pack("<HHII", tag, kind, 1, value)
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + b"\0\0\0\0" + strip
+
+
+def tiff_repeated_width(real_width: int, fake_width: int, height: int) -> bytes:
+    """A real deflate TIFF of zeros whose first IFD lists ImageWidth twice: ``real_width`` first (what
+    libtiff decodes: it ignores repeats), then ``fake_width`` (what a last-wins header probe would read)."""
+    strip = zlib.compress(bytes(real_width * height), 9)
+    entries = [(256, 4, real_width), (256, 3, fake_width), (257, 4, height), (258, 3, 8), (259, 3, 8), (262, 3, 1),
+               (273, 4, 0), (277, 3, 1), (278, 4, height), (279, 4, 0)]  # fmt: skip
+    return tiff_with_tags(entries, strip)
+
+
 def bmp_header(width: int, height: int) -> bytes:
     info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
     return b"BM" + struct.pack("<IHHI", 14 + len(info), 0, 0, 14 + len(info)) + info
@@ -140,6 +160,8 @@ def image_cases(rng: random.Random, tmp: Path) -> list[Case]:
     add(jpeg_with_sof(good_jpeg, 65_000, 65_000), "too-many-pixels", "image/jpeg", label="jpeg-sof-bomb")
     add(tiff_header(100_000, 100_000), "too-many-pixels", "image/tiff", label="tiff-bomb")
     add(bmp_header(100_000, 100_000), "too-many-pixels", "image/bmp", label="bmp-bomb")
+    # 6000x1000 behind a second ImageWidth of 8: under OpenCV's own limit, over the worker's.
+    add(tiff_repeated_width(6000, 8, 1000), "corrupt-image", "image/tiff", label="tiff-repeated-width")
     add(png_with_ihdr(0, 10), "corrupt-image", label="png-zero-width")
     add(jpeg_with_sof(good_jpeg, 64, 64, precision=12), "unsupported-bit-depth", "image/jpeg", label="jpeg-12bit")
     # Odd but valid: 16-bit, gray, RGBA, gray+16-bit, a large (allowed) image, huge headers.
@@ -208,6 +230,8 @@ def claim_check_cases(good_png: bytes, claims_root: Path, outside: Path) -> list
         ("encoded-dotdot", json.dumps({"image_uri": f"file://{claims_root}/%2e%2e/{outside.name}/secret.png",
                                        "sha256": digest}).encode(), "claim-check-denied"),
         ("symlink-out", json.dumps({"image_uri": f"file://{link}", "sha256": digest}).encode(), "claim-check-denied"),
+        ("nul-byte", json.dumps({"image_uri": f"file://{claims_root}/ok%00.png", "sha256": digest}).encode(),
+         "claim-check-denied"),
         ("remote-host", json.dumps({"image_uri": f"file://evil.example{claims_root}/ok.png", "sha256": digest}).encode(),
          "claim-check-denied"),
         ("bad-sha", json.dumps({"image_uri": f"file://{claims_root}/ok.png", "sha256": "0" * 64}).encode(),

@@ -109,6 +109,15 @@ def test_heatmap_key_of_any_id_stays_inside_the_store_root(tmp_path_factory, lin
     assert path.is_relative_to(root.resolve())
 
 
+@pytest.mark.parametrize(("real_width", "fake_width"), [(6000, 8), (20_000, 8)])
+def test_tiff_whose_probe_and_decoder_would_disagree_is_refused(real_width: int, fake_width: int) -> None:
+    # libtiff decodes the first of two ImageWidth tags: up to 20000x1000 pixels behind a 8x1000 header.
+    data = corpus.tiff_repeated_width(real_width, fake_width, 1000)
+    with pytest.raises(DecodeError) as info:
+        decode_image(data, "image/tiff", **LIMITS)
+    assert (info.value.reason, info.value.detail) == ("corrupt-image", "tiff: the first IFD repeats tag 256 (ImageWidth)")
+
+
 def test_zz_report_fuzz_counts() -> None:
     # Runs after the fuzz tests of this module (alphabetical order within the file is not guaranteed,
     # definition order is): prints how many inputs the unit fuzzers tried.

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import os
 import resource
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -30,6 +34,7 @@ from worker.decode import (
 from worker.settings import DecodeSettings
 
 LIMITS = {"max_pixels": 1_000_000, "max_value_bytes": 1_000_000}
+REPO = Path(__file__).resolve().parents[2]
 
 
 def encode(ext: str, image: np.ndarray) -> bytes:
@@ -63,6 +68,25 @@ def patch_jpeg_sof(
     if width is not None:
         out[pos + 7 : pos + 9] = struct.pack(">H", width)
     return bytes(out)
+
+
+def tiff_from_entries(entries: list[tuple[int, int, int]], strip: bytes = b"") -> bytes:
+    """A little-endian TIFF with one strip whose first IFD lists ``(tag, type, value)`` in the given order.
+
+    StripOffsets (273) and StripByteCounts (279) are filled in to point at ``strip``.
+    """
+    fill = {273: 8 + 2 + 12 * len(entries) + 4, 279: len(strip)}
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, value in entries:
+        value = fill.get(tag, value)  # SHORT values sit at the start of the 4-byte value field
+        ifd += struct.pack("<HHIHH", tag, kind, 1, value, 0) if kind == 3 else struct.pack("<HHII", tag, kind, 1, value)
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + b"\x00" * 4 + strip
+
+
+def gray_tiff_entries(width: int, height: int) -> list[tuple[int, int, int]]:
+    """One deflate strip of 8-bit gray, in ascending tag order."""
+    return [(256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 8), (262, 3, 1), (273, 4, 0),
+            (277, 3, 1), (278, 4, height), (279, 4, 0)]  # fmt: skip
 
 
 RNG = np.random.default_rng(7)
@@ -129,6 +153,30 @@ def test_probe_refuses_broken_headers(data, reason):
     with pytest.raises(DecodeError) as info:
         probe_image(data)
     assert info.value.reason == reason
+
+
+def test_tiff_repeating_image_width_is_refused_before_decoding():
+    # libtiff decodes the first ImageWidth (2000), a last-wins probe would read 8: 2M pixels behind 8k.
+    entries = gray_tiff_entries(2000, 1000)
+    entries.insert(1, (256, 3, 8))
+    data = tiff_from_entries(entries, zlib.compress(bytes(2000 * 1000), 9))
+    with pytest.raises(DecodeError) as info:
+        probe_image(data)
+    assert info.value.reason == "corrupt-image"
+    assert info.value.detail == "tiff: the first IFD repeats tag 256 (ImageWidth)"
+    assert reason_of(data, "image/tiff") == "corrupt-image"
+
+
+def test_tiff_tags_out_of_ascending_order_are_refused():
+    entries = gray_tiff_entries(40, 30)
+    entries[0], entries[1] = entries[1], entries[0]  # ImageLength before ImageWidth
+    data = tiff_from_entries(entries, zlib.compress(bytes(40 * 30)))
+    with pytest.raises(DecodeError) as info:
+        probe_image(data)
+    assert info.value.reason == "corrupt-image"
+    assert "not in ascending order (256 after 257)" in info.value.detail
+    in_order = tiff_from_entries(gray_tiff_entries(40, 30), zlib.compress(bytes(40 * 30)))
+    assert decode_image(in_order, "image/tiff", **LIMITS).shape == (30, 40, 3)
 
 
 # --- decode: success paths ---------------------------------------------------------------------
@@ -256,6 +304,46 @@ def test_reason_unsupported_bit_depth(data):
     assert reason_of(data, None) == "unsupported-bit-depth"
 
 
+_FIRST_CV2_IMPORT = """
+import json, os, sys
+
+seen = {}
+
+
+class Spy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "cv2" and not seen:
+            seen["limit"] = os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS")
+        return None
+
+
+sys.meta_path.insert(0, Spy())
+import worker.cli
+
+worker.cli.build_parser()  # what `space serve` does first: imports every command module
+import worker.decode
+
+print(json.dumps({"seen": seen, "cv2": "cv2" in sys.modules}))
+"""
+
+
+@pytest.mark.parametrize(("setting", "limit"), [(None, None), ("1234", "1234"), ("abc", None)])
+def test_opencv_pixel_limit_is_set_before_the_cli_first_imports_cv2(setting, limit):
+    # OpenCV reads OPENCV_IO_MAX_IMAGE_PIXELS once, when cv2 loads; a bad setting must not abort cv2's load
+    # (OpenCV's stoull) but reach load_settings, which names it.
+    expected = limit or str(DecodeSettings.model_fields["max_pixels"].default)
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENCV_IO_MAX_IMAGE_PIXELS", "SPACE_DECODE__MAX_PIXELS")}
+    if setting is not None:
+        env["SPACE_DECODE__MAX_PIXELS"] = setting
+    proc = subprocess.run(
+        [sys.executable, "-c", _FIRST_CV2_IMPORT], env=env, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["cv2"]
+    assert report["seen"] == {"limit": expected}
+
+
 # --- fuzz --------------------------------------------------------------------------------------
 
 FUZZ_LIMITS = {"max_pixels": 64 * 64, "max_value_bytes": 64 * 1024}
@@ -357,8 +445,23 @@ def test_file_claim_check_needs_a_root_and_the_scheme(claim_root):
     "uri", ["http://10.0.0.1/img.png", "https://example.com/a.png", "ftp://x/y", "img.png"]
 )
 def test_other_schemes_are_denied_even_when_listed(claim_root, uri):
-    fetcher = ClaimCheckFetcher(DecodeSettings(claim_check_schemes=("s3", "http", "https", "ftp")), no_s3)
+    # Listing them is refused at load (test_settings); were they listed anyway, the fetcher still denies them.
+    listed = DecodeSettings.model_construct(claim_check_schemes=("s3", "http", "https", "ftp"))
+    fetcher = ClaimCheckFetcher(listed, no_s3)
     assert claim_reason(fetcher, uri, sha(b"x")) == "claim-check-denied"
+
+
+def test_file_claim_check_with_a_nul_byte_or_a_symlink_loop_is_a_decode_error(claim_root):
+    fetcher = file_fetcher(claim_root)
+    digest = sha(SAMPLES["png"])
+    assert claim_reason(fetcher, f"file://{claim_root}/img%00.png", digest) == "claim-check-denied"
+    (claim_root / "loop-a").symlink_to(claim_root / "loop-b")
+    (claim_root / "loop-b").symlink_to(claim_root / "loop-a")
+    # Python 3.11 raises RuntimeError resolving a loop (denied); later versions fail at open (fetch-failed).
+    assert claim_reason(fetcher, (claim_root / "loop-a").as_uri(), digest) in (
+        "claim-check-denied",
+        "claim-check-fetch-failed",
+    )
 
 
 def test_checksum_mismatch_and_bad_digest(claim_root):

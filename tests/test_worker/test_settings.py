@@ -43,6 +43,16 @@ def test_settings_are_frozen() -> None:
         ("SPACE_BATCHING__MAX_BATCH_SIZE", "0", "SPACE_BATCHING__MAX_BATCH_SIZE:"),
         ("SPACE_REDIS__URL", "http://x", "SPACE_REDIS__URL: must start with redis://"),
         ("SPACE_HEATMAPS__STORE_URI", "/tmp/x", "SPACE_HEATMAPS__STORE_URI: must start with file:// or s3://"),
+        ("SPACE_HEATMAPS__STORE_URI", "s3://", "SPACE_HEATMAPS__STORE_URI: s3:// names no bucket"),
+        ("SPACE_HEATMAPS__STORE_URI", "s3:///prefix", "SPACE_HEATMAPS__STORE_URI: s3:// names no bucket"),
+        ("SPACE_HEATMAPS__STORE_URI", "file://", "SPACE_HEATMAPS__STORE_URI: file:// names no directory"),
+        (
+            "SPACE_DECODE__CLAIM_CHECK_SCHEMES",
+            "http",
+            "SPACE_DECODE__CLAIM_CHECK_SCHEMES: http cannot be fetched (supported: s3, file)",
+        ),
+        ("SPACE_DECODE__CLAIM_CHECK_SCHEMES", "ftp,s3", "SPACE_DECODE__CLAIM_CHECK_SCHEMES: ftp cannot be fetched"),
+        ("SPACE_KAFKA", "{bad", "SPACE_KAFKA: is not valid JSON (Expecting property name"),
     ],
 )
 def test_bad_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str, needle: str) -> None:
@@ -51,6 +61,16 @@ def test_bad_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, variable:
         load_settings()
     assert needle in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_claim_check_schemes_and_store_uris_that_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPACE_DECODE__CLAIM_CHECK_SCHEMES", "S3, File")
+    assert load_settings().decode.claim_check_schemes == ("s3", "file")  # the fetcher compares lowercase schemes
+    monkeypatch.setenv("SPACE_DECODE__CLAIM_CHECK_SCHEMES", "")
+    assert load_settings().decode.claim_check_schemes == ()
+    for uri in ("s3://bucket", "s3://bucket/prefix/", "file:///var/lib/space/heatmaps", "file://.space/heatmaps"):
+        monkeypatch.setenv("SPACE_HEATMAPS__STORE_URI", uri)
+        assert load_settings().heatmaps.store_uri == uri
 
 
 def test_secret_files_and_redaction(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

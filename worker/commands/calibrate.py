@@ -94,7 +94,7 @@ def _write(args: argparse.Namespace, card: Any, result: Any, precision: str) -> 
     from worker.commands.thresholds import _default_user
     from worker.errors import SpaceError
     from worker.redis_client import make_redis
-    from worker.settings import load_settings
+    from worker.settings import load_settings, redact_url
     from worker.thresholds import ThresholdStore
 
     settings = load_settings()
@@ -118,7 +118,7 @@ def _write(args: argparse.Namespace, card: Any, result: Any, precision: str) -> 
             force=args.force,
         )
     except redis.exceptions.RedisError as exc:
-        raise SpaceError(f"Redis at {settings.redis.url} failed: {exc}") from exc
+        raise SpaceError(f"Redis at {redact_url(settings.redis.url)} failed: {exc}") from exc
     finally:
         client.close()
 
