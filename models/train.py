@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import structlog
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from models import data as dataset
 from models.artifact import ModelCard, Quantiles, ScoreStats, TeacherInfo, TrainingSummary, save_artifact
@@ -93,7 +93,16 @@ class TrainConfig(BaseModel):
     checkpoint_every: int = Field(500, ge=1)
     name: str | None = None
     model_version: str | None = None
+    overwrite: bool = False  # replace an existing version folder (``space train`` refuses the active one)
     progress: bool = False
+
+    @field_validator("product_line", "model_version")
+    @classmethod
+    def _one_folder_name(cls, value: str | None) -> str | None:
+        """Names become folders under ``out`` (``space train`` also applies the registry's name rule)."""
+        if value is not None and (value in {"", ".", ".."} or value.startswith(".") or "/" in value or "\\" in value):
+            raise ValueError(f"{value!r} must be one folder name (no path separator, not hidden)")
+        return value
 
     def model_config_for_run(self, teacher_kind: Literal["pdn", "filterbank"]) -> ModelConfig:
         """The :class:`ModelConfig` this run trains."""
@@ -114,6 +123,21 @@ class TrainConfig(BaseModel):
                 "scl_augment": self.scl_augment,
             }
         )
+
+
+class OutputExistsError(ValueError):
+    """The version folder a run would write already exists (versions are immutable)."""
+
+
+def _version_dir(cfg: TrainConfig, version: str) -> Path:
+    """``<out>/<line>/<version>``; an existing folder is refused unless ``cfg.overwrite``."""
+    folder = Path(cfg.out) / cfg.product_line / version
+    if folder.exists() and not cfg.overwrite:
+        raise OutputExistsError(
+            f"{folder} already exists: versions are immutable (results, thresholds and S3 caches key on them); "
+            "train into a new --model-version"
+        )
+    return folder
 
 
 def pick_device(device: str) -> torch.device:
@@ -227,7 +251,9 @@ def _split_validation(index: dataset.DatasetIndex, seed: int) -> tuple[list[Path
 
 
 def _run_fingerprint(cfg: TrainConfig, data_hash: str) -> str:
-    keep = cfg.model_dump(mode="json", exclude={"out", "progress", "checkpoint_every", "name", "model_version"})
+    keep = cfg.model_dump(
+        mode="json", exclude={"out", "progress", "checkpoint_every", "name", "model_version", "overwrite"}
+    )
     return hashlib.sha256(json.dumps({"cfg": keep, "data": data_hash}, sort_keys=True).encode()).hexdigest()
 
 
@@ -335,6 +361,8 @@ def _make_card(
 def train(cfg: TrainConfig) -> Path:
     """Train one model and write its artifact to ``<out>/<product_line>/<version>``; returns that folder."""
     t_start = time.monotonic()
+    if cfg.model_version is not None:
+        _version_dir(cfg, cfg.model_version)  # refuse before hours of training, not after
     device = pick_device(cfg.device)
     autocast = pick_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)
@@ -383,7 +411,10 @@ def train(cfg: TrainConfig) -> Path:
         "final_losses": losses,
     }
     card = _make_card(cfg, model, teacher_info, data, penalty, stats, extra)
-    out = save_artifact(Path(cfg.out) / cfg.product_line / card.version, card, model.state_dict())
+    folder = _version_dir(cfg, card.version)
+    if folder.exists():  # overwrite: no file of the old version (e.g. metrics.json) may outlive it
+        shutil.rmtree(folder)
+    out = save_artifact(folder, card, model.state_dict())
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     log.info(
         "train_finished",

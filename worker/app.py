@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,13 +93,22 @@ class App:
 
     def _refresh_loop(self) -> None:
         interval = self.settings.models.refresh_interval_s
+        beats = self.worker.heartbeats
         while not self._stop.wait(interval):
+            start = time.monotonic()
             try:
-                self.models.refresh()
-                self.worker.heartbeats.beat("model-refresh")
+                # Registry reads and loads count as waiting: a slow store or a long warm-up is no reason
+                # for a liveness restart (the new pod would block on the same store).
+                self.models.refresh(waiting=lambda on: beats.waiting("model-refresh", on))
+                beats.beat("model-refresh")
                 self.publish_serving()
             except Exception:
                 log.exception("model_refresh_failed")
+            took_s = time.monotonic() - start
+            if took_s > self.settings.http.healthy_after_s:
+                log.warning(
+                    "model_refresh_slow", took_s=round(took_s, 1), healthy_after_s=self.settings.http.healthy_after_s
+                )
 
     def publish_serving(self) -> None:
         """Set ``space_model_serving`` from the loaded models (after preload, then on every refresh)."""
@@ -140,7 +150,10 @@ def build_app(settings: Settings, *, detector_loader: Any | None = None) -> App:
     redis_client = make_redis(settings.redis)
     store = ThresholdStore(redis_client, settings.redis.key_prefix, settings.thresholds.history_max)
     cache = ThresholdCache(
-        store.get, settings.thresholds.cache_ttl_s, retry_interval_s=settings.thresholds.retry_interval_s
+        store.get,
+        settings.thresholds.cache_ttl_s,
+        load_earlier=store.latest_for,
+        retry_interval_s=settings.thresholds.retry_interval_s,
     )
     watcher = ThresholdWatcher(
         lambda: make_redis(settings.redis), store.channel, cache, backoff_max_s=settings.thresholds.watch_backoff_max_s

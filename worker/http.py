@@ -1,16 +1,20 @@
 """A small HTTP server: ``/metrics`` (Prometheus), ``/healthz`` (loops progress), ``/readyz``.
 
 ``/healthz`` fails when a loop has not reported progress for ``healthy_after_s`` (a stalled poll
-loop or a wedged inference thread), so Kubernetes restarts the pod. ``/readyz`` is true once a model
-is warm and partitions are assigned (or the worker waits for an assignment with a warm model).
+loop or a wedged inference thread), so Kubernetes restarts the pod. A loop that is waiting on
+something a restart would not fix (a slow model registry, a long model load) says so with
+:meth:`Heartbeats.waiting`: it is listed under ``waiting`` and never stale meanwhile. ``/readyz`` is
+true once a model is warm and partitions are assigned (or the worker waits for an assignment with a
+warm model).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -18,11 +22,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 
 class Heartbeats:
-    """Last progress time of each named loop (monotonic seconds)."""
+    """Last progress time of each named loop (monotonic seconds), and what a waiting loop waits on."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._beats: dict[str, float] = {}
+        self._waiting: dict[str, tuple[str, float]] = {}
         self._lock = threading.Lock()
 
     def beat(self, loop: str) -> None:
@@ -30,11 +35,33 @@ class Heartbeats:
         with self._lock:
             self._beats[loop] = self._clock()
 
+    @contextlib.contextmanager
+    def waiting(self, loop: str, on: str) -> Iterator[None]:
+        """Mark ``loop`` as blocked on ``on``, an outside dependency; it beats when the wait ends.
+
+        Only for waits a restart would not shorten (the object store, a model load): the loop is
+        reported by :meth:`waiting_on` instead of going stale, so a slow store cannot crash-loop pods.
+        """
+        with self._lock:
+            self._waiting[loop] = (on, self._clock())
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._waiting[loop]
+                self._beats[loop] = self._clock()
+
     def stale(self, max_age_s: float) -> dict[str, float]:
-        """Loops whose last beat is older than ``max_age_s`` (name -> age)."""
+        """Loops whose last beat is older than ``max_age_s`` and that are not waiting (name -> age)."""
         now = self._clock()
         with self._lock:
-            return {k: now - v for k, v in self._beats.items() if now - v > max_age_s}
+            return {k: now - v for k, v in self._beats.items() if now - v > max_age_s and k not in self._waiting}
+
+    def waiting_on(self) -> dict[str, dict[str, str | float]]:
+        """What each waiting loop waits on and for how long (``{"on": ..., "for_s": ...}``)."""
+        now = self._clock()
+        with self._lock:
+            return {k: {"on": on, "for_s": round(now - since, 3)} for k, (on, since) in self._waiting.items()}
 
     def ages(self) -> dict[str, float]:
         """Age of every loop's last beat."""
@@ -64,7 +91,12 @@ class HealthServer:
                     self._send(200, body, CONTENT_TYPE_LATEST)
                 elif self.path == "/healthz":
                     stale = heartbeats.stale(healthy_after_s)
-                    doc = {"ok": not stale, "stale_loops": stale, "loops": heartbeats.ages()}
+                    doc = {
+                        "ok": not stale,
+                        "stale_loops": stale,
+                        "loops": heartbeats.ages(),
+                        "waiting": heartbeats.waiting_on(),
+                    }
                     self._send(200 if not stale else 503, json.dumps(doc).encode(), "application/json")
                 elif self.path == "/readyz":
                     ready, detail = readiness()

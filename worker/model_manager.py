@@ -4,17 +4,21 @@ A line's model loads on first use (the active version in the registry). ``refres
 background thread every ``refresh_interval_s``) notices a promotion, loads the new version beside
 the old one, warms it, and swaps the reference atomically; batches already formed keep the object
 they hold, so nothing in flight fails. A load that fails leaves the old version serving, logged and
-counted, and that version is tried again only after a back-off. At most ``max_loaded`` lines stay
-in memory (least recently used go first). Unknown lines and lines whose first load failed are
-remembered for ``negative_ttl_s``, so a stream of images for them does not hit the registry per image.
+counted, and that version is tried again only after a back-off; a line evicted meanwhile comes back
+at the version that served, not the failing one. At most ``max_loaded`` lines stay in memory (least
+recently used go first). Unknown lines and lines whose load failed (registry unreadable, artifact
+broken) are remembered for ``negative_ttl_s``, so a stream of images for them does not hit the
+registry per image.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,13 @@ log = structlog.get_logger(__name__)
 
 _MAX_REMEMBERED = 1024  # unknown / failed lines remembered at once
 
+Waiting = Callable[[str], AbstractContextManager[object]]
+"""Wraps a step that waits on something outside the process (``on`` says what), for liveness."""
+
+
+def _not_tracked(on: str) -> AbstractContextManager[object]:
+    return contextlib.nullcontext()
+
 
 class ModelUnavailable(SpaceError):
     """No model can serve this product line (unknown line, or its model fails to load)."""
@@ -37,6 +48,16 @@ class ModelUnavailable(SpaceError):
         self.line = line
         self.detail = detail
         self.unknown_line = unknown_line
+
+
+@dataclass(frozen=True)
+class _FailedSwap:
+    """A promoted version that failed to load, the version that kept serving, and the retry schedule."""
+
+    wanted: str
+    serving: str
+    retry_at: float
+    delay_s: float
 
 
 @dataclass(frozen=True)
@@ -108,8 +129,8 @@ class ModelManager:
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         # line -> (retry_at, message, unknown_line): lines that cannot serve right now.
         self._unavailable: dict[str, tuple[float, str, bool]] = {}
-        # line -> (version, retry_at, delay_s): a promoted version that failed to load.
-        self._failed_swaps: dict[str, tuple[str, float, float]] = {}
+        # line -> a promoted version that failed to load (kept across eviction of the line).
+        self._failed_swaps: dict[str, _FailedSwap] = {}
         self._lock = threading.Lock()
         self._line_locks: dict[str, threading.Lock] = {}
 
@@ -129,16 +150,10 @@ class ModelManager:
                     return model
                 self._raise_if_remembered(line)  # the loader we waited for failed
             try:
-                version = self.registry.active_version(line)
-                model = self._load_version(line, version)
-            except (RegistryError, ModelUnavailable) as exc:
-                # Only "never promoted" is an unknown line; a corrupt pointer is a processing failure.
-                unknown = isinstance(exc, NoActiveModel)
-                detail = str(exc) if isinstance(exc, RegistryError) else exc.detail
+                model = self._load_active(line)
+            except ModelUnavailable as exc:
                 with self._lock:
-                    self._remember_unavailable(line, detail, unknown=unknown)
-                if isinstance(exc, RegistryError):
-                    raise ModelUnavailable(line, detail, unknown_line=unknown) from exc
+                    self._remember_unavailable(line, exc.detail, unknown=exc.unknown_line)
                 raise
             with self._lock:
                 self._models[line] = model
@@ -148,6 +163,31 @@ class ModelManager:
                     evicted, _ = self._models.popitem(last=False)
                     log.info("model_evicted", product_line=evicted)
             return model
+
+    def _load_active(self, line: str) -> LoadedModel:
+        """Load the version the pointer names, or the one that served while that version fails to load."""
+        try:
+            version = self.registry.active_version(line)
+        except RegistryError as exc:
+            # Only "never promoted" is an unknown line; an unreadable or corrupt pointer is a processing failure.
+            raise ModelUnavailable(line, str(exc), unknown_line=isinstance(exc, NoActiveModel)) from exc
+        except Exception as exc:  # a registry bug must still be remembered, not retried per image
+            log.exception("model_pointer_read_failed", product_line=line)
+            detail = f"cannot read the active pointer: {type(exc).__name__}: {exc}"
+            raise ModelUnavailable(line, detail, unknown_line=False) from exc
+        failed = self._failed_swaps.get(line)
+        if failed is None or failed.wanted != version:
+            return self._load_version(line, version)
+        # Evicted while a promotion failed: serve what served before; refresh() retries `version` on its schedule.
+        log.error(
+            "model_promotion_held_back", product_line=line, wanted_version=version, serving_version=failed.serving,
+            retry_in_s=round(max(failed.retry_at - self._clock(), 0.0), 1),
+        )  # fmt: skip
+        try:
+            return self._load_version(line, failed.serving)
+        except ModelUnavailable:
+            del self._failed_swaps[line]  # the old one fails too: the next try loads the pointer's version
+            raise
 
     def _remember_unavailable(self, line: str, detail: str, *, unknown: bool) -> None:
         """Remember a failure; bounded, since product lines come from message headers (holds the lock)."""
@@ -197,12 +237,17 @@ class ModelManager:
         except (RegistryError, OSError) as exc:
             log.warning("model_cache_discard_failed", product_line=line, model_version=version, error=str(exc))
 
-    def refresh(self) -> list[str]:
+    def refresh(self, *, waiting: Waiting = _not_tracked) -> list[str]:
         """Swap in promoted (or rolled back) versions of the loaded lines; returns the lines swapped.
 
         The new version is loaded and warmed beside the old one, then the reference is swapped; a
         version that fails to load leaves the old one serving (``model_swap_failed``) and is tried
         again after ``swap_retry_s``.
+
+        Args:
+            waiting: Wraps every step that waits on the registry, a model load or another loader of
+                the line (:meth:`worker.http.Heartbeats.waiting`), so a slow store or a long warm-up
+                reads as waiting rather than as a stalled thread.
         """
         with self._lock:
             lines = list(self._models)
@@ -210,49 +255,60 @@ class ModelManager:
             self._unavailable = {k: v for k, v in self._unavailable.items() if not v[2]}
         swapped = []
         for line in lines:
-            if self._refresh_line(line):
+            if self._refresh_line(line, waiting):
                 swapped.append(line)
         return swapped
 
-    def _refresh_line(self, line: str) -> bool:
+    def _refresh_line(self, line: str, waiting: Waiting) -> bool:
         with self._lock:
             line_lock = self._line_locks.setdefault(line, threading.Lock())
-        with line_lock:
+        with waiting(f"another load of line {line}"):
+            line_lock.acquire()
+        try:
             with self._lock:
                 model = self._models.get(line)
             if model is None:  # evicted meanwhile: the next get() loads the active version
                 return False
-            try:
+            return self._swap_if_promoted(model, waiting)
+        finally:
+            line_lock.release()
+
+    def _swap_if_promoted(self, model: LoadedModel, waiting: Waiting) -> bool:
+        """Load the pointer's version of ``model.line`` if it is another one (holds the line lock)."""
+        line = model.line
+        try:
+            with waiting(f"model registry, line {line}"):
                 version = self.registry.active_version(line)
-            except Exception as exc:  # noqa: BLE001 - a registry hiccup (S3 down, bad pointer) keeps the model
-                log.warning("model_pointer_unreadable", product_line=line, error=str(exc))
-                return False
-            if version == model.version:
-                self._failed_swaps.pop(line, None)
-                return False
-            failed = self._failed_swaps.get(line)
-            if failed is not None and failed[0] == version and self._clock() < failed[1]:
-                return False
-            try:
-                new = self._load_version(line, version)
-            except ModelUnavailable as exc:
-                delay = (
-                    self._swap_retry_s
-                    if failed is None or failed[0] != version
-                    else min(failed[2] * 2, self._swap_retry_s * 16)
-                )
-                self._failed_swaps[line] = (version, self._clock() + delay, delay)
-                log.error(
-                    "model_swap_failed", product_line=line, serving_version=model.version, wanted_version=version,
-                    error=str(exc.__cause__ or exc), retry_in_s=delay,
-                )  # fmt: skip
-                return False
+        except Exception as exc:  # noqa: BLE001 - a registry hiccup (S3 down, bad pointer) keeps the model
+            log.warning("model_pointer_unreadable", product_line=line, error=str(exc))
+            return False
+        if version == model.version:
             self._failed_swaps.pop(line, None)
-            with self._lock:
-                if line in self._models:
-                    self._models[line] = new
-            log.info("model_swapped", product_line=line, old_version=model.version, new_version=version)
-            return True
+            return False
+        failed = self._failed_swaps.get(line)
+        if failed is not None and failed.wanted == version and self._clock() < failed.retry_at:
+            return False
+        try:
+            with waiting(f"model load, line {line} version {version}"):
+                new = self._load_version(line, version)
+        except ModelUnavailable as exc:
+            delay = (
+                self._swap_retry_s
+                if failed is None or failed.wanted != version
+                else min(failed.delay_s * 2, self._swap_retry_s * 16)
+            )
+            self._failed_swaps[line] = _FailedSwap(version, model.version, self._clock() + delay, delay)
+            log.error(
+                "model_swap_failed", product_line=line, serving_version=model.version, wanted_version=version,
+                error=str(exc.__cause__ or exc), retry_in_s=delay,
+            )  # fmt: skip
+            return False
+        self._failed_swaps.pop(line, None)
+        with self._lock:
+            if line in self._models:
+                self._models[line] = new
+        log.info("model_swapped", product_line=line, old_version=model.version, new_version=version)
+        return True
 
     def loaded(self) -> dict[str, LoadedModel]:
         """The serving model of every loaded line."""

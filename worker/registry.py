@@ -6,6 +6,10 @@ The pointer is ``<root>/<line>/ACTIVE.json``: ``{"version": ..., "history": [...
 local cache directory (keyed by line and version, verified by the artifact's own checksums when
 loaded). Line and version names are validated, so they never become path traversal.
 
+I/O and client failures (permission denied, S3 unreachable, timed out or refusing access) surface as
+:class:`RegistryError` naming the path or ``s3://`` key, never credentials. Files the registry writes
+are mode 0644, so workers running as another user can read a pointer an operator wrote.
+
 Versions are immutable: publish a new version folder instead of overwriting one (S3 copies are cached
 by line and version). :meth:`ModelRegistry.verify` checks an artifact (card valid, weights' sha256
 matches, card's line and version match the folder) without building the network; ``space models
@@ -14,18 +18,20 @@ promote`` calls it before moving the pointer, :meth:`ModelRegistry.promote` itse
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 import structlog
+from botocore.exceptions import BotoCoreError, ClientError
 
 from worker.errors import SpaceError
 
@@ -34,6 +40,8 @@ log = structlog.get_logger(__name__)
 POINTER = "ACTIVE.json"
 HISTORY_MAX = 20
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_FILE_MODE = 0o644  # pointers are written by operators and read by workers running as another user
+_DIR_MODE = 0o755
 
 
 class RegistryError(SpaceError):
@@ -70,6 +78,27 @@ class _Backend(Protocol):
     def discard(self, prefix: str, cache_dir: Path) -> None: ...
 
 
+def _reason(exc: BaseException) -> str:
+    """A one-line cause without paths or endpoints repeated (the caller names the object)."""
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        return f"{error.get('Code', 'error')}: {error.get('Message', '')}".rstrip(": ")
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8 text"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return f"{type(exc).__name__}: {exc}"
+
+
+@contextlib.contextmanager
+def _io(action: str, where: str) -> Iterator[None]:
+    """Turn an I/O or S3 client failure into a :class:`RegistryError` naming ``where``."""
+    try:
+        yield
+    except (OSError, UnicodeDecodeError, BotoCoreError, ClientError) as exc:
+        raise RegistryError(f"cannot {action} {where}: {_reason(exc)}") from exc
+
+
 class _FileBackend:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -79,24 +108,34 @@ class _FileBackend:
 
     def read_text(self, key: str) -> str | None:
         path = self._path(key)
-        return path.read_text(encoding="utf-8") if path.is_file() else None
+        with _io("read", str(path)):
+            return path.read_text(encoding="utf-8") if path.is_file() else None
 
     def write_text(self, key: str, text: str) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
+        with _io("write", str(path)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            try:
+                os.fchmod(fd, _FILE_MODE)  # mkstemp creates 0600
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    fh.write(text)
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
 
     def list_dirs(self, prefix: str) -> list[str]:
         base = self._path(prefix) if prefix else self.root
-        if not base.is_dir():
-            return []
-        return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+        with _io("list", str(base)):
+            if not base.is_dir():
+                return []
+            return sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def exists(self, key: str) -> bool:
-        return self._path(key).exists()
+        with _io("read", str(self._path(key))):
+            return self._path(key).exists()
 
     def materialize(self, prefix: str, cache_dir: Path) -> Path:
         return self._path(prefix)
@@ -114,37 +153,47 @@ class _S3Backend:
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
+    def _uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
     def read_text(self, key: str) -> str | None:
-        try:
-            obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-        except self.client.exceptions.NoSuchKey:
-            return None
-        return str(obj["Body"].read().decode("utf-8"))
+        with _io("read", self._uri(key)):
+            try:
+                obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            except self.client.exceptions.NoSuchKey:
+                return None
+            return str(obj["Body"].read().decode("utf-8"))
 
     def write_text(self, key: str, text: str) -> None:
-        self.client.put_object(
-            Bucket=self.bucket, Key=self._key(key), Body=text.encode(), ContentType="application/json"
-        )
+        with _io("write", self._uri(key)):
+            self.client.put_object(
+                Bucket=self.bucket, Key=self._key(key), Body=text.encode(), ContentType="application/json"
+            )
 
     def list_dirs(self, prefix: str) -> list[str]:
         full = self._key(prefix).rstrip("/") + "/" if prefix or self.prefix else ""
         names: set[str] = set()
-        paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=full, Delimiter="/"):
-            for common in page.get("CommonPrefixes", []):
-                names.add(common["Prefix"][len(full) :].strip("/"))
+        with _io("list", f"s3://{self.bucket}/{full}"):
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=full, Delimiter="/"):
+                for common in page.get("CommonPrefixes", []):
+                    names.add(common["Prefix"][len(full) :].strip("/"))
         return sorted(n for n in names if n)
 
     def exists(self, key: str) -> bool:
-        resp = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(key), MaxKeys=1)
+        with _io("list", self._uri(key)):
+            resp = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(key), MaxKeys=1)
         return bool(resp.get("KeyCount", 0))
 
     def materialize(self, prefix: str, cache_dir: Path) -> Path:
         target = cache_dir / prefix
         if (target / "model.json").is_file() and (target / "model.safetensors").is_file():
             return target
-        tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".dl-"))
+        with _io("fetch into", str(cache_dir)):
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".dl-"))
         try:
+            tmp.chmod(_DIR_MODE)  # mkdtemp creates 0700; the cache may be shared with other users' commands
             for name in ("model.json", "model.safetensors"):
                 self.client.download_file(self.bucket, self._key(f"{prefix}/{name}"), str(tmp / name))
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -155,7 +204,7 @@ class _S3Backend:
             shutil.rmtree(tmp, ignore_errors=True)
             if (target / "model.json").is_file() and (target / "model.safetensors").is_file():
                 return target  # another thread finished the same download first
-            raise RegistryError(f"cannot fetch s3://{self.bucket}/{self._key(prefix)}: {exc}") from exc
+            raise RegistryError(f"cannot fetch {self._uri(prefix)}: {_reason(exc)}") from exc
         return target
 
     def discard(self, prefix: str, cache_dir: Path) -> None:
@@ -190,7 +239,6 @@ class ModelRegistry:
                 raise RegistryError("an s3:// model root needs S3 settings")
             bucket, _, prefix = root.removeprefix("s3://").partition("/")
             self._backend = _S3Backend(bucket, prefix, s3_client_factory())
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
         else:
             self._backend = _FileBackend(Path(root.removeprefix("file://")))
 

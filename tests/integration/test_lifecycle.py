@@ -235,6 +235,12 @@ def test_threshold_update_applies_within_a_second_and_only_to_its_model_version(
             }
             assert body["verdict"] == ("anomalous" if value < 0 else "ok")
             assert body["model"] == {"name": body["model"]["name"], "version": "v1"}
+
+        # The next version's threshold written before its promotion: v1 keeps its last own value.
+        store.set(line, -7.0, model_version="v2", method="quantile", updated_by="test", force=True)
+        ahead = requests.one("next-version-first")
+        assert ahead["threshold"] == {"value": 1e6, "version": record.version, "source": "redis", "model_version": "v1"}
+        assert ahead["verdict"] == "ok"
     assert max(lags) < 1.0, f"threshold writes took {lags} s to reach results"
 
 

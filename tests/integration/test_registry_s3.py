@@ -5,6 +5,9 @@ hot-swap through ModelManager, and ``space models`` configured by environment va
 from __future__ import annotations
 
 import json
+import stat
+import threading
+import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -146,3 +149,68 @@ def test_models_cli_on_an_s3_root(
     listing = json.loads(out[out.index("{") :])
     assert listing["root"] == s3_root
     assert [(v["version"], v["active"]) for v in listing["lines"][0]["versions"]] == [("v1", False), ("v2", True)]
+
+
+def test_s3_client_errors_are_registry_errors(s3_client: Any, tmp_path: Path) -> None:
+    registry = _registry(f"s3://missing-{uuid.uuid4().hex[:8]}/models", s3_client, tmp_path)
+    with pytest.raises(RegistryError, match=r"cannot read s3://missing-\w+/models/brick/ACTIVE.json: NoSuchBucket"):
+        registry.active_version("brick")
+    with pytest.raises(RegistryError, match=r"cannot list s3://missing-\w+/models/: NoSuchBucket"):
+        registry.lines()
+
+
+def test_downloaded_versions_are_readable_by_other_users(s3_root: str, s3_client: Any, tmp_path: Path) -> None:
+    path = _registry(s3_root, s3_client, tmp_path).local_path("brick", "v1")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755  # not mkdtemp's 0700
+
+
+def test_refresh_blocked_on_a_hung_s3_keeps_liveness(
+    s3_root: str, s3_client: Any, s3_settings: Any, moto_endpoint: str, tmp_path: Path
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from tests.reliability.proxy import DelayProxy
+    from tests.test_worker.test_http_and_sender import _get
+    from tests.test_worker.test_refresh_liveness import refresh_app
+    from worker.http import HealthServer, Heartbeats
+    from worker.s3 import make_s3_client
+
+    bucket = s3_root.removeprefix("s3://").split("/")[0]
+    for name in ("model.json", "model.safetensors"):  # a second line, so one pass reads two pointers
+        s3_client.copy_object(
+            Bucket=bucket, Key=f"models/tile/v1/{name}", CopySource={"Bucket": bucket, "Key": f"models/brick/v1/{name}"}
+        )
+    port = int(moto_endpoint.rsplit(":", 1)[1])
+    with DelayProxy(port) as proxy:
+        slow = s3_settings.model_copy(update={"endpoint_url": f"http://127.0.0.1:{proxy.port}"})
+        registry = _registry(s3_root, make_s3_client(slow, timeout_s=0.5, max_attempts=1), tmp_path)
+        for line in ("brick", "tile"):
+            registry.promote(line, "v1")
+        manager = ModelManager(
+            registry, lambda path: SimpleNamespace(card=load_artifact(path)[0]), warmup_batch_sizes=()
+        )
+        manager.get("brick")
+        manager.get("tile")
+        beats = Heartbeats()
+        server = HealthServer("127.0.0.1", 0, CollectorRegistry(), beats, 0.4, lambda: (True, {}))
+        app = refresh_app(manager, beats, healthy_after_s=0.4)
+        proxy.delay_s = 60  # the store accepts connections and never answers in time: every read times out
+        beats.beat("model-refresh")
+        loop = threading.Thread(target=app._refresh_loop, daemon=True)
+        server.start()
+        loop.start()
+        codes, waits = [], []
+        try:
+            deadline = time.monotonic() + 2.5  # over two passes of ~1 s (two lines x 0.5 s timeout)
+            while time.monotonic() < deadline:
+                code, body = _get(server.port, "/healthz")
+                codes.append(code)
+                waits += [w["on"] for w in json.loads(body).get("waiting", {}).values()]
+                time.sleep(0.05)
+        finally:
+            app._stop.set()
+            loop.join(10)
+            server.stop()
+    assert set(codes) == {200}, f"/healthz failed {codes.count(503)} of {len(codes)} times"
+    assert {"model registry, line brick", "model registry, line tile"} <= set(waits)
+    assert {line: m.version for line, m in manager.loaded().items()} == {"brick": "v1", "tile": "v1"}

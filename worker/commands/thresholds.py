@@ -3,7 +3,9 @@
 Writes go through :class:`worker.thresholds.ThresholdStore`, so they are versioned, kept in the
 line's history and announced to every worker at once. ``--if-version`` makes a write conditional on
 the version the operator read (optimistic concurrency): of two engineers editing the same line, the
-second gets a clear conflict instead of silently overwriting the first.
+second gets a clear conflict instead of silently overwriting the first. ``set --model-version`` is
+checked against the model registry (``SPACE_MODELS__ROOT``, when set or present): a version the line
+does not have would never be applied by any worker, so it is refused unless ``--allow-unknown-version``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from schemas.threshold import ThresholdRecord
+    from worker.settings import Settings
     from worker.thresholds import ThresholdStore
 
 NAME = "thresholds"
@@ -56,6 +59,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="Write only if the current version is N (0 = new).",
     )
     put.add_argument("--force", action="store_true", help="Accept a value outside the configured bounds.")
+    put.add_argument(
+        "--allow-unknown-version",
+        action="store_true",
+        help="Write a --model-version the model registry does not have (yet) for the line.",
+    )
 
     sub.add_parser("list", parents=[common], help="Show every line's current threshold.")
 
@@ -71,12 +79,14 @@ def run(args: argparse.Namespace) -> int:
     from worker.errors import SpaceError
     from worker.logging import configure_logging
     from worker.redis_client import make_redis
-    from worker.settings import load_settings
+    from worker.settings import load_settings, redact_url
     from worker.thresholds import ThresholdStore
 
     settings = load_settings()
     # The table (or JSON) on stdout is the output; only warnings and errors go to stderr.
     configure_logging("WARNING" if settings.log.level in ("DEBUG", "INFO") else settings.log.level, settings.log.format)
+    if args.action == "set" and args.model_version is not None:
+        _require_model_version(args, settings)
     client = make_redis(settings.redis)
     store = ThresholdStore(
         client,
@@ -88,9 +98,43 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _dispatch(args, store)
     except redis.exceptions.RedisError as exc:
-        raise SpaceError(f"Redis at {settings.redis.url} failed: {exc}") from exc
+        raise SpaceError(f"Redis at {redact_url(settings.redis.url)} failed: {exc}") from exc
     finally:
         client.close()
+
+
+def _require_model_version(args: argparse.Namespace, settings: Settings) -> None:
+    """Refuse a ``--model-version`` the registry lacks for the line: no worker would ever apply it."""
+    from pathlib import Path
+
+    from worker.errors import SpaceError
+    from worker.registry import ModelRegistry, RegistryError, check_name
+    from worker.s3 import make_s3_client
+
+    check_name("version", args.model_version)
+    root = settings.models.root
+    configured = "root" in settings.models.model_fields_set or Path(root).is_dir()
+    if not configured or args.allow_unknown_version:
+        return
+    check_name("product line", args.line)
+    try:
+        registry = ModelRegistry(
+            root,
+            s3_client_factory=lambda: make_s3_client(settings.s3),
+            cache_dir=settings.worker.state_dir / "model-cache",
+        )
+        versions = registry.versions(args.line)
+    except RegistryError as exc:
+        raise SpaceError(
+            f"cannot check --model-version {args.model_version} against the model registry: {exc}; "
+            "--allow-unknown-version writes without the check"
+        ) from exc
+    if args.model_version not in versions:
+        raise SpaceError(
+            f"line {args.line} has no model version {args.model_version} in {root} "
+            f"(have: {', '.join(versions) or 'none'}): no worker would apply this threshold; "
+            "fix the version, or --allow-unknown-version to write it anyway (e.g. before the upload)"
+        )
 
 
 def _dispatch(args: argparse.Namespace, store: ThresholdStore) -> int:

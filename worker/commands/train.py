@@ -1,7 +1,9 @@
 """``space train``: train a SPACE or EfficientAD model on an MVTec-layout folder and write its artifact.
 
 The artifact lands in ``<out>/<product-line>/<version>`` (the worker's model-root layout). Re-running the
-same command after an interruption resumes from ``<out>/<product-line>/.checkpoint``.
+same command after an interruption resumes from ``<out>/<product-line>/.checkpoint``. Names follow the
+registry's rule, and an existing version is refused before training: versions are immutable, and
+``--overwrite`` (for a version nobody serves yet) never replaces the line's active version.
 """
 
 from __future__ import annotations
@@ -71,6 +73,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--name", default=None, help="Model name for the card.")
     parser.add_argument("--model-version", default=None, help="Version folder (default: UTC timestamp).")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace an existing --model-version folder (refused for the line's active version).",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default).")
     parser.add_argument(
         "--malloc",
@@ -91,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from models.train import TrainConfig, train
     from worker.malloc import configure_malloc
 
+    _check_output(args)
     configure_malloc(args.malloc)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
             checkpoint_every=args.checkpoint_every,
             name=args.name,
             model_version=args.model_version,
+            overwrite=args.overwrite,
             progress=args.progress,
             **space_parts,
         )
@@ -134,3 +143,29 @@ def run(args: argparse.Namespace) -> int:
         raise SpaceError(str(exc)) from exc
     print(out)
     return 0
+
+
+def _check_output(args: argparse.Namespace) -> None:
+    """Refuse names the registry refuses, an existing version unless ``--overwrite``, and the active one always."""
+    from worker.registry import ModelRegistry, check_name
+
+    check_name("product line", args.product_line)
+    if args.model_version is None:
+        if args.overwrite:
+            raise SpaceError("--overwrite needs --model-version (the default version is a new timestamp)")
+        return
+    check_name("version", args.model_version)
+    folder = args.out / args.product_line / args.model_version
+    if not folder.exists():
+        return
+    if not args.overwrite:
+        raise SpaceError(
+            f"{folder} already exists: versions are immutable (results, thresholds and S3 caches key on them); "
+            "train into a new --model-version, or pass --overwrite to replace a version nobody serves"
+        )
+    pointer = ModelRegistry(str(args.out)).pointer(args.product_line)
+    if pointer is not None and pointer.version == args.model_version:
+        raise SpaceError(
+            f"{folder} is the active version of line {args.product_line!r}: --overwrite never replaces the serving "
+            "model; train into a new --model-version and promote it"
+        )
