@@ -134,6 +134,9 @@ def build_app(settings: Settings, *, detector_loader: Any | None = None) -> App:
         torch.set_num_threads(settings.models.threads)
     metrics = WorkerMetrics()
     heartbeats = Heartbeats()
+    metrics.watch_loops(
+        heartbeats.ages, lambda: {loop: float(w["for_s"]) for loop, w in heartbeats.waiting_on().items()}
+    )
     s3_factory = lambda: make_s3_client(settings.s3)  # noqa: E731 - a lazily called factory
     registry = ModelRegistry(
         settings.models.root, s3_client_factory=s3_factory, cache_dir=settings.worker.state_dir / "model-cache"

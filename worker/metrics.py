@@ -6,7 +6,11 @@ Names follow Triton's split between queue time and compute time; ``batch_size`` 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -84,6 +88,14 @@ class WorkerMetrics:
         )
         self._serving: dict[str, tuple[str, str]] = {}
 
+    def watch_loops(self, ages: Callable[[], dict[str, float]], waiting: Callable[[], dict[str, float]]) -> None:
+        """Export each loop's progress age and, while it waits on a dependency, how long (read at scrape).
+
+        ``space_loop_progress_age_seconds`` is what ``/healthz`` judges; a refresh blocked on the model
+        store shows in ``space_loop_waiting_seconds`` instead of failing liveness, so alert on that.
+        """
+        self.registry.register(_LoopCollector(ages, waiting))
+
     def set_serving(self, serving: dict[str, tuple[str, str]]) -> None:
         """Publish which (version, precision) serves each line; a line's old label set goes on a swap."""
         for line, labels in list(self._serving.items()):
@@ -93,3 +105,25 @@ class WorkerMetrics:
         for line, labels in serving.items():
             self.model_serving.labels(line, *labels).set(1)
             self._serving[line] = labels
+
+
+class _LoopCollector(Collector):
+    def __init__(self, ages: Callable[[], dict[str, float]], waiting: Callable[[], dict[str, float]]) -> None:
+        self._ages = ages
+        self._waiting = waiting
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        age = GaugeMetricFamily(
+            "space_loop_progress_age_seconds", "Seconds since each worker loop last made progress.", labels=["loop"]
+        )
+        for loop, seconds in sorted(self._ages().items()):
+            age.add_metric([loop], seconds)
+        waiting = GaugeMetricFamily(
+            "space_loop_waiting_seconds",
+            "Seconds a loop has been waiting on an outside dependency (model store, model load); absent when not.",
+            labels=["loop"],
+        )
+        for loop, seconds in sorted(self._waiting().items()):
+            waiting.add_metric([loop], seconds)
+        yield age
+        yield waiting
