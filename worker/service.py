@@ -25,7 +25,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -73,6 +73,9 @@ if TYPE_CHECKING:
     from models.detector import PendingPrediction
 
 log = structlog.get_logger(__name__)
+
+#: A dead letter to send: the record, its reason, the error class and the detail.
+_Letter = tuple["Item", DeadLetterReason, str, str]
 
 
 @dataclass
@@ -195,7 +198,11 @@ class Worker:
         self._clock = clock
         b = settings.batching
         self.batcher: DynamicBatcher[Item] = DynamicBatcher(
-            max_batch_size=b.max_batch_size, max_wait_ms=b.max_wait_ms, max_queue_items=b.max_queue_images, clock=clock
+            max_batch_size=b.max_batch_size,
+            max_wait_ms=b.max_wait_ms,
+            max_queue_items=b.max_queue_images,
+            clock=clock,
+            group=_product_line,  # keys are (line, version): a camera's order holds across a model swap
         )
         self.tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self.sequencer: Sequencer[Item] = Sequencer()
@@ -215,6 +222,7 @@ class Worker:
         self._stop = threading.Event()
         self._infer_done = threading.Event()
         self._fatal: BaseException | None = None
+        self._shutdown_deadline: float | None = None  # set once _shutdown starts: bounds every later wait
         self._last_commit = 0.0
         self._last_lag = 0.0
         self._assigned: set[TopicPartition] = set()
@@ -267,6 +275,7 @@ class Worker:
     def _shutdown(self) -> int:
         grace = self.settings.worker.shutdown_grace_s
         deadline = time.monotonic() + grace
+        self._shutdown_deadline = deadline
         log.info("worker_draining", inflight=self._inflight_count, grace_s=grace)
         try:
             if self._assigned:
@@ -372,7 +381,7 @@ class Worker:
         nbytes = len(value) if value else 0
         item = Item(
             tp=tp, offset=rec.offset, key=rec.key, value=value, headers=list(rec.headers or []),
-            timestamp_ms=rec.timestamp, polled_at=self._clock(), nbytes=nbytes,
+            timestamp_ms=self._record_timestamp_ms(tp, rec), polled_at=self._clock(), nbytes=nbytes,
         )  # fmt: skip
         with self._inflight_lock:
             self._inflight_count += 1
@@ -382,6 +391,25 @@ class Worker:
             self._registered.setdefault(tp, {})[rec.offset] = item
             self.sequencer.register(tp, rec.offset)
         self._decode_pool.submit(self._decode, item)
+
+    def _record_timestamp_ms(self, tp: TopicPartition, rec: Any) -> int:
+        """The record's timestamp, or the time it was received when it is no representable date.
+
+        CreateTime is chosen by the producer. One past year 9999 would make ``Item.captured_at`` raise on
+        the infer and publish threads: the worker would exit 1 and the uncommitted record would stop every
+        next owner of its partition (a poison pill for the group).
+        """
+        timestamp = rec.timestamp
+        try:
+            datetime.fromtimestamp(max(timestamp, 0) / 1000, UTC)
+        except (TypeError, ValueError, OverflowError, OSError):
+            received_ms = int(time.time() * 1000)
+            log.warning(
+                "record_timestamp_out_of_range", topic=tp.topic, partition=tp.partition, offset=rec.offset,
+                timestamp=repr(timestamp)[:40], replaced_by_ms=received_ms,
+            )  # fmt: skip
+            return received_ms
+        return int(timestamp)
 
     def _apply_backpressure(self) -> None:
         b = self.settings.batching
@@ -448,6 +476,10 @@ class Worker:
         revoked_set = set(revoked)
         budget_s = min(self.settings.worker.shutdown_grace_s, self.settings.kafka.max_poll_interval_ms / 2000)
         deadline = time.monotonic() + budget_s
+        if self._shutdown_deadline is not None:
+            # Stopping: consumer.close() revokes every partition; what is left of the grace period bounds
+            # this wait too (past it, the drain is over and nothing in flight will finish anyway).
+            deadline = min(deadline, self._shutdown_deadline)
         while self.tracker.inflight(revoked_set) and time.monotonic() < deadline and self._fatal is None:
             time.sleep(0.01)
         left = self.tracker.inflight(revoked_set)
@@ -516,10 +548,12 @@ class Worker:
             item.failure = (DeadLetterReason.PROCESSING_FAILED, type(exc).__name__, str(exc))
         item.decode_s = time.monotonic() - start
         self.metrics.decode_seconds.observe(item.decode_s)
+        letters: list[_Letter] = []
         with self._seq_lock:
             if item._dropped:
                 return  # the partition was forgotten meanwhile; _forget finished the item
-            self.sequencer.complete(item.tp, item.offset, item, self._release)
+            self.sequencer.complete(item.tp, item.offset, item, partial(self._release, letters))
+        self._send_dead_letters(letters)
 
     def _decode_on_device(self, data: bytes, info: ImageInfo, model: LoadedModel) -> np.ndarray | None:
         """The image at model size from the GPU decoder, or None when the CPU must decode it."""
@@ -535,20 +569,42 @@ class Worker:
         self.metrics.device_decodes.inc()
         return image
 
-    def _release(self, item: Item) -> None:
-        """Called in per-partition order (under the sequencer's lock and ``_seq_lock``)."""
+    def _release(self, letters: list[_Letter], item: Item) -> None:
+        """Called in per-partition order (under the sequencer's lock and ``_seq_lock``).
+
+        Failed records are only collected into ``letters``: the caller sends them once both locks are
+        released, since ``producer.send`` may block up to ``max_block_ms`` (and raise).
+        """
         registered = self._registered.get(item.tp)
         if registered is not None and registered.get(item.offset) is item:
             del registered[item.offset]
         if item.failure is not None:
-            self._dead_letter(item, *item.failure)
+            letters.append((item, *item.failure))
             return
         assert item.model is not None
         item.released_at = self._clock()
         try:
             self.batcher.put(item.model.key, item)
         except QueueFull as exc:  # settings make this impossible (queue >= in-flight cap); never drop
-            self._dead_letter(item, DeadLetterReason.PROCESSING_FAILED, "QueueFull", str(exc))
+            letters.append((item, DeadLetterReason.PROCESSING_FAILED, "QueueFull", str(exc)))
+
+    def _send_dead_letters(self, letters: list[_Letter]) -> None:
+        """Send the dead letters of released records (decode pool, no lock held).
+
+        kafka-python's ``send`` raises synchronously (KafkaTimeoutError after ``max_block_ms`` while the
+        DLQ topic's metadata is unknown, IllegalStateError once closed). On this thread the exception
+        would vanish into an unread future, leaving the record unacknowledged and its partition's commits
+        frozen; the worker stops with an error instead, the record stays uncommitted and is re-delivered.
+        """
+        for item, reason, error_class, detail in letters:
+            try:
+                self._dead_letter(item, reason, error_class, detail)
+            except Exception as exc:
+                log.exception("dead_letter_send_failed", topic=item.tp.topic, partition=item.tp.partition,
+                              offset=item.offset)  # fmt: skip
+                self._fatal = exc
+                self._stop.set()
+                return
 
     # ------------------------------------------------------------------------------------------
     # inference thread
@@ -570,6 +626,8 @@ class Worker:
                         self._collect(inflight)
                         inflight = None
                         continue
+                    if self.batcher.closed:
+                        break  # _shutdown's drain is over; what is still queued stays uncommitted
                     if self._stop.is_set() and self._inflight_count == 0:
                         break
                     if self.batcher.pending() == 0 and self._stop.is_set() and self._fatal is not None:
@@ -661,7 +719,10 @@ class Worker:
     def _is_late(self, item: Item) -> bool:
         deadline = item.request.deadline if item.request is not None else None
         if deadline is None and self.settings.batching.deadline_ms is not None:
-            deadline = item.captured_at + timedelta(milliseconds=self.settings.batching.deadline_ms)
+            try:
+                deadline = item.captured_at + timedelta(milliseconds=self.settings.batching.deadline_ms)
+            except OverflowError:
+                return False  # captured near year 9999: the deadline lies past any representable time
         return deadline is not None and datetime.now(UTC) > deadline
 
     # ------------------------------------------------------------------------------------------
@@ -685,6 +746,7 @@ class Worker:
             except Exception as exc:
                 log.exception("publish_failed")
                 self._fatal = exc
+                self._stop.set()  # as a failed send does: the consumer loop ends and the infer loop exits
                 return
             self.heartbeats.beat("publish")
 
@@ -873,3 +935,8 @@ class Worker:
             self._inflight_bytes -= item.nbytes
         item.image = None
         item.value = None
+
+
+def _product_line(key: Hashable) -> Hashable:
+    """The batcher's ordering group of a ``(line, version)`` key: its product line."""
+    return cast(tuple[str, str], key)[0]

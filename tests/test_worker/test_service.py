@@ -1,0 +1,326 @@
+"""Worker failure paths, driven through ``Worker.run`` with fakes (no broker, no model, no Redis).
+
+A fake consumer hands out records and calls the rebalance listener as kafka-python does (assigned on
+the first poll, revoked inside ``close()``); a fake producer acknowledges at once, or raises from
+``send`` as kafka-python does when the topic's metadata is unknown after ``max_block_ms``. The
+decode pool, sequencer, batcher, infer and publish threads, offset tracker and commits are the real
+ones. Each test is a regression test of a review finding and fails without its fix.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+from kafka import TopicPartition
+from kafka.errors import KafkaTimeoutError
+from kafka.structs import MemberState
+from structlog.testing import capture_logs
+
+from schemas.request import InspectionRequest, build_request_headers
+from worker.model_manager import LoadedModel
+from worker.service import Worker
+from worker.settings import load_settings
+from worker.thresholds import ResolvedThreshold
+
+TP = TopicPartition("inspection.requests", 0)
+PNG = cv2.imencode(".png", np.zeros((16, 16, 3), np.uint8))[1].tobytes()
+
+
+@dataclass
+class Rec:
+    offset: int
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    timestamp: int = 0
+
+
+def request(offset: int, *, captured: datetime | None = None, timestamp: int | None = None) -> Rec:
+    """A valid request record; its record timestamp is now unless given."""
+    if timestamp is None:
+        timestamp = int(time.time() * 1000)
+    req = InspectionRequest(
+        message_id=f"m{offset}", source="test/c1", time=captured, product_line="brick", camera_id="c1",
+        content_type="image/png",
+    )  # fmt: skip
+    return Rec(offset, b"c1", PNG, build_request_headers(req), timestamp)
+
+
+class FakeConsumer:
+    def __init__(self, records: list[Rec]) -> None:
+        self.records = list(records)
+        self.listener: Any = None
+        self.assigned = False
+        self.commits: list[dict[TopicPartition, int]] = []
+
+    def subscribe(self, topics: list[str], listener: Any) -> None:
+        self.listener = listener
+
+    def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[TopicPartition, list[Rec]]:
+        if not self.assigned:
+            self.assigned = True
+            self.listener.on_partitions_assigned([TP])
+        if self.records:
+            batch, self.records = self.records, []
+            return {TP: batch}
+        time.sleep(timeout_ms / 1000)
+        return {}
+
+    def commit(self, offsets: dict[TopicPartition, Any], timeout_ms: int | None = None) -> None:
+        self.commits.append({tp: meta.offset for tp, meta in offsets.items()})
+
+    def commit_async(self, offsets: dict[TopicPartition, Any]) -> None:
+        self.commit(offsets)
+
+    def close(self, autocommit: bool = True, timeout_ms: int | None = None) -> None:
+        self.listener.on_partitions_revoked([TP])  # kafka-python 3.0.12's close() revokes everything
+
+    def group_metadata(self) -> Any:
+        return SimpleNamespace(state=MemberState.STABLE)
+
+    def pause(self, *tps: Any) -> None: ...
+    def resume(self, *tps: Any) -> None: ...
+    def highwater(self, tp: Any) -> None: ...
+
+
+class _Acked:
+    def add_callback(self, fn: Callable[[Any], None]) -> None:
+        fn(None)
+
+    def add_errback(self, fn: Callable[[BaseException], None]) -> None: ...
+
+
+@dataclass
+class FakeProducer:
+    failing_topic: str | None = None
+    sent: list[tuple[str, bytes]] = field(default_factory=list)
+    lock_held_at_failing_send: list[bool] = field(default_factory=list)
+    worker: Worker | None = None
+
+    def send(self, topic: str, *, key: bytes | None, value: bytes, headers: list[Any]) -> _Acked:
+        if topic == self.failing_topic:
+            assert self.worker is not None
+            self.lock_held_at_failing_send.append(self.worker._seq_lock.locked())
+            raise KafkaTimeoutError("Failed to update metadata after 10.0 secs.")
+        self.sent.append((topic, value))
+        return _Acked()
+
+    def results(self) -> list[dict[str, Any]]:
+        return [json.loads(value) for topic, value in self.sent if topic == "inspection.results"]
+
+    def flush(self, timeout: float | None = None) -> None: ...
+    def close(self, timeout: float | None = None) -> None: ...
+
+
+class FakeDetector:
+    card = SimpleNamespace(name="fake", default_threshold=0.5)
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        return image
+
+    def submit(self, images: list[np.ndarray]) -> Any:
+        n = len(images)
+        prediction = SimpleNamespace(scores=np.full(n, 0.1, np.float32), maps=np.zeros((n, 1, 4, 4), np.float32))
+        return SimpleNamespace(result=lambda: prediction)
+
+
+class FakeModels:
+    """Serves ``brick`` at v1 for the first ``v1_calls`` lookups, then at v2 (a hot swap)."""
+
+    def __init__(self, v1_calls: int = 10**9) -> None:
+        self.calls = 0
+        self.v1_calls = v1_calls
+        self.detector = FakeDetector()
+
+    def get(self, line: str) -> LoadedModel:
+        self.calls += 1
+        return LoadedModel(line, "v1" if self.calls <= self.v1_calls else "v2", self.detector, 0.0)
+
+
+class FakeThresholds:
+    def resolve(self, line: str, model_version: str, default: float) -> ResolvedThreshold:
+        return ResolvedThreshold(default, None, "model-default", model_version)
+
+    def age_s(self, line: str) -> None:
+        return None
+
+
+def make_worker(
+    tmp_path: Any, records: list[Rec], *, producer: FakeProducer | None = None, models: FakeModels | None = None,
+    grace_s: float = 10.0, batching: dict[str, Any] | None = None,
+) -> Worker:  # fmt: skip
+    settings = load_settings(
+        worker={"state_dir": str(tmp_path), "shutdown_grace_s": grace_s},
+        decode={"workers": 1},  # one decode thread: records decode (and meet the model manager) in order
+        heatmaps={"policy": "none"},
+        kafka={"poll_timeout_ms": 10, "commit_interval_ms": 10},
+        batching={"max_wait_ms": 1, **(batching or {})},
+    )
+    producer = producer or FakeProducer()
+    w = Worker(settings, consumer=FakeConsumer(records), producer=producer, models=models or FakeModels(),  # type: ignore[arg-type]
+               thresholds=FakeThresholds(), heatmaps=None, fetcher=None)  # type: ignore[arg-type]  # fmt: skip
+    producer.worker = w
+    return w
+
+
+@contextmanager
+def running(w: Worker) -> Iterator[dict[str, int]]:
+    """Run the worker in a thread; on exit stop it and wait (bounded) for its exit code."""
+    result: dict[str, int] = {}
+    thread = threading.Thread(target=lambda: result.setdefault("rc", w.run()), daemon=True)
+    thread.start()
+    try:
+        yield result
+    finally:
+        w.request_stop()
+        thread.join(30)
+        assert not thread.is_alive()
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def committed(w: Worker) -> list[int]:
+    return [offsets[TP] for offsets in w.consumer.commits if TP in offsets]
+
+
+# -- finding 1: a dead letter whose send raises on a decode thread ---------------------------------
+def test_a_dead_letter_send_that_raises_on_a_decode_thread_stops_the_worker_and_commits_nothing(tmp_path) -> None:
+    # Offset 0 has no CloudEvents headers (a dead letter), offset 1 is valid. kafka-python's send()
+    # raises KafkaTimeoutError for the DLQ topic. Before the fix the exception vanished into the decode
+    # pool's unread future (no log, no stop, commits frozen for good) and was raised while holding the
+    # reorder locks, which the consumer thread needs for every record it accepts.
+    producer = FakeProducer(failing_topic="inspection.dlq")
+    w = make_worker(tmp_path, [Rec(0, b"c1", PNG, []), request(1)], producer=producer)
+    with capture_logs() as logs, running(w) as result:
+        stopped = wait_for(lambda: "rc" in result, timeout_s=5)
+    assert stopped, "the worker kept running after a dead letter could not be sent"
+    assert result["rc"] == 1
+    assert isinstance(w._fatal, KafkaTimeoutError)
+    assert producer.lock_held_at_failing_send == [False]  # sent after the reorder locks were released
+    failed = [e for e in logs if e["event"] == "dead_letter_send_failed"]
+    assert failed and failed[0]["log_level"] == "error" and failed[0]["offset"] == 0
+    assert committed(w) == []  # offset 0 was never answered: nothing is committed past it
+
+
+# -- finding 2: per-camera order across a model hot swap -------------------------------------------
+def test_results_of_a_camera_keep_their_order_across_a_model_swap(tmp_path) -> None:
+    # Records 0-2 meet model v1, 3-18 meet v2 (swapped meanwhile). Before the fix v2's full batch of 16
+    # was published while v1's partial batch of 3 still waited for max_wait_ms.
+    records = [request(i) for i in range(19)]
+    w = make_worker(tmp_path, records, models=FakeModels(v1_calls=3),
+                    batching={"max_batch_size": 16, "max_wait_ms": 2_000})  # fmt: skip
+    with running(w) as result:
+        assert wait_for(lambda: committed(w)[-1:] == [19])
+    assert result["rc"] == 0
+    published = w.producer.results()
+    assert [r["message_id"] for r in published] == [f"m{i}" for i in range(19)]
+    assert [r["model"]["version"] for r in published] == ["v1"] * 3 + ["v2"] * 16
+
+
+# -- finding 3: consumer.close() revokes, and the settle wait must respect the grace period ---------
+def test_graceful_stop_with_an_image_stuck_in_flight_stays_within_the_grace_period(tmp_path) -> None:
+    grace_s = 2.0
+    w = make_worker(tmp_path, [request(0)], grace_s=grace_s)
+    gate = threading.Event()
+    decode = w._decode
+    w._decode = lambda item: (gate.wait(30), decode(item))  # type: ignore[method-assign]  # stuck in flight
+    try:
+        with running(w) as result:
+            assert wait_for(lambda: w._inflight_count == 1)
+            stop_at = time.monotonic()
+            w.request_stop()
+            assert wait_for(lambda: "rc" in result, timeout_s=3 * grace_s)
+            took_s = time.monotonic() - stop_at
+    finally:
+        gate.set()
+    assert result["rc"] == 0
+    # Before the fix: the drain used the grace period, then close()'s revoke callback waited a fresh
+    # settle budget (min(grace, max_poll_interval / 2)): about 2 x grace.
+    assert took_s < grace_s + 1.0, f"stop took {took_s:.2f} s with shutdown_grace_s={grace_s}"
+
+
+# -- finding 4: a fatal error on the publish thread ------------------------------------------------
+def test_a_publish_failure_stops_the_worker_promptly(tmp_path) -> None:
+    w = make_worker(tmp_path, [request(0)], grace_s=6.0)
+
+    def broken_publish(publishing: Any) -> None:
+        raise RuntimeError("publish broke")
+
+    w._publish = broken_publish  # type: ignore[method-assign]
+    with running(w) as result:
+        assert wait_for(lambda: w._fatal is not None)
+        failed_at = time.monotonic()
+        assert wait_for(lambda: "rc" in result, timeout_s=10)
+        took_s = time.monotonic() - failed_at
+    assert w._stop.is_set()
+    assert result["rc"] == 1
+    assert took_s < 3.0, f"exit took {took_s:.2f} s after the publish failure (grace 6 s)"
+
+
+def test_the_infer_loop_exits_once_the_batcher_is_closed(tmp_path) -> None:
+    # Before the fix, with _fatal set but not _stop, a closed batcher's get() returned None at once and
+    # the loop spun at 100 % CPU until _shutdown's join gave up.
+    w = make_worker(tmp_path, [])
+    iterations = [0]
+    beat = w.heartbeats.beat
+    w.heartbeats.beat = lambda name: (iterations.__setitem__(0, iterations[0] + 1), beat(name))  # type: ignore[method-assign]
+    thread = threading.Thread(target=w._infer_loop, daemon=True)
+    thread.start()
+    w._fatal = RuntimeError("publish_failed")
+    w.batcher.close()
+    thread.join(2)
+    assert not thread.is_alive()
+    assert iterations[0] < 100
+
+
+# -- finding 5: record timestamps that are no date -------------------------------------------------
+FAR = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("timestamp", "captured", "deadline_ms"),
+    [
+        pytest.param(2**62, None, None, id="create-time-past-year-9999"),
+        pytest.param(2**62, None, 60_000, id="create-time-past-year-9999-with-default-deadline"),
+        pytest.param(None, FAR, 60_000, id="ce-time-at-year-9999-with-default-deadline"),
+    ],
+)
+def test_a_record_timestamp_past_year_9999_is_scored_without_crashing_the_worker(
+    tmp_path, timestamp: int | None, captured: datetime | None, deadline_ms: float | None
+) -> None:
+    # A producer-set CreateTime of 2**62 ms made Item.captured_at raise ValueError on the publish (or
+    # infer) thread: exit 1, and the uncommitted record then stopped every next owner of the partition.
+    w = make_worker(tmp_path, [request(0, captured=captured, timestamp=timestamp), request(1)],
+                    batching={"deadline_ms": deadline_ms})  # fmt: skip
+    before = datetime.now(UTC)
+    with capture_logs() as logs, running(w) as result:
+        assert wait_for(lambda: committed(w)[-1:] == [2]), f"not committed; fatal={w._fatal!r}"
+    assert result["rc"] == 0
+    published = w.producer.results()
+    assert [r["message_id"] for r in published] == ["m0", "m1"]
+    assert all(not r["late"] for r in published)
+    captured_at = datetime.fromisoformat(published[0]["captured_at"])
+    if captured is None:  # the record timestamp was replaced by the time the worker received it
+        assert before - timedelta(seconds=1) <= captured_at <= datetime.now(UTC)
+        warned = [e for e in logs if e["event"] == "record_timestamp_out_of_range"]
+        assert len(warned) == 1 and warned[0]["log_level"] == "warning" and warned[0]["offset"] == 0
+    else:
+        assert captured_at == captured
