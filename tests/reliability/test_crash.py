@@ -19,7 +19,15 @@ from pathlib import Path
 import pytest
 
 from tests.kafka_helpers import produce
-from tests.reliability.helpers import TopicTail, committed_offsets, distinct_ids, serve_env, spawn_worker, stop_process
+from tests.reliability.helpers import (
+    TopicTail,
+    committed_offsets,
+    distinct_ids,
+    log_events,
+    serve_env,
+    spawn_worker,
+    stop_process,
+)
 from tests.worker_harness import request_record
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
@@ -44,7 +52,7 @@ def _kill_and_restart(make_settings, topics, trained_model, tmp_path: Path, *, k
             before = len(distinct_ids(tail.snapshot()))
             proc = spawn_worker(env, logs / f"run-{i}.log")
             try:
-                target = before + rng.randint(1, quota)
+                target = min(n, before + rng.randint(1, quota))  # an earlier run may have answered most
                 tail.wait(lambda recs, t=target: len(distinct_ids(recs)) >= t, 60, f"run {i}: {target} answered")
                 # A random point: before the commit of what was just published, or inside the next batch.
                 time.sleep(rng.uniform(0.0, 1.5))
@@ -55,6 +63,16 @@ def _kill_and_restart(make_settings, topics, trained_model, tmp_path: Path, *, k
         proc = spawn_worker(env, logs / "final.log")
         try:
             tail.wait(lambda recs: len(distinct_ids(recs)) >= n, 90, "every request answered")
+            # When the killed runs answered everything, the wait above ends at once: the last run must
+            # still join, answer what they left uncommitted and commit it before it is stopped (a
+            # SIGTERM during its start-up, before the handler is installed, would just end it).
+            until = time.monotonic() + 90
+            while not (
+                any(e.get("event") == "partitions_assigned" for e in log_events(logs / "final.log"))
+                and committed_offsets(settings, topics.requests) == _ends(tail.snapshot())
+            ):
+                assert time.monotonic() < until and proc.poll() is None, (logs / "final.log").read_text()[-2000:]
+                time.sleep(0.5)
         finally:
             rc = stop_process(proc, signal.SIGTERM, timeout_s=30)
         results = tail.snapshot()
@@ -72,14 +90,20 @@ def _kill_and_restart(make_settings, topics, trained_model, tmp_path: Path, *, k
         assert len({(c["source"]["partition"], c["source"]["offset"]) for c in copies}) == 1
         assert len({c["verdict"] for c in copies}) == 1
     # Everything is committed at the end: a restart now would re-deliver nothing.
-    ends: dict[int, int] = defaultdict(int)
-    for b in bodies:
-        ends[b["source"]["partition"]] = max(ends[b["source"]["partition"]], b["source"]["offset"] + 1)
-    assert committed_offsets(settings, topics.requests) == {p: ends.get(p) for p in range(4)}
+    assert committed_offsets(settings, topics.requests) == _ends(results)
     figures = {"kills": kills, "requests": n, "results": len(bodies), "duplicates": len(bodies) - n,
                "elapsed_s": round(elapsed, 1)}  # fmt: skip
     print(f"crash test: {figures}")
     return figures
+
+
+def _ends(results: list) -> dict[int, int | None]:
+    """Per partition of the requests topic (4), the offset after the last record with a result."""
+    ends: dict[int, int] = defaultdict(int)
+    for r in results:
+        source = json.loads(r.value)["source"]
+        ends[source["partition"]] = max(ends[source["partition"]], source["offset"] + 1)
+    return {p: ends.get(p) for p in range(4)}
 
 
 def test_sigkill_at_random_points_loses_nothing(make_settings, topics, trained_model, tmp_path) -> None:
