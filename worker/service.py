@@ -222,7 +222,9 @@ class Worker:
         self._stop = threading.Event()
         self._infer_done = threading.Event()
         self._fatal: BaseException | None = None
-        self._shutdown_deadline: float | None = None  # set once _shutdown starts: bounds every later wait
+        # Set by the stop request (SIGTERM: the grace period counts from there) or when _shutdown starts
+        # after a failure; bounds every later wait, a revoke's settle wait already running included.
+        self._shutdown_deadline: float | None = None
         self._last_commit = 0.0
         self._last_lag = 0.0
         self._assigned: set[TopicPartition] = set()
@@ -234,7 +236,9 @@ class Worker:
     # lifecycle
     # ------------------------------------------------------------------------------------------
     def request_stop(self) -> None:
-        """Begin a graceful shutdown (SIGTERM/SIGINT handler calls this)."""
+        """Begin a graceful shutdown (SIGTERM/SIGINT handler calls this); the grace period starts now."""
+        if self._shutdown_deadline is None:
+            self._shutdown_deadline = time.monotonic() + self.settings.worker.shutdown_grace_s
         self._stop.set()
 
     @property
@@ -242,7 +246,11 @@ class Worker:
         return set(self._assigned)
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """/readyz: preloaded models warm, the group joined (partitions assigned), not stopping."""
+        """/readyz: preloaded models warm, the group joined (with or without partitions), not stopping.
+
+        A member the group gives no partition (more pods than partitions, e.g. the surge pod of a
+        rollout at full scale) is ready too: otherwise the rollout waits on it forever.
+        """
         loaded = self.models.loaded()
         missing = [line for line in self.settings.models.preload if line not in loaded]
         detail = {
@@ -274,8 +282,9 @@ class Worker:
 
     def _shutdown(self) -> int:
         grace = self.settings.worker.shutdown_grace_s
-        deadline = time.monotonic() + grace
-        self._shutdown_deadline = deadline
+        if self._shutdown_deadline is None:
+            self._shutdown_deadline = time.monotonic() + grace
+        deadline = self._shutdown_deadline
         log.info("worker_draining", inflight=self._inflight_count, grace_s=grace)
         try:
             if self._assigned:
@@ -351,6 +360,11 @@ class Worker:
         room = b.max_inflight_images - self._inflight_count
         records = self.consumer.poll(timeout_ms=k.poll_timeout_ms, max_records=max(1, min(k.max_poll_records, room)))
         self.heartbeats.beat("poll")
+        if not self._joined and self._group_stable():
+            # A member given no partition gets no assignment callback (cooperative protocol): the
+            # settled group is what counts.
+            self._joined = True
+            log.info("group_joined", assigned_partitions=len(self._assigned))
         for tp, recs in records.items():
             for rec in recs:
                 self._accept(tp, rec)
@@ -476,11 +490,11 @@ class Worker:
         revoked_set = set(revoked)
         budget_s = min(self.settings.worker.shutdown_grace_s, self.settings.kafka.max_poll_interval_ms / 2000)
         deadline = time.monotonic() + budget_s
-        if self._shutdown_deadline is not None:
-            # Stopping: consumer.close() revokes every partition; what is left of the grace period bounds
-            # this wait too (past it, the drain is over and nothing in flight will finish anyway).
-            deadline = min(deadline, self._shutdown_deadline)
-        while self.tracker.inflight(revoked_set) and time.monotonic() < deadline and self._fatal is None:
+        while (
+            self.tracker.inflight(revoked_set)
+            and time.monotonic() < self._settle_until(deadline)
+            and self._fatal is None
+        ):
             time.sleep(0.01)
         left = self.tracker.inflight(revoked_set)
         # A blocking commit inside a rebalance callback raises in kafka-python 3: commit_async.
@@ -491,6 +505,12 @@ class Worker:
             partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in revoked),
             abandoned_inflight=left,
         )
+
+    def _settle_until(self, deadline: float) -> float:
+        """``deadline``, or what is left of the grace period when a stop was requested (checked anew each
+        time: SIGTERM may come while a revoke waits; consumer.close() revokes every partition)."""
+        stop_at = self._shutdown_deadline
+        return deadline if stop_at is None else min(deadline, stop_at)
 
     def _on_lost(self, lost: list[TopicPartition]) -> None:
         # Lost (evicted): another member may own them already; never commit for them.

@@ -257,6 +257,58 @@ def test_graceful_stop_with_an_image_stuck_in_flight_stays_within_the_grace_peri
     assert took_s < grace_s + 1.0, f"stop took {took_s:.2f} s with shutdown_grace_s={grace_s}"
 
 
+class _RebalancingConsumer(FakeConsumer):
+    """Two partitions, one record each; on request, the next poll revokes the first (a rebalance)."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.tps = [TP, TopicPartition(TP.topic, 1)]
+        self.pending = {self.tps[0]: [request(0)], self.tps[1]: [request(0)]}
+        self.revoke_next = threading.Event()
+
+    def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[TopicPartition, list[Rec]]:
+        if not self.assigned:
+            self.assigned = True
+            self.listener.on_partitions_assigned(self.tps)
+        if self.pending:
+            batch, self.pending = self.pending, {}
+            return batch
+        if self.revoke_next.is_set():
+            self.revoke_next.clear()
+            self.listener.on_partitions_revoked(self.tps[:1])  # waits for its in-flight image (settle)
+        time.sleep(timeout_ms / 1000)
+        return {}
+
+    def close(self, autocommit: bool = True, timeout_ms: int | None = None) -> None:
+        self.listener.on_partitions_revoked(self.tps[1:])
+
+
+def test_a_stop_during_a_rebalance_wait_still_ends_within_the_grace_period(tmp_path) -> None:
+    # SIGTERM while a revoke waits for a stuck image: the grace period counts from the SIGTERM (as the
+    # kubelet's does), not from the end of that wait; before, the drain started a fresh grace period
+    # once the revoke gave up, and the pod was killed before it left the group.
+    grace_s = 2.0
+    w = make_worker(tmp_path, [], grace_s=grace_s)
+    consumer = _RebalancingConsumer()
+    w.consumer = consumer  # type: ignore[assignment]
+    gate = threading.Event()
+    decode = w._decode
+    w._decode = lambda item: (gate.wait(30), decode(item))  # type: ignore[method-assign]  # both stuck
+    try:
+        with running(w) as result:
+            assert wait_for(lambda: w._inflight_count == 2)
+            consumer.revoke_next.set()
+            time.sleep(0.5)  # the revoke of partition 0 is now waiting
+            stop_at = time.monotonic()
+            w.request_stop()
+            assert wait_for(lambda: "rc" in result, timeout_s=4 * grace_s)
+            took_s = time.monotonic() - stop_at
+    finally:
+        gate.set()
+    assert result["rc"] == 0
+    assert took_s < grace_s + 0.75, f"stop took {took_s:.2f} s after SIGTERM with shutdown_grace_s={grace_s}"
+
+
 # -- finding 4: a fatal error on the publish thread ------------------------------------------------
 def test_a_publish_failure_stops_the_worker_promptly(tmp_path) -> None:
     w = make_worker(tmp_path, [request(0)], grace_s=6.0)
