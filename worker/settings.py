@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -535,8 +536,26 @@ def env_name(loc: tuple[int | str, ...]) -> str:
     return ENV_PREFIX + ENV_NESTED_DELIMITER.join(parts).upper()
 
 
+def _check_sections(environ: Mapping[str, str]) -> None:
+    """Refuse ``SPACE_<SECTION>__<FIELD>`` variables whose section does not exist.
+
+    pydantic-settings refuses an unknown field of a known section but silently ignores a variable of an
+    unknown section (``SPACE_MODEL__PRELOAD`` for ``SPACE_MODELS__PRELOAD``): the setting would just
+    not apply. Only names with the nested delimiter are checked, so other ``SPACE_*`` variables
+    (``SPACE_CONFIG_FILE``, test knobs) pass.
+    """
+    sections = set(Settings.model_fields)
+    for name in environ:
+        if not name.upper().startswith(ENV_PREFIX) or ENV_NESTED_DELIMITER not in name:
+            continue
+        section = name[len(ENV_PREFIX) :].split(ENV_NESTED_DELIMITER, 1)[0].lower()
+        if section not in sections:
+            raise ConfigError(f"{name}: no settings section {section!r} (sections: {', '.join(sorted(sections))})")
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Build the settings or raise :class:`ConfigError` with one line naming the variable and reason."""
+    _check_sections(os.environ)
     try:
         return Settings(**overrides)
     except SettingsError as exc:

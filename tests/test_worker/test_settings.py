@@ -53,6 +53,9 @@ def test_settings_are_frozen() -> None:
         ),
         ("SPACE_DECODE__CLAIM_CHECK_SCHEMES", "ftp,s3", "SPACE_DECODE__CLAIM_CHECK_SCHEMES: ftp cannot be fetched"),
         ("SPACE_KAFKA", "{bad", "SPACE_KAFKA: is not valid JSON (Expecting property name"),
+        ("SPACE_KAFKA__TYPO", "1", "SPACE_KAFKA__TYPO:"),
+        # A typo in the section was silently ignored: the setting just did not apply.
+        ("SPACE_MODEL__PRELOAD", "brick", "SPACE_MODEL__PRELOAD: no settings section 'model' (sections: batching,"),
     ],
 )
 def test_bad_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str, needle: str) -> None:
