@@ -228,6 +228,8 @@ class Worker:
         self._last_commit = 0.0
         self._last_lag = 0.0
         self._assigned: set[TopicPartition] = set()
+        # Assigned partitions not yet checked for a committed offset (see _commit_start_positions).
+        self._unchecked: set[TopicPartition] = set()
         self._joined = False
         self._threads: list[threading.Thread] = []
         self.worker_id = settings.worker.id
@@ -368,6 +370,8 @@ class Worker:
         for tp, recs in records.items():
             for rec in recs:
                 self._accept(tp, rec)
+        if self._unchecked:
+            self._commit_start_positions()
         self._apply_backpressure()
         self._commit()
         self._update_lag()
@@ -472,11 +476,44 @@ class Worker:
         self.metrics.commits.labels("ok").inc()
         log.debug("offsets_committed", offsets={f"{tp.topic}/{tp.partition}": o for tp, o in offsets.items()})
 
+    def _commit_start_positions(self) -> None:
+        """Commit where reading starts on partitions the group never committed.
+
+        A partition whose records all expired before this group first read it (a first deployment on
+        an old topic, a new group id, offsets expired while the group was empty) returns nothing, so
+        nothing is ever committed there, and KEDA's Kafka scaler then counts its whole log-end offset
+        as lag for good (``offsetResetPolicy: earliest``): replicas pinned at the maximum. Committing
+        the start position is what the first processed record would have done anyway; only partitions
+        with nothing in flight qualify (their position is past every record handed out), so no
+        record is skipped. One OffsetFetch per newly assigned partition.
+        """
+        timeout_ms = self.settings.kafka.commit_timeout_ms
+        for tp in sorted(self._unchecked, key=lambda t: (t.topic, t.partition)):
+            if self._stop.is_set() or self._fatal is not None:
+                return
+            if self.tracker.inflight({tp}):
+                self._unchecked.discard(tp)  # its records will be committed as they are answered
+                continue
+            try:
+                if self.consumer.committed(tp, timeout_ms=timeout_ms) is not None:
+                    self._unchecked.discard(tp)
+                    continue
+                position = self.consumer.position(tp, timeout_ms=timeout_ms)
+                if self.tracker.inflight({tp}) or position is None:
+                    continue  # try again at the next poll
+                self.consumer.commit({tp: OffsetAndMetadata(position, "", -1)}, timeout_ms=timeout_ms)
+            except KafkaError as exc:
+                log.debug("start_position_commit_failed", partition=f"{tp.topic}/{tp.partition}", error=str(exc))
+                return  # a rebalance or an unreachable coordinator: the next poll tries again
+            self._unchecked.discard(tp)
+            log.info("start_position_committed", partition=f"{tp.topic}/{tp.partition}", offset=position)
+
     # Rebalance callbacks run on the consumer thread inside poll().
     def _on_assigned(self, assigned: list[TopicPartition]) -> None:
         self._joined = True
         self.tracker.assign(assigned)
         self._assigned.update(assigned)
+        self._unchecked.update(assigned)
         if self._paused:  # keep backpressure consistent for new partitions
             self.consumer.pause(*assigned)
             self._paused.update(assigned)
@@ -529,6 +566,7 @@ class Worker:
         for item in self.batcher.remove(lambda it: it.tp in gone):
             self._finish(item)
         self._assigned.difference_update(gone)
+        self._unchecked.difference_update(gone)
         self._paused.difference_update(gone)
         for tp in gone:
             with contextlib.suppress(KeyError):

@@ -1,4 +1,6 @@
-"""/readyz with more workers than partitions: a member the group gives nothing is still ready.
+"""Group membership seen from outside: readiness without partitions, and offsets KEDA can read.
+
+/readyz with more workers than partitions: a member the group gives nothing is still ready.
 
 A rollout at full scale (replicas = partitions, maxSurge 1, maxUnavailable 0) starts one pod more
 than there are partitions; it joins the group, gets no partition and, under the cooperative protocol,
@@ -6,6 +8,8 @@ no assignment callback either. If that left it unready, the rollout would wait f
 """
 
 from __future__ import annotations
+
+import time
 
 import pytest
 
@@ -25,3 +29,23 @@ def test_a_worker_without_partitions_is_ready(make_settings, topics, trained_mod
             assert ready, detail
             assert len(first.worker.assigned) + len(second.worker.assigned) == 1
             assert detail["joined"] is True
+
+
+def test_partitions_the_group_never_committed_get_their_start_committed(make_settings, topics, trained_model) -> None:
+    # KEDA's Kafka scaler (offsetResetPolicy: earliest) counts a partition without a committed offset
+    # at its whole log-end offset: one whose records expired before the group read it would pin the
+    # replicas at the maximum for good, since nothing is ever read there to commit.
+    from tests.kafka_helpers import produce
+    from tests.reliability.helpers import committed_offsets
+    from tests.worker_harness import request_record
+
+    settings = make_settings(topics, models={"root": str(trained_model.root), "preload": (trained_model.line,)})
+    image = next((trained_model.data / "test" / "good").glob("*.png"))
+    produce(settings, topics.requests, [request_record(image, line=trained_model.line, camera="c", message_id="m0")])
+    with running_worker(settings):
+        deadline = time.monotonic() + 30
+        while None in (committed := committed_offsets(settings, topics.requests)).values():
+            assert time.monotonic() < deadline, f"not every partition committed: {committed}"
+            time.sleep(0.2)
+    # Three partitions never held a record: committed at 0; the one with the request: past it.
+    assert sorted(committed.values()) == [0, 0, 0, 1], committed
