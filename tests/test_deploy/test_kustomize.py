@@ -205,7 +205,7 @@ def test_gpu_only_in_gpu_prod(overlay: str, docs: list[dict[str, Any]]) -> None:
     if overlay == "gpu-prod":
         assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 1
         assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
-        assert pod["nodeSelector"]
+        assert "nvidia.com/gpu.present" not in pod.get("nodeSelector", {}), "the GPU request schedules; no GFD label"
         assert env["SPACE_MODELS__DEVICE"] == "cuda"
         assert env["SPACE_MODELS__PRECISION"] == "bf16"
         assert int(env["SPACE_BATCHING__MAX_BATCH_SIZE"]) > DEFAULTS.batching.max_batch_size
