@@ -330,6 +330,15 @@ def main() -> None:
                               "peak_tflops": peak, "cases": []}  # fmt: skip
     if device.type == "cuda":
         report["card"] = torch.cuda.get_device_name(device)
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        """breakdown.json so far: a run cut off by a time limit keeps the finished cases."""
+        if out is not None:
+            (out / "breakdown.json").write_text(json.dumps(report, indent=1))
+
     for variant in args.variant.split(","):
         for size in args.size.split(","):
             for memory_format in args.memory_format.split(","):
@@ -353,15 +362,13 @@ def main() -> None:
                     print(table)
                     case["kernels"] = table
                 report["cases"].append(case)
+                save()
                 del model
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     report["first_convs"] = first_conv_variants(device, dtype, args.batch, args.px)
     print_first_convs(report["first_convs"], args.batch, args.px)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "breakdown.json").write_text(json.dumps(report, indent=1))
+    save()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -161,7 +162,11 @@ def main() -> None:
     parser.add_argument("--throughput-only", action="store_true", help="Skip the batch-1 and latency runs.")
     parser.add_argument("--heatmaps", default="all", choices=["all", "anomalous", "none"], help="Heatmap policy.")
     parser.add_argument("--heatmap-threads", type=int, default=4, help="SPACE_HEATMAPS__THREADS for the worker.")
+    parser.add_argument("--out", default=None, help="Also write the JSON report here (rewritten after every stage).")
     args = parser.parse_args()
+    # `timeout` (bench/gpu.sh) sends SIGTERM: exit through the finally blocks, which stop the worker and
+    # the stack (its broker and Redis run in their own sessions and would outlive this process).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     decode_devices = [d.strip() for d in args.decode_devices.split(",") if d.strip()]
 
     import torch
@@ -200,7 +205,11 @@ def main() -> None:
     del detector
 
     stack = Stack(work / "stack", redis_url=os.environ.get("SPACE_REDIS__URL", "redis://127.0.0.1:6379/0"))
-    stack.up()
+    try:
+        stack.up()
+    except BaseException:  # SIGTERM or a failed start: stop what did start
+        stack.down()
+        raise
     env = stack.env()
     report: dict[str, Any] = {
         "machine": f"{platform.node()} {platform.processor() or platform.machine()} cpus={os.cpu_count()}",
@@ -211,7 +220,14 @@ def main() -> None:
         "source_px": args.source_px or args.size, "cuda_graphs": args.cuda_graphs, "heatmaps": args.heatmaps,
         "heatmap_threads": args.heatmap_threads,
     }  # fmt: skip
+
+    def save() -> None:
+        """The report so far (``--out``): a run cut off by a time limit keeps the finished stages."""
+        if args.out:
+            Path(args.out).write_text(json.dumps(report) + "\n")
+
     try:
+        save()
 
         def settings_for(batch: int, tag: str, decode_device: str = decode_devices[0]) -> Any:
             suffix = uuid.uuid4().hex[:6]
@@ -249,14 +265,17 @@ def main() -> None:
         e2e_ips = backlog(args.batch, "tput")
         report.update(e2e_images_per_s=round(e2e_ips, 1), e2e_over_raw=round(e2e_ips / raw_ips, 3))
         print(f"e2e decode={decode_devices[0]}: {e2e_ips:,.1f} images/s", flush=True)
+        save()
         for dev in decode_devices[1:]:
             ips = backlog(args.batch, f"tput-{dev}", dev)
             report[f"e2e_images_per_s_decode_{dev}"] = round(ips, 1)
             report[f"e2e_over_raw_decode_{dev}"] = round(ips / raw_ips, 3)
             print(f"e2e decode={dev}: {ips:,.1f} images/s", flush=True)
+            save()
         if not args.throughput_only:  # batch-1 backlog and paced latency runs
             e2e1_ips = backlog(1, "b1")
             report.update(e2e_batch1_images_per_s=round(e2e1_ips, 1), batching_gain=round(e2e_ips / e2e1_ips, 2))
+            save()
 
             for load in (0.5, 0.9):
                 rate = load * e2e_ips
@@ -293,6 +312,7 @@ def main() -> None:
                 report[f"mean_batch_at_{int(load * 100)}pct"] = round(
                     statistics.mean(r["batch_size"] for r in results), 2
                 )
+                save()
             report["p99_budget_ms"] = round(args.max_wait_ms + 3 * batch_s * 1000, 1)
     finally:
         stack.down()
@@ -308,6 +328,7 @@ def main() -> None:
             f" batching gain x{report['batching_gain']}"
         )
     print(summary)
+    save()
     print("JSON " + json.dumps(report))
 
 

@@ -137,6 +137,7 @@ def main() -> None:
         "px": args.px,
         "teacher": args.teacher,
         "compile": args.compile,
+        "weights": "compute dtype (bf16/fp16 rows: weights cast to it, as the Detector serves)",
         "peak_tflops": {
             "bf16": round(matmul_peak(torch.bfloat16), 1),
             "fp16": round(matmul_peak(torch.float16), 1),
@@ -156,7 +157,12 @@ def main() -> None:
     for variant in args.variants.split(","):
         for size in sizes:
             model = build(variant, size, args.px, args.teacher)
+            masters = {name: p.data for name, p in model.named_parameters()}  # fp32, cast per precision below
             for precision in precisions:
+                # Weights in the compute dtype, as models.detector.Detector keeps them for autocast (no
+                # per-call weight casts). The 2026-11-27 H100 table had fp32 weights under autocast.
+                for name, param in model.named_parameters():
+                    param.data = masters[name].to(DTYPES[precision] or torch.float32)
                 # Graphs on and off side by side where it matters most (bf16); graphs only elsewhere.
                 for graphs in (False, True) if precision == "bf16" or args.quick else (True,):
                     try:
@@ -170,7 +176,7 @@ def main() -> None:
                     (out / "gpu.json").write_text(json.dumps(report, indent=2))  # partial results survive a timeout
             report.setdefault("memory_mib", {})[f"{variant}-{size}"] = round(torch.cuda.max_memory_allocated() / 2**20)
             torch.cuda.reset_peak_memory_stats()
-            del model
+            del model, masters
     (out / "gpu.json").write_text(json.dumps(report, indent=2))
     print(f"wrote {out / 'gpu.json'}")
 

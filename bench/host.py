@@ -41,6 +41,7 @@ import itertools
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -190,7 +191,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="SPACE_MODELS__DEVICE with --real-model.")
     p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"], help="With --real-model.")
     p.add_argument("--cuda-graphs", action="store_true", help="SPACE_MODELS__CUDA_GRAPHS with --real-model.")
-    p.add_argument("--model-seconds", type=float, default=3.0, help="Timing of the model alone (--real-model).")
+    p.add_argument("--model-seconds", type=float, default=3.0,
+                   help="Timing of the model alone (--real-model); 0 skips it.")  # fmt: skip
     p.add_argument(
         "--worker-env",
         action="append",
@@ -198,13 +200,16 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="Extra SPACE_* setting for the workers (repeatable), to compare settings.",
     )
-    p.add_argument("--out", default=None, help="Also write the JSON report here.")
+    p.add_argument("--out", default=None, help="Also write the JSON report here (rewritten after every case).")
     p.add_argument("--serve-standin", metavar="MAPS_NPY", default=None, help=argparse.SUPPRESS)  # child mode
     args = p.parse_args()
     if args.serve_standin:
         raise SystemExit(
             serve_with_standin(args.serve_standin, float(args.model_ips), args.batch, args.store_latency_ms)
         )
+    # `timeout` (bench/gpu.sh) sends SIGTERM: exit through the finally blocks, which stop the workers
+    # and the stack (its broker and Redis run in their own sessions and would outlive this process).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     counts = [int(s) for s in args.processes.split(",")]
     speeds = [0.0] if args.real_model else [float(s) for s in args.model_ips.split(",")]
     policies = [s.strip() for s in args.heatmaps.split(",") if s.strip()]
@@ -227,12 +232,13 @@ def main() -> None:
         line, version = train_model(work, args.px, args.steps, "cpu")
         root = work / "registry"
     images = encoded_images(args.px, args.images, args.format)
-    detector = Detector.load(root / line / version, device="cpu", max_batch=args.batch)
     maps_path = work / "maps.npy"
-    np.save(maps_path, recorded_maps(detector, images, 32))
-    del detector
+    if not args.real_model:  # the stand-in device's maps
+        detector = Detector.load(root / line / version, device="cpu", max_batch=args.batch)
+        np.save(maps_path, recorded_maps(detector, images, 32))
+        del detector
     model_ips = None
-    if args.real_model:  # the model's own figure on the device, measured before the workers take it
+    if args.real_model and args.model_seconds > 0:  # the model's own figure on the device, before the workers take it
         detector = Detector.load(root / line / version, device=args.device, precision=args.precision,
                                  max_batch=args.batch, cuda_graphs=args.cuda_graphs)  # fmt: skip
         model_ips = pipelined_throughput(detector, args.batch, args.model_seconds)
@@ -244,7 +250,11 @@ def main() -> None:
             torch.cuda.empty_cache()
 
     stack = Stack(work / "stack", redis_url=os.environ.get("SPACE_REDIS__URL", "redis://127.0.0.1:6379/0"))
-    stack.up()
+    try:
+        stack.up()
+    except BaseException:  # SIGTERM or a failed start: stop what did start (its own sessions outlive us)
+        stack.down()
+        raise
     env = stack.env()
     report: dict[str, Any] = {
         "machine": f"{platform.node()} {platform.processor() or platform.machine()} cpus={os.cpu_count()}",
@@ -317,36 +327,59 @@ def main() -> None:
 
     cases = list(itertools.product(counts, speeds, policies))
     runs: dict[tuple[int, float, str], list[dict[str, float]]] = {c: [] for c in cases}
+    report["cases"], report["errors"] = [], []
+
+    def rows_so_far() -> list[dict[str, Any]]:
+        """One row per case with at least one run (median over its runs), in case order."""
+        rows: list[dict[str, Any]] = []
+        for n, speed, policy in cases:
+            figs = runs[(n, speed, policy)]
+            if not figs:
+                continue
+            ips = statistics.median(f["images_per_s"] for f in figs)
+            row = {"processes": n, "model_images_per_s": speed or None, "heatmaps": policy,
+                   "images_per_s": round(ips, 1), "runs": [round(f["images_per_s"], 1) for f in figs],
+                   "cpu_ms_per_image": round(statistics.median(f["cpu_ms_per_image"] for f in figs), 3),
+                   "mean_batch": round(statistics.mean(f["mean_batch"] for f in figs), 1),
+                   "heatmap_kib_mean": round(statistics.mean(f["heatmap_kib_mean"] for f in figs), 2),
+                   "worker_exit_code": max(f["worker_exit_code"] for f in figs)}  # fmt: skip
+            if speed or model_ips:
+                row["over_model"] = round(ips / (speed or model_ips), 3)
+            one = next((r for r in rows if r["processes"] == 1 and r["model_images_per_s"] == row["model_images_per_s"]
+                        and r["heatmaps"] == policy), None)  # fmt: skip
+            if one is not None and n > 1:
+                row["over_one_process"] = round(ips / one["images_per_s"], 2)
+            rows.append(row)
+        return rows
+
+    def write_report() -> None:
+        """The report so far (``--out``): a run cut off by a time limit keeps the finished cases."""
+        report["cases"] = rows_so_far()
+        if args.out:
+            Path(args.out).write_text(json.dumps(report) + "\n")
+
     try:
+        write_report()
         for _ in range(args.repeats):
             for n, speed, policy in cases:
-                fig = run_case(n, speed, policy)
-                runs[(n, speed, policy)].append(fig)
                 device = "real model" if args.real_model else f"device {speed or 'instant'}"
+                try:
+                    fig = run_case(n, speed, policy)
+                except Exception as exc:  # noqa: BLE001 - one failing case must not lose the others
+                    report["errors"].append(f"{n} process(es), {device}, heatmaps={policy}: {exc!r}"[:500])
+                    print(f"  {n} process(es), {device}, heatmaps={policy}: failed: {exc!r}"[:500], flush=True)
+                    write_report()
+                    continue
+                runs[(n, speed, policy)].append(fig)
                 print(f"  {n} process(es), {device}, heatmaps={policy}: "
                       f"{fig['images_per_s']:,.1f} images/s, {fig['cpu_ms_per_image']:.2f} CPU ms/image"
                       f" ({fig['results_before_settled']} results before the group settled)", flush=True)  # fmt: skip
+                write_report()
     finally:
         stack.down()
 
-    rows = []
-    for n, speed, policy in cases:
-        figs = runs[(n, speed, policy)]
-        ips = statistics.median(f["images_per_s"] for f in figs)
-        row = {"processes": n, "model_images_per_s": speed or None, "heatmaps": policy, "images_per_s": round(ips, 1),
-               "runs": [round(f["images_per_s"], 1) for f in figs],
-               "cpu_ms_per_image": round(statistics.median(f["cpu_ms_per_image"] for f in figs), 3),
-               "mean_batch": round(statistics.mean(f["mean_batch"] for f in figs), 1),
-               "heatmap_kib_mean": round(statistics.mean(f["heatmap_kib_mean"] for f in figs), 2),
-               "worker_exit_code": max(f["worker_exit_code"] for f in figs)}  # fmt: skip
-        if speed or model_ips:
-            row["over_model"] = round(ips / (speed or model_ips), 3)
-        one = next((r for r in rows if r["processes"] == 1 and r["model_images_per_s"] == row["model_images_per_s"]
-                    and r["heatmaps"] == policy), None)  # fmt: skip
-        if one is not None and n > 1:
-            row["over_one_process"] = round(ips / one["images_per_s"], 2)
-        rows.append(row)
-    report["cases"] = rows
+    write_report()
+    rows = report["cases"]
     print("\nspace-worker host ceiling (stand-in device, real workers and broker)")
     for k, v in report.items():
         if k != "cases":
@@ -362,10 +395,7 @@ def main() -> None:
         print(f"  {r['processes']:>9} {dev:>16} {r['heatmaps']:>9} {r['images_per_s']:>16,.1f}"
               f" {r.get('over_model', '-'):>9} {r.get('over_one_process', '-'):>12} {r['cpu_ms_per_image']:>13}"
               f" {r['mean_batch']:>11}")  # fmt: skip
-    line_json = json.dumps(report)
-    print("JSON " + line_json)
-    if args.out:
-        Path(args.out).write_text(line_json + "\n")
+    print("JSON " + json.dumps(report))
 
 
 if __name__ == "__main__":

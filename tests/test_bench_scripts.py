@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import torch
@@ -13,6 +17,9 @@ from bench.breakdown import NETWORKS, conv_gflop, layer_times
 REPO = Path(__file__).resolve().parents[1]
 GPU_SH = (REPO / "bench" / "gpu.sh").read_text(encoding="utf-8")
 DEVICE_COMMAND_S = 600  # one device command's limit; the default sections must leave room to start
+FIXED_OVERHEAD_S = 60  # install from .whl/, env.txt's torch imports, archive refreshes
+KILL_AFTER_S = 10  # `timeout --kill-after` per section: a section may run this long past its limit
+DEVICE_FILES = 8  # the device returns at most 8 files from $OUT
 
 
 def section_limits() -> dict[str, int]:
@@ -27,14 +34,62 @@ def test_default_gpu_sections_exist_and_fit_one_device_command() -> None:
     assert default is not None
     keys = default.group(1).split()
     assert set(keys) <= set(limits), set(keys) - set(limits)
-    assert "breakdown" in keys
-    assert sum(limits[k] for k in keys) <= DEVICE_COMMAND_S - 60, {k: limits[k] for k in keys}
+    assert {"tests", "breakdown", "branches", "processes", "compile"} <= set(keys)
+    budget = DEVICE_COMMAND_S - FIXED_OVERHEAD_S - KILL_AFTER_S * len(keys)
+    assert sum(limits[k] for k in keys) <= budget, ({k: limits[k] for k in keys}, budget)
+    assert re.search(rf"timeout --kill-after={KILL_AFTER_S} ", GPU_SH)
 
 
 def test_all_names_every_section() -> None:
     everything = re.search(r'\[ "\$SECTIONS" = " all " \] && SECTIONS=" ([\w -]+) "', GPU_SH)
     assert everything is not None
     assert set(everything.group(1).split()) == set(section_limits())
+
+
+def section_names() -> dict[str, str]:
+    """``section KEY NAME ...`` lines of bench/gpu.sh -> {key: name of its log file}."""
+    return dict(re.findall(r"^section (\S+) (\S+) ", GPU_SH, flags=re.MULTILINE))
+
+
+def test_gpu_sh_writes_few_files_under_out_and_archives_every_section(tmp_path: Path) -> None:
+    """A dry run of every section (commands echoed, no install, no GPU): $OUT gets the archive and the
+    console log only, and the archive holds env.txt and every section's log."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, "GPU_DRY_RUN": "1", "GPU_SECTIONS": "all", "GPU_BENCH_WORK": str(work)}
+    done = subprocess.run(
+        ["bash", "bench/gpu.sh", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == ["gpu.log", "results.tgz"]
+    assert len(files) + 1 <= DEVICE_FILES  # + results.tgz.part, should a command be cut off mid-refresh
+    names = section_names()
+    assert len(names) == len(section_limits())
+    with tarfile.open(out / "results.tgz") as tar:
+        archived = {Path(n).name for n in tar.getnames()}
+    assert {"env.txt"} | {f"{name}.txt" for name in names.values()} <= archived
+    log = (out / "gpu.log").read_text()
+    for name in names.values():
+        assert f"== {name} rc=0 in" in log
+        # every result file goes to the scratch folder, none straight to $OUT
+        echoed = (work / f"{name}.txt").read_text()
+        assert echoed.startswith("DRY:") and str(out) not in echoed
+
+
+def test_gpu_sh_writes_only_the_archive_and_the_log_to_out() -> None:
+    code = [line for line in GPU_SH.splitlines() if not line.lstrip().startswith("#")]
+    targets = {m for line in code for m in re.findall(r"\$OUT/([\w.-]+)", line)}
+    assert targets == {"results.tgz", "results.tgz.part", "gpu.log"}
+    assert not re.search(r"--out[ =]\"?\$OUT", GPU_SH)
+
+
+def test_gpu_sh_installs_offline_and_checks_the_imports() -> None:
+    installs = [line for line in GPU_SH.splitlines() if "pip install" in line and not line.lstrip().startswith("#")]
+    assert installs and all("--no-index" in line and "--find-links .whl" in line for line in installs)
+    # /tmp/site is on PYTHONPATH before the "already installed?" check, so a second command skips the install
+    assert GPU_SH.index('PYTHONPATH="$PWD:$SITE') < GPU_SH.index('python3 -c "$IMPORTS" 2>/dev/null')
+    assert "/.whl/" in (REPO / ".gitignore").read_text().splitlines()
+    assert "-o timeout=" in GPU_SH
 
 
 def test_conv_gflop_counts_multiply_adds_twice() -> None:
@@ -85,9 +140,6 @@ def test_layer_times_cover_every_leaf_and_network_and_unhook_afterwards() -> Non
 
 
 def test_branches_bench_refuses_a_machine_without_cuda_with_a_clear_message() -> None:
-    import subprocess
-    import sys
-
     import pytest
 
     if torch.cuda.is_available():
