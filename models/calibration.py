@@ -3,9 +3,11 @@
 Two methods (DESIGN "Thresholds"):
 
 * ``quantile``: from normal images only. The threshold flags at most ``target_fpr`` of them
-  (:func:`models.metrics.quantile_threshold`). The normals are ``validation/good``; without it,
-  ``train/good`` is used and the result says it is optimistic (the model has seen those images, so
-  their scores are lower than those of new normal parts and the real false-positive rate is higher).
+  (:func:`models.metrics.quantile_threshold`). The normals are ``validation/good``; without it, the
+  ``train/good`` images the model held out of training (rebuilt from its card: seed, counts and the
+  sha256 of the listing must match); failing that, all of ``train/good``, and the result says it is
+  optimistic (the model has seen those images, so their scores are lower than those of new normal
+  parts and the real false-positive rate is higher).
 * ``f1``: from the labelled ``test/`` set (``good`` = normal, every other folder = defect), the
   F1-optimal threshold (:func:`models.metrics.f1_optimal_threshold`).
 
@@ -17,15 +19,18 @@ the normals and, when defects exist in ``test/``, recall on them. No Redis, no K
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from models.data import DatasetIndex, load_image
+from models.data import DatasetError, DatasetIndex, dataset_fingerprint, load_image
 from models.metrics import f1_optimal_threshold, quantile_threshold
+
+if TYPE_CHECKING:
+    from models.artifact import TrainingSummary
 
 __all__ = [
     "Calibration",
@@ -37,10 +42,12 @@ __all__ = [
     "calibrate_quantile",
     "score_images",
     "select_images",
+    "training_holdout",
 ]
 
 Method = Literal["quantile", "f1"]
-NormalSource = Literal["validation", "train", "test"]
+NormalSource = Literal["validation", "train_holdout", "train", "test"]
+_SOURCE_WORDS = {"validation": "validation", "train_holdout": "held-out train/good", "train": "train", "test": "test"}
 
 
 class CalibrationError(ValueError):
@@ -66,13 +73,16 @@ class CalibrationSet:
 
     Attributes:
         normals: Known-good images the false-positive rate is measured on.
-        normal_source: Where they come from (``validation``, ``train`` or ``test``).
+        normal_source: Where they come from: ``validation``, ``train_holdout`` (the ``train/good``
+            images the model did not train on), ``train`` (all of ``train/good``) or ``test``.
         defects: Defect images of ``test/`` (empty when there are none).
+        notes: Warnings about the choice (e.g. why the model's hold-out could not be used).
     """
 
     normals: list[Path]
     normal_source: NormalSource
     defects: list[Path] = field(default_factory=list)
+    notes: tuple[str, ...] = ()
 
     @property
     def optimistic(self) -> bool:
@@ -114,7 +124,7 @@ class Calibration:
         how = f"quantile, target FPR {self.target_fpr:g}" if self.target_fpr is not None else "F1-optimal"
         text = (
             f"threshold {self.threshold:.6g} ({how}): expected FPR {self.fpr:.2%} "
-            f"on {self.n_normal} {self.normal_source} normals"
+            f"on {self.n_normal} {_SOURCE_WORDS[self.normal_source]} normals"
         )
         if self.recall is not None:
             text += f", recall {self.recall:.2%} on {self.n_defect} test defects"
@@ -210,11 +220,44 @@ def calibrate_f1(normal_scores: npt.ArrayLike, defect_scores: npt.ArrayLike) -> 
     )  # fmt: skip
 
 
-def select_images(index: DatasetIndex, method: Method) -> CalibrationSet:
+def training_holdout(index: DatasetIndex, training: TrainingSummary) -> tuple[list[Path], str | None]:
+    """The ``train/good`` images a model held out of training, rebuilt from its card's training summary.
+
+    Training without ``validation/good`` holds out a seeded part of ``train/good``
+    (:func:`models.train.split_validation`). It is rebuilt when the card says so and this ``train/good``
+    is the listing the model saw: same number of images and same sha256 over names and bytes.
+
+    Returns:
+        (hold-out, None), or ([], why not) when the card has no hold-out or the listing differs.
+    """
+    if training.validation_source != "train_holdout":
+        return [], None
+    expected = training.n_train + training.n_validation
+    if not 1 <= training.n_validation < expected:
+        return [], f"the card's n_validation {training.n_validation} of {expected} images is no hold-out"
+    if len(index.train_good) != expected:
+        return [], f"train/good holds {len(index.train_good)} images, the model's training listing had {expected}"
+    try:
+        same = dataset_fingerprint(index.train_good, root=index.root) == training.data_sha256
+    except DatasetError as exc:
+        return [], str(exc)
+    if not same:
+        return [], "train/good is not the listing the model was trained on (sha256 of names and bytes differs)"
+    from models.train import split_validation  # torch and the training stack: only when a hold-out is rebuilt
+
+    _, holdout, _ = split_validation(
+        DatasetIndex(root=index.root, train_good=list(index.train_good)), training.seed, training.n_validation
+    )
+    return holdout, None
+
+
+def select_images(index: DatasetIndex, method: Method, *, training: TrainingSummary | None = None) -> CalibrationSet:
     """The images each method uses from a scanned dataset.
 
-    ``quantile``: ``validation/good`` (else ``train/good``) as normals, ``test/`` defects for recall.
-    ``f1``: ``test/good`` as normals and the other ``test/`` folders as defects.
+    ``quantile``: ``validation/good`` as normals; else, given the model card's ``training`` summary,
+    the ``train/good`` images the model held out (:func:`training_holdout`); else all of ``train/good``.
+    ``test/`` defects give the recall. ``f1``: ``test/good`` as normals and the other ``test/`` folders
+    as defects.
 
     Raises:
         CalibrationError: The method's images are missing.
@@ -227,8 +270,15 @@ def select_images(index: DatasetIndex, method: Method) -> CalibrationSet:
         return CalibrationSet(normals, "test", defects)
     if index.validation_good:
         return CalibrationSet(list(index.validation_good), "validation", defects)
+    notes: tuple[str, ...] = ()
+    if training is not None and index.train_good:
+        holdout, why_not = training_holdout(index, training)
+        if holdout:
+            return CalibrationSet(holdout, "train_holdout", defects)
+        if why_not:
+            notes = (f"the model's held-out train/good images cannot be rebuilt: {why_not}",)
     if index.train_good:
-        return CalibrationSet(list(index.train_good), "train", defects)
+        return CalibrationSet(list(index.train_good), "train", defects, notes)
     raise CalibrationError(f"{index.root} has no validation/good or train/good image to calibrate on")
 
 
@@ -260,16 +310,21 @@ def calibrate(
     *,
     target_fpr: float = 0.01,
     batch_size: int = 8,
+    training: TrainingSummary | None = None,
 ) -> Calibration:
     """Choose a threshold for ``scorer`` from a scanned dataset (see the module docstring).
+
+    ``training`` is the model card's training summary: without ``validation/good`` it lets the quantile
+    method use the images the model held out of ``train/good`` instead of all of them.
 
     Raises:
         CalibrationError: The data does not suit the method.
         models.data.DatasetError: An image cannot be read.
     """
-    chosen = select_images(index, method)
+    chosen = select_images(index, method, training=training)
     normal = score_images(scorer, chosen.normals, batch_size=batch_size)
     defect = score_images(scorer, chosen.defects, batch_size=batch_size)
     if method == "f1":
         return calibrate_f1(normal, defect)
-    return calibrate_quantile(normal, target_fpr, defect_scores=defect, normal_source=chosen.normal_source)
+    result = calibrate_quantile(normal, target_fpr, defect_scores=defect, normal_source=chosen.normal_source)
+    return replace(result, warnings=chosen.notes + result.warnings) if chosen.notes else result

@@ -1,15 +1,17 @@
 """Resumable training checkpoints: ``checkpoint.safetensors`` (tensors) + ``checkpoint.json`` (the rest).
 
 Owns :func:`save_checkpoint` / :func:`load_checkpoint`. Model weights, Adam moments and the torch RNG
-state are tensors; step, numpy RNG state and run metadata are JSON. Nothing is pickled. A checkpoint is
-only resumed when its run fingerprint (config + data hash) matches, so a changed run starts afresh.
+states (CPU, and one per CUDA device for a CUDA run) are tensors; step, numpy RNG state and run metadata
+are JSON. Nothing is pickled. A checkpoint is only resumed when its run fingerprint (config + data hash)
+matches, so a changed run starts afresh.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ log = structlog.get_logger(__name__)
 
 TENSORS = "checkpoint.safetensors"
 META = "checkpoint.json"
+_CUDA_RNG = "rng.cuda."
 
 
 @dataclass
@@ -31,6 +34,7 @@ class Checkpoint:
     optimizer_state: dict[str, Any]
     torch_rng: torch.Tensor
     meta: dict[str, Any]
+    cuda_rng: list[torch.Tensor] = field(default_factory=list)  # per CUDA device; empty for a CPU run
 
 
 def save_checkpoint(
@@ -40,14 +44,22 @@ def save_checkpoint(
     optimizer_state: dict[str, Any],
     torch_rng: torch.Tensor,
     meta: dict[str, Any],
+    *,
+    cuda_rng: Sequence[torch.Tensor] = (),
 ) -> None:
-    """Write a checkpoint atomically (tensors first, then the JSON that points at them)."""
+    """Write a checkpoint atomically (tensors first, then the JSON that points at them).
+
+    ``cuda_rng`` is ``torch.cuda.get_rng_state_all()`` of a CUDA run (dropout on CUDA draws from those
+    generators), stored as ``rng.cuda.<device>``.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model_state.items()}
     for pid, state in optimizer_state["state"].items():
         for key, value in state.items():
             tensors[f"opt.{pid}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     tensors["rng.torch"] = torch_rng.contiguous()
+    for i, state in enumerate(cuda_rng):
+        tensors[f"{_CUDA_RNG}{i}"] = state.detach().cpu().contiguous()
     tmp = folder / f".{TENSORS}.tmp"
     save_file(tensors, str(tmp))
     os.replace(tmp, folder / TENSORS)
@@ -75,4 +87,6 @@ def load_checkpoint(folder: Path, fingerprint: str) -> Checkpoint | None:
             _, pid, name = key.split(".", 2)
             opt_state.setdefault(int(pid), {})[name] = value
     optimizer_state = {"state": opt_state, "param_groups": meta.pop("param_groups")}
-    return Checkpoint(model_state, optimizer_state, tensors["rng.torch"], meta)
+    cuda = {int(k.removeprefix(_CUDA_RNG)): v for k, v in tensors.items() if k.startswith(_CUDA_RNG)}
+    cuda_rng = [cuda[i] for i in sorted(cuda)]
+    return Checkpoint(model_state, optimizer_state, tensors["rng.torch"], meta, cuda_rng)

@@ -238,12 +238,34 @@ def training_losses(
     return losses
 
 
-def _split_validation(index: dataset.DatasetIndex, seed: int) -> tuple[list[Path], list[Path], str]:
+MIN_HOLDOUT = 5  # held-out normals wanted at least (the default threshold and map quantiles need several)
+FEW_VALIDATION = 10  # below this many validation images training warns
+
+
+def holdout_size(n_images: int) -> int:
+    """Images held out of ``n_images`` train/good ones.
+
+    10 % (SPACE_SPEC §1.7), but at least :data:`MIN_HOLDOUT` while that keeps three quarters for training,
+    and at least one: 12 images -> 3, 20-49 -> 5, 100 -> 10.
+    """
+    return max(1, round(0.1 * n_images), min(MIN_HOLDOUT, n_images // 4))
+
+
+def split_validation(
+    index: dataset.DatasetIndex, seed: int, n_holdout: int | None = None
+) -> tuple[list[Path], list[Path], str]:
+    """(train, validation, source): ``validation/good`` if present, else a seeded hold-out of ``train/good``.
+
+    The hold-out is the first ``n_holdout`` (default :func:`holdout_size`) of a permutation drawn from
+    ``seed``, so ``space calibrate`` rebuilds a model's hold-out from its card (seed, ``n_validation``).
+    """
     if index.validation_good:
         return list(index.train_good), list(index.validation_good), "validation_good"
-    n_val = max(1, round(0.1 * len(index.train_good)))
+    n_val = holdout_size(len(index.train_good)) if n_holdout is None else n_holdout
     if len(index.train_good) < 2:
         raise dataset.DatasetError(f"{index.root}: need at least 2 train/good images to hold out validation")
+    if not 1 <= n_val < len(index.train_good):
+        raise ValueError(f"cannot hold out {n_val} of {len(index.train_good)} train/good images")
     order = np.random.default_rng(seed).permutation(len(index.train_good))
     val = sorted(order[:n_val].tolist())
     train_idx = sorted(order[n_val:].tolist())
@@ -281,7 +303,7 @@ class _Data:
 
 def _load_data(cfg: TrainConfig) -> _Data:
     index = dataset.scan_dataset(cfg.data)
-    train_paths, val_paths, val_source = _split_validation(index, cfg.seed)
+    train_paths, val_paths, val_source = split_validation(index, cfg.seed)
     size = (cfg.input_size, cfg.input_size)
     return _Data(
         _load_images(train_paths, size),
@@ -309,14 +331,52 @@ def _build_model(
     return model, teacher_info
 
 
-def _restore(opt: torch.optim.Optimizer, rng: np.random.Generator, resumed: Checkpoint | None) -> tuple[int, float]:
+def _cuda_rng_states(device: torch.device) -> list[torch.Tensor]:
+    """The CUDA generators' states when training on CUDA (dropout there draws from them), else none."""
+    return list(torch.cuda.get_rng_state_all()) if device.type == "cuda" else []
+
+
+def _restore_rng(resumed: Checkpoint, device: torch.device) -> None:
+    """Set the torch CPU generator and, on CUDA, the CUDA generators to the checkpoint's states."""
+    torch.set_rng_state(resumed.torch_rng)
+    if device.type != "cuda":
+        return
+    if not resumed.cuda_rng:
+        log.warning(
+            "checkpoint_without_cuda_rng",
+            detail="resumed on CUDA from a checkpoint without CUDA RNG states: "
+            "the run continues but is not bit-identical to an uninterrupted one",
+        )
+        return
+    for i, state in enumerate(resumed.cuda_rng[: torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(state, i)
+
+
+def _same_split(resumed: Checkpoint | None, data: _Data, folder: Path) -> Checkpoint | None:
+    """The checkpoint, unless it was written with another validation split (the hold-out rule changed).
+
+    Checkpoints before ``n_validation`` was stored used a 10 % hold-out (at least one image).
+    """
+    if resumed is None:
+        return None
+    n_val, n_all = len(data.val_images), len(data.train_images) + len(data.val_images)
+    legacy = max(1, round(0.1 * n_all)) if data.val_source == "train_holdout" else n_val
+    if int(resumed.meta.get("n_validation", legacy)) == n_val:
+        return resumed
+    log.warning("checkpoint_ignored", folder=str(folder), reason="written with another validation hold-out")
+    return None
+
+
+def _restore(
+    opt: torch.optim.Optimizer, rng: np.random.Generator, resumed: Checkpoint | None, device: torch.device
+) -> tuple[int, float]:
     """Load optimizer and RNG states; returns (first step, seconds already trained)."""
     if resumed is None:
         return 0, 0.0
     opt.load_state_dict(resumed.optimizer_state)
     _match_state_layout(opt)
     rng.bit_generator.state = resumed.meta["np_rng"]
-    torch.set_rng_state(resumed.torch_rng)
+    _restore_rng(resumed, device)
     return int(resumed.meta["step"]), float(resumed.meta["elapsed_s"])
 
 
@@ -368,15 +428,24 @@ def train(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     data = _load_data(cfg)
+    if len(data.val_images) < FEW_VALIDATION:
+        log.warning(
+            "few_validation_images",
+            n_validation=len(data.val_images),
+            validation_source=data.val_source,
+            detail=f"with fewer than {FEW_VALIDATION} validation normals the map quantiles and the default "
+            "threshold are rough (the threshold gets a wider small-sample margin); add validation/good "
+            "images, or calibrate with `space calibrate` before production",
+        )
     penalty = PenaltySource((cfg.input_size, cfg.input_size), cfg.penalty)
     fingerprint = _run_fingerprint(cfg, data.data_hash)
     ckpt_dir = Path(cfg.out) / cfg.product_line / ".checkpoint"
-    resumed = load_checkpoint(ckpt_dir, fingerprint)
+    resumed = _same_split(load_checkpoint(ckpt_dir, fingerprint), data, ckpt_dir)
     model, teacher_info = _build_model(cfg, data, penalty, device, resumed)
     params = list(model.student.parameters()) + list(model.ae.parameters())
     # fused Adam: one kernel over all parameters (the per-tensor loop cost ~1 s/step on 2 shared CPU cores)
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    start_step, elapsed_before = _restore(opt, rng, resumed)
+    start_step, elapsed_before = _restore(opt, rng, resumed, device)
     log.info(
         "train_started",
         product_line=cfg.product_line,
@@ -398,8 +467,17 @@ def train(cfg: TrainConfig) -> Path:
             "model_config": model.config.model_dump(mode="json"),
             "teacher": teacher_info.model_dump(mode="json"),
             "elapsed_s": elapsed_before + time.monotonic() - t_loop,
+            "n_validation": len(data.val_images),
         }
-        save_checkpoint(ckpt_dir, fingerprint, model.state_dict(), opt.state_dict(), torch.get_rng_state(), meta)
+        save_checkpoint(
+            ckpt_dir,
+            fingerprint,
+            model.state_dict(),
+            opt.state_dict(),
+            torch.get_rng_state(),
+            meta,
+            cuda_rng=_cuda_rng_states(device),
+        )
 
     losses = _run_steps(cfg, model, opt, data.train_images, penalty, rng, autocast, start_step, checkpoint)
     train_s = elapsed_before + time.monotonic() - t_loop

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
+from models.artifact import TrainingSummary
 from models.calibration import (
     CalibrationError,
     calibrate,
@@ -17,7 +18,8 @@ from models.calibration import (
     score_images,
     select_images,
 )
-from models.data import scan_dataset
+from models.data import DatasetIndex, dataset_fingerprint, scan_dataset
+from models.train import split_validation
 
 
 def test_quantile_flags_at_most_the_target_share_of_normals() -> None:
@@ -135,3 +137,54 @@ def test_calibrate_end_to_end_with_both_methods(dataset: Path) -> None:
     assert quantile.fpr == pytest.approx(0.2) and quantile.recall == 1.0
     f1 = calibrate(_MeanScorer(), index, "f1")
     assert 0.32 < f1.threshold <= 0.50 and f1.fpr == 0.0 and f1.recall == 1.0
+
+
+def _holdout_card(index: DatasetIndex, seed: int, **overrides: object) -> TrainingSummary:
+    """The training summary a holdout run over ``index`` writes into its card."""
+    train_paths, val_paths, source = split_validation(index, seed)
+    fields = {
+        "data_root": str(index.root), "data_sha256": dataset_fingerprint(index.train_good, root=index.root),
+        "n_train": len(train_paths), "n_validation": len(val_paths), "validation_source": source, "steps": 1,
+        "batch_size": 1, "seed": seed, "duration_s": 1.0, "device": "cpu", "precision": "fp32", "penalty_source": "none",
+    }  # fmt: skip
+    return TrainingSummary.model_validate(fields | overrides)
+
+
+@pytest.fixture
+def holdout_dataset(tmp_path: Path) -> Path:
+    _write_images(tmp_path / "train" / "good", 20, 10)  # scores 0.10 .. 0.29, no validation/good
+    _write_images(tmp_path / "test" / "crack", 2, 50)
+    return tmp_path
+
+
+def test_quantile_without_validation_uses_the_images_the_model_held_out(holdout_dataset: Path) -> None:
+    index = scan_dataset(holdout_dataset)
+    card = _holdout_card(index, seed=5)
+    _, expected, _ = split_validation(index, 5)
+    chosen = select_images(index, "quantile", training=card)
+    assert chosen.normal_source == "train_holdout" and chosen.normals == expected and len(expected) == 5
+    assert not chosen.optimistic and chosen.notes == () and len(chosen.defects) == 2
+    result = calibrate(_MeanScorer(), index, "quantile", target_fpr=0.2, training=card)
+    assert result.normal_source == "train_holdout" and result.n_normal == 5
+    assert not any("has seen" in w for w in result.warnings)
+    assert "on 5 held-out train/good normals" in result.summary()
+    # without the card (or with a card that trained on validation/good): all of train/good, as before
+    assert select_images(index, "quantile").normal_source == "train"
+    own_validation = card.model_copy(update={"validation_source": "validation_good", "n_train": 20})
+    plain = select_images(index, "quantile", training=own_validation)
+    assert plain.normal_source == "train" and plain.notes == ()
+
+
+def test_quantile_falls_back_to_train_good_when_the_holdout_cannot_be_rebuilt(holdout_dataset: Path) -> None:
+    index = scan_dataset(holdout_dataset)
+    card = _holdout_card(index, seed=5)
+    cv2.imwrite(str(holdout_dataset / "train" / "good" / "007.png"), np.full((8, 8, 3), 200, np.uint8))
+    changed = select_images(scan_dataset(holdout_dataset), "quantile", training=card)
+    assert changed.normal_source == "train" and len(changed.normals) == 20
+    assert len(changed.notes) == 1 and "sha256" in changed.notes[0]
+    _write_images(holdout_dataset / "extra", 1, 0)
+    (holdout_dataset / "extra" / "000.png").rename(holdout_dataset / "train" / "good" / "new.png")
+    grown = calibrate(_MeanScorer(), scan_dataset(holdout_dataset), "quantile", training=card)
+    assert grown.normal_source == "train" and grown.n_normal == 21
+    assert "cannot be rebuilt: train/good holds 21 images, the model's training listing had 20" in grown.warnings[0]
+    assert any("has seen" in w for w in grown.warnings)

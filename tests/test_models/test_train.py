@@ -8,12 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from structlog.testing import capture_logs
 
 from models import data as dataset
 from models.artifact import load_artifact
 from models.detector import Detector
 from models.metrics import image_auroc
-from models.normalization import default_threshold, score_stats
+from models.normalization import default_threshold, score_stats, small_sample_margin
 from models.synthetic import build_product_line
 from models.train import TrainConfig, train
 from worker.cli import main as cli_main
@@ -35,7 +36,10 @@ def _cfg(line_dir: Path, out: Path, **kw: object) -> TrainConfig:
 
 def test_short_training_detects_drawn_defects(line_dir: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    out = train(_cfg(line_dir, tmp_path, variant="space", steps=8, model_version="v1"))
+    with capture_logs() as logs:
+        out = train(_cfg(line_dir, tmp_path, variant="space", steps=8, model_version="v1"))
+    few = [e for e in logs if e["event"] == "few_validation_images"]
+    assert len(few) == 1 and few[0]["log_level"] == "warning" and few[0]["n_validation"] == 4
     assert out == tmp_path / LINE / "v1"
     det = Detector.load(out, device="cpu", precision="bf16")
     index = dataset.scan_dataset(line_dir)
@@ -46,7 +50,8 @@ def test_short_training_detects_drawn_defects(line_dir: Path, tmp_path: Path) ->
     assert card.training.steps == 8 and card.training.n_validation == 4
     assert card.training.validation_source == "validation_good"
     assert len(card.training.data_sha256) == 64
-    assert card.default_threshold >= card.validation_scores.q99
+    assert card.default_threshold == pytest.approx(default_threshold(card.validation_scores))
+    assert card.default_threshold >= card.validation_scores.max + small_sample_margin(4)
     assert card.quantiles.qb_st > card.quantiles.qa_st
     assert not (tmp_path / LINE / ".checkpoint").exists()
 
@@ -64,9 +69,15 @@ def test_cli_trains_efficientad_with_holdout_validation(line_dir: Path, tmp_path
     out = Path(capsys.readouterr().out.strip().splitlines()[-1])  # logs may precede it
     card, state = load_artifact(out)
     assert card.variant == "efficientad" and not card.config.use_scl and not card.config.use_fe
-    assert card.training.validation_source == "train_holdout" and card.training.n_validation == 1
-    assert card.training.n_train == 11
+    assert card.training.validation_source == "train_holdout" and card.training.n_validation == 3
+    assert card.training.n_train == 9  # 12 images: 3 held out (10 % would be 1)
     assert not any(k.startswith("student.fm") for k in state)
+    # space calibrate without validation/good scores the 3 held-out images, not the 9 the model trained on
+    assert cli_main(["calibrate", "--model", str(out), "--data", str(data), "--json", "--precision", "fp32"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(printed[printed.index("{\n") :])
+    assert result["normal_source"] == "train_holdout" and result["n_normal"] == 3
+    assert not any("has seen" in w for w in result["warnings"])
 
 
 def test_cli_operator_errors_are_one_line(tmp_path: Path, capsys) -> None:
@@ -109,11 +120,31 @@ def test_resume_after_interruption_gives_identical_weights(
         assert torch.equal(a[key], b[key]), key
 
 
-def test_default_threshold_is_above_the_normal_scores() -> None:
-    stats = score_stats(np.array([0.1, 0.12, 0.11, 0.3], dtype=np.float32))
+def test_default_threshold_is_q99_plus_a_quarter_of_the_spread_with_50_or_more_images() -> None:
+    scores = np.random.default_rng(0).normal(0.12, 0.05, 60)
+    stats = score_stats(scores)
     thr = default_threshold(stats)
-    assert thr > stats.q99 and thr > stats.q50
+    assert thr > stats.max
     assert thr == pytest.approx(stats.q99 + 0.25 * (stats.q99 - stats.q50))
+
+
+def test_default_threshold_with_few_images_keeps_a_margin_above_their_maximum() -> None:
+    one = score_stats(np.array([0.2]))
+    assert default_threshold(one) == pytest.approx(0.2 + 0.05 * np.log(50))  # q99 = q50 = max: no spread
+    four = score_stats(np.array([0.1, 0.12, 0.11, 0.3], dtype=np.float32))
+    assert default_threshold(four) == pytest.approx(0.3 + 0.05 * np.log(50 / 4))
+    margins = [small_sample_margin(n) for n in (1, 2, 5, 10, 20, 49, 50, 500)]
+    assert margins == sorted(margins, reverse=True) and margins[-2:] == [0.0, 0.0] and margins[-3] < 2e-3
+
+
+def test_default_threshold_flags_few_new_normals_whatever_the_validation_count() -> None:
+    # Normal image scores of a trained model spread like a Gumbel law of scale 0.04-0.05 (normalised map
+    # unit; docs/model.md). Before the floor, one validation image flagged half of the new normals.
+    rng = np.random.default_rng(0)
+    normals = rng.gumbel(0.15, 0.05, 20_000)
+    for n in (1, 2, 5, 10):
+        fpr = np.mean([(normals >= default_threshold(score_stats(rng.choice(normals, n)))).mean() for _ in range(300)])
+        assert fpr <= 0.03, (n, fpr)
 
 
 @pytest.mark.parametrize("source", ["imported", "distilled", "offline:random-pdn"])

@@ -1,7 +1,8 @@
 """``space calibrate --model DIR --data DIR``: choose a product line's threshold from data, optionally write it.
 
-Scores the dataset with the artifact (:mod:`models.calibration`: ``quantile`` on validation normals at
-a target false-positive rate, or ``f1`` on the labelled ``test/`` set), prints the threshold with the
+Scores the dataset with the artifact (:mod:`models.calibration`: ``quantile`` on validation normals
+(without ``validation/good``, the ``train/good`` images the model held out, rebuilt from its card) at a
+target false-positive rate, or ``f1`` on the labelled ``test/`` set), prints the threshold with the
 false-positive rate and recall it gives on that data, and with ``--write`` stores it in Redis through
 :class:`worker.thresholds.ThresholdStore` for the card's product line and version, so workers apply
 it only to scores of that model version.
@@ -78,7 +79,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         index = scan_dataset(args.data, check_readable=False, require_train=False)
         detector = Detector.load(args.model, device=args.device, precision=args.precision)
-        result = calibrate(detector, index, args.method, target_fpr=args.target_fpr, batch_size=args.batch_size)
+        result = calibrate(
+            detector,
+            index,
+            args.method,
+            target_fpr=args.target_fpr,
+            batch_size=args.batch_size,
+            training=detector.card.training,  # without validation/good: the images training held out
+        )
     except (DatasetError, ArtifactError, DetectorError, CalibrationError) as exc:
         raise SpaceError(str(exc)) from exc
     card = detector.card
