@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
@@ -149,3 +151,53 @@ def test_branches_bench_refuses_a_machine_without_cuda_with_a_clear_message() ->
     )
     assert done.returncode != 0
     assert "bench/branches.py needs a CUDA device" in done.stderr
+
+
+def test_geometry_probes_reproduce_the_documented_misalignments(tmp_path: Path) -> None:
+    """docs/model.md, "Known limitations (geometry)": FE resize 3.5 -> 4.40, 12.0 -> 11.92, 20.5 -> 19.45 at
+    128 px (PDN teacher), the avg-pool fix on the true cells, and the map's +1.5 px down-right offset."""
+    out = tmp_path / "geometry.json"
+    done = subprocess.run(
+        [sys.executable, "bench/geometry.py", "--teacher", "pdn", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert re.search(r"pdn +30 +3\.50 +3\.49 +4\.40 ", done.stdout), done.stdout
+    result = json.loads(out.read_text())
+    fe = result["fe"]["pdn"]
+    assert [row["pixel"] for row in fe] == [30, 64, 98]
+    assert [round(row["fe"], 2) for row in fe] == [4.40, 11.92, 19.45]
+    for row in fe:
+        assert abs(row["aligned"] - row["true_cell"]) < 0.05 and abs(row["trunk"] - row["true_cell"]) < 0.05
+    assert result["map"]["impulse_offset_px"] == pytest.approx(1.5, abs=1e-4)
+    inner = [v for r in result["map"]["one_pixel"]["pdn"] if not r["border"] for v in (r["dy"], r["dx"])]
+    assert inner and all(1.0 < v < 2.5 for v in inner), inner
+
+
+def test_threshold_bench_synthetic_new_rule_beats_the_old_one_at_few_images(tmp_path: Path) -> None:
+    out = tmp_path / "threshold.json"
+    done = subprocess.run(
+        [sys.executable, "bench/threshold.py", "--draws", "50", "--n", "1,10", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert re.search(r"^  1 \| 0\.\d{3} -> 0\.\d{3} \(\+0\.196\)", done.stdout, flags=re.MULTILINE), done.stdout
+    fpr = json.loads(out.read_text())["synthetic"]["fpr"]
+    assert fpr["1"]["old"] > 0.3 and fpr["1"]["new"] < 0.05 < fpr["1"]["old"]
+    assert fpr["10"]["new"] <= fpr["10"]["old"]
+
+
+def test_threshold_bench_recomputes_quantiles_and_scores_from_each_draw() -> None:
+    """The trained-population protocol on a made-up pool of maps (no training): rates are fractions of the
+    other images, the new rule never flags more than the old one, and the margin shrinks with n."""
+    import numpy as np
+
+    from bench.threshold import maps_fpr
+
+    rng = np.random.default_rng(0)
+    st, ae = rng.exponential(1.0, (12, 8, 8)), rng.exponential(2.0, (12, 8, 8))
+    res = maps_fpr(st, ae, [1, 4], draws=20, seed=0)
+    for r in res.values():
+        assert 0.0 <= r["new"] <= r["old"] <= 1.0
+    assert res[1]["margin"] == pytest.approx(0.05 * np.log(50))
+    assert res[4]["margin"] < res[1]["margin"]
