@@ -18,8 +18,25 @@ import pytest
 # Keep torch and OpenCV from fighting over the two cores of CI machines.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+import structlog
+
+import worker.logging
 from worker.settings import Settings, load_settings
 from worker.stack import Stack
+
+
+@pytest.fixture(autouse=True)
+def _restore_structlog() -> Iterator[None]:
+    """Undo a test's logging set-up, so tests do not depend on their order.
+
+    A CLI command run in-process configures logging once per process (``space calibrate`` at WARNING):
+    every later test's ``capture_logs`` would then miss info events.
+    """
+    config = structlog.get_config()
+    configured = worker.logging._configured
+    yield
+    structlog.configure(**config)
+    worker.logging._configured = configured
 
 
 @dataclass(frozen=True)
