@@ -142,13 +142,13 @@ class HeatmapRef(WireModel):
 class Timings(WireModel):
     """Where the time went, in milliseconds."""
 
-    queue_ms: Milliseconds = Field(description="Record timestamp (or receipt) to batch start.")
+    queue_ms: Milliseconds = Field(description="Wait in the batcher: decoded image handed over to its batch forming.")
     decode_ms: Milliseconds = Field(description="Fetch (claim check) and decode.")
     infer_ms: Milliseconds = Field(description="Model time of the batch this image was in.")
     publish_ms: Milliseconds | None = Field(
         default=None, description="Heatmap store and threshold lookup, when measured before publishing."
     )
-    total_ms: Milliseconds = Field(description="Record timestamp (or receipt) to result produced.")
+    total_ms: Milliseconds = Field(description="Poll that returned the record to result produced.")
 
 
 class SourceRecord(WireModel):
@@ -176,7 +176,7 @@ class InspectionResult(WireModel):
     normalized_score: float = Field(ge=0, le=1, description="clip(0.5 * score / threshold, 0, 1).")
     threshold: ThresholdInfo
     verdict: Verdict
-    late: bool = Field(default=False, description="Produced after the request's deadline.")
+    late: bool = Field(default=False, description="The deadline had passed when the image's batch went to the model.")
     heatmap: HeatmapRef | None = None
     heatmap_error: Annotated[str, StringConstraints(max_length=MAX_HEATMAP_ERROR_CHARS)] | None = Field(
         default=None, description="Why no heatmap was stored, when storing it failed."

@@ -4,8 +4,8 @@
 loop or a wedged inference thread), so Kubernetes restarts the pod. A loop that is waiting on
 something a restart would not fix (a slow model registry, a long model load) says so with
 :meth:`Heartbeats.waiting`: it is listed under ``waiting`` and never stale meanwhile. ``/readyz`` is
-true once a model is warm and partitions are assigned (or the worker waits for an assignment with a
-warm model).
+true once the preloaded models are warm and the worker has joined its consumer group (with or without
+partitions), until it begins to stop.
 """
 
 from __future__ import annotations
