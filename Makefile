@@ -44,5 +44,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format worker models schemas tests bench
 	$(VENV)/bin/ruff check --fix worker models schemas tests bench
 
+# Stop an embedded stack first: once .space is gone, nothing records the broker's and Redis' pids.
 clean:
+	-test -x $(PY) && $(PY) -m worker stack down
 	rm -rf .space .pytest_cache .mypy_cache .ruff_cache
