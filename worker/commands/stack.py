@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 NAME = "stack"
 HELP = "Start, inspect or stop the embedded Kafka-protocol broker (Tansu) and Redis."
@@ -26,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
 
     from worker.logging import configure_logging
     from worker.settings import load_settings
-    from worker.stack import Stack
+    from worker.stack import SERVICES, Stack, StackError
 
     settings = load_settings()
     configure_logging(settings.log.level, settings.log.format)
@@ -38,6 +39,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"{key}={value}")
         return 0
     if args.action == "env":
+        # Meant for `export $(space stack env)`: stdout holds env lines only, and only for a usable
+        # stack; anything else is an error on stderr with a non-zero exit.
+        if not stack.status():
+            raise StackError(f"the stack in {state_dir} is not running: `space stack up` starts it")
+        problems = stack.problems()
+        if problems:
+            raise StackError(f"the stack in {state_dir} is not healthy ({'; '.join(problems)}): `space stack up`")
         for key, value in stack.env().items():
             print(f"{key}={value}")
         return 0
@@ -54,7 +62,13 @@ def run(args: argparse.Namespace) -> int:
                 f"{name:6} {svc.address:22} {'up' if ok else 'DOWN':5} {owner}"
                 + (f"  log {svc.log_file}" if svc.log_file else "")
             )
+        for name in SERVICES:
+            if name not in services:
+                all_ok = False
+                print(f"{name:6} {'-':22} {'MISSING':5} (space stack up starts it)")
         return 0 if all_ok else 1
-    stopped = stack.down()
+    stopped, skipped = stack.down_report()
     print("stopped: " + (", ".join(stopped) if stopped else "nothing (no service was started by this stack)"))
+    for line in skipped:
+        print(f"space: warning: {line}", file=sys.stderr)
     return 0
