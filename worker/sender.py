@@ -8,6 +8,8 @@ under a ``file://`` root. ``--rate`` paces the stream with a monotonic schedule 
 from __future__ import annotations
 
 import hashlib
+import math
+import re
 import shutil
 import time
 import uuid
@@ -17,11 +19,79 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
+from schemas._wire import MAX_ID_CHARS, PRODUCT_LINE_PATTERN, Identifier, ProductLine
 from schemas.request import ClaimCheck, InspectionRequest, build_claim_check_value, build_request_headers
 from worker.errors import SpaceError
 
 CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".bmp": "image/bmp",
                  ".tif": "image/tiff", ".tiff": "image/tiff"}  # fmt: skip
+
+
+#: Kafka's rule for topic names (``.`` and ``..`` are reserved as well).
+TOPIC_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+#: Room left in ``max_request_size`` for the CloudEvents headers, the key and the record batch framing.
+RECORD_HEADROOM_BYTES = 8 * 1024
+#: The latest ``ce_deadline`` a request can carry (9999-12-31T23:59:59Z).
+_MAX_EPOCH_S = 253_402_300_799
+
+_PRODUCT_LINE = TypeAdapter(ProductLine)
+_IDENTIFIER = TypeAdapter(Identifier)
+
+
+def check_send_options(
+    *,
+    product_line: str,
+    camera_id: str,
+    topic: str,
+    limit: int | None = None,
+    repeat: int = 1,
+    rate_hz: float | None = None,
+    deadline_ms: float | None = None,
+) -> None:
+    """Raise :class:`SpaceError` (one line) for ``space send`` options that cannot work.
+
+    Product line and camera follow the request schema (``ce_productline``, ``ce_cameraid``), the topic
+    Kafka's naming rule; counts, rate and deadline must be usable numbers.
+    """
+    try:
+        _PRODUCT_LINE.validate_python(product_line)
+    except ValidationError:
+        raise SpaceError(
+            f"--product-line must match {PRODUCT_LINE_PATTERN} (letters, digits, '.', '_', '-'), got {product_line!r}"
+        ) from None
+    try:
+        _IDENTIFIER.validate_python(camera_id)
+    except ValidationError:
+        raise SpaceError(
+            f"--camera must be 1-{MAX_ID_CHARS} characters without control characters, got {camera_id!r}"
+        ) from None
+    if not TOPIC_NAME_RE.match(topic) or topic in (".", ".."):
+        raise SpaceError(f"the topic must be 1-249 characters of letters, digits, '.', '_', '-', got {topic!r}")
+    if repeat < 1:
+        raise SpaceError("--repeat must be >= 1")
+    if limit is not None and limit < 0:
+        raise SpaceError(f"--limit must be >= 0, got {limit}")
+    if rate_hz is not None and not (math.isfinite(rate_hz) and rate_hz > 0):
+        raise SpaceError(f"--rate must be a number > 0 (images per second), got {rate_hz:g}")
+    if deadline_ms is not None and not (
+        math.isfinite(deadline_ms) and deadline_ms >= 0 and time.time() + deadline_ms / 1000 < _MAX_EPOCH_S
+    ):
+        raise SpaceError(f"--deadline-ms must be >= 0 and end before the year 10000, got {deadline_ms:g}")
+
+
+def check_inline_sizes(files: Iterable[Path], max_request_size: int) -> None:
+    """Raise :class:`SpaceError` naming the first file too large to send inline (before anything is sent)."""
+    limit = max_request_size - RECORD_HEADROOM_BYTES
+    for path in dict.fromkeys(files):
+        size = path.stat().st_size
+        if size > limit:
+            raise SpaceError(
+                f"{path} is {size} bytes, more than an inline request can carry ({limit} bytes: "
+                f"SPACE_KAFKA__MAX_REQUEST_SIZE={max_request_size} less {RECORD_HEADROOM_BYTES} for headers); "
+                "send it with --claim-check s3://bucket/prefix or file:///dir"
+            )
 
 
 @dataclass(frozen=True)
@@ -131,9 +201,25 @@ def send_images(
     rate_hz: float | None = None,
     uploader: ClaimCheckUploader | None = None,
     deadline_ms: float | None = None,
+    on_sent: Callable[[SentRequest], None] | None = None,
 ) -> list[SentRequest]:
-    """Publish one request per file and wait for every acknowledgement."""
-    pending = []
+    """Publish one request per file and wait for every acknowledgement.
+
+    ``on_sent`` is called for each request as soon as it (and every request before it) is
+    acknowledged, in sending order, so a failure part way still reports what went out.
+    """
+    pending: list[tuple[str, Path, Any]] = []
+    sent: list[SentRequest] = []
+
+    def acknowledge(*, wait: bool) -> None:
+        while pending and (wait or pending[0][2].is_done):
+            message_id, path, future = pending.pop(0)
+            meta = future.get(timeout=30)
+            item = SentRequest(message_id, path, camera_id, meta.partition, meta.offset)
+            sent.append(item)
+            if on_sent is not None:
+                on_sent(item)
+
     for path in paced(files, rate_hz):
         data = path.read_bytes()
         message_id = str(uuid.uuid4())
@@ -147,9 +233,7 @@ def send_images(
         )  # fmt: skip
         future = producer.send(topic, key=camera_id.encode(), value=value, headers=build_request_headers(request))
         pending.append((message_id, path, future))
+        acknowledge(wait=False)
     producer.flush()
-    sent = []
-    for message_id, path, future in pending:
-        meta = future.get(timeout=30)
-        sent.append(SentRequest(message_id, path, camera_id, meta.partition, meta.offset))
+    acknowledge(wait=True)
     return sent

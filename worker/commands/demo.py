@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 NAME = "demo"
@@ -45,7 +46,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the demo; exit 0 when every image got an answer, 1 otherwise."""
+    """Run the demo; exit 0 when every image got a result, none was dead-lettered and the worker exited 0."""
     from worker.demo.run import DemoConfig, run_demo
     from worker.logging import configure_logging
     from worker.settings import load_settings
@@ -66,4 +67,7 @@ def run(args: argparse.Namespace) -> int:
         progress=args.progress,
     )
     result = run_demo(cfg)
-    return 0 if result.metrics["unanswered"] == 0 else 1
+    if result.ok:
+        return 0
+    print(f"space: demo failed: {'; '.join(result.problems)}", file=sys.stderr)
+    return 1

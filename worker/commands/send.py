@@ -24,33 +24,59 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Send and print one line per image (message id, partition, offset)."""
+    """Send and print one line per image as it is acknowledged (message id, partition, offset, path)."""
     import itertools
     from pathlib import Path
+
+    from kafka.errors import KafkaError
 
     from worker.errors import SpaceError
     from worker.kafka_clients import make_producer
     from worker.logging import configure_logging
     from worker.s3 import make_s3_client
-    from worker.sender import ClaimCheckUploader, image_files, send_images
-    from worker.settings import load_settings
+    from worker.sender import (
+        ClaimCheckUploader,
+        SentRequest,
+        check_inline_sizes,
+        check_send_options,
+        image_files,
+        send_images,
+    )
+    from worker.settings import load_settings, redact_url
 
     settings = load_settings()
     configure_logging(settings.log.level, settings.log.format)
-    if args.repeat < 1:
-        raise SpaceError("--repeat must be >= 1")
+    topic = args.topic if args.topic is not None else settings.kafka.requests_topic
+    check_send_options(
+        product_line=args.product_line, camera_id=args.camera, topic=topic, limit=args.limit, repeat=args.repeat,
+        rate_hz=args.rate, deadline_ms=args.deadline_ms,
+    )  # fmt: skip
     files = image_files(Path(args.dir)) * args.repeat
     if args.limit is not None:
         files = list(itertools.islice(files, args.limit))
     uploader = ClaimCheckUploader(args.claim_check, lambda: make_s3_client(settings.s3)) if args.claim_check else None
-    producer = make_producer(settings.kafka, client_id="space-send")
+    if uploader is None:
+        check_inline_sizes(files, settings.kafka.max_request_size)
+
+    def report(s: SentRequest) -> None:
+        print(f"{s.message_id}\t{s.partition}\t{s.offset}\t{s.path}", flush=True)
+
+    servers = ",".join(redact_url(s) for s in settings.kafka.bootstrap_servers.split(","))
     try:
-        sent = send_images(
-            producer, args.topic or settings.kafka.requests_topic, files, product_line=args.product_line,
-            camera_id=args.camera, rate_hz=args.rate, uploader=uploader, deadline_ms=args.deadline_ms,
-        )  # fmt: skip
-    finally:
-        producer.close(timeout=10)
-    for s in sent:
-        print(f"{s.message_id}\t{s.partition}\t{s.offset}\t{s.path}")
+        producer = make_producer(settings.kafka, client_id="space-send")
+        try:
+            send_images(
+                producer, topic, files, product_line=args.product_line, camera_id=args.camera, rate_hz=args.rate,
+                uploader=uploader, deadline_ms=args.deadline_ms, on_sent=report,
+            )  # fmt: skip
+        finally:
+            producer.close(timeout=10)
+    except KafkaError as exc:
+        name = type(exc).__name__
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        while detail.startswith(f"{name}: "):  # kafka-python repeats the class name in the message
+            detail = detail.removeprefix(f"{name}: ")
+        raise SpaceError(
+            f"sending to Kafka at {servers} (topic {topic}) failed: {name}" + (f": {detail}" if detail else "")
+        ) from None
     return 0

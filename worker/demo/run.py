@@ -15,8 +15,15 @@ Steps, each timed:
    results (and dead letters) back live and draw a table per line;
 6. stop the worker (SIGTERM: drain and commit), print the summary, write the report folder.
 
-The stack is stopped at the end, on errors and on Ctrl-C or SIGTERM, unless ``keep_stack`` is set.
-A stack kept by an earlier run in the same folder is replaced, so every run starts with empty topics.
+The stack and the worker are stopped at the end, on errors and on Ctrl-C, SIGTERM or SIGHUP (terminal
+closed), unless ``keep_stack`` is set (the worker is stopped even then). The worker's pid is kept in
+``<out>/worker.pid``: a worker an earlier run left behind (the demo was SIGKILLed) is stopped at the
+start of the next run. A stack kept by an earlier run in the same folder is replaced, so every run
+starts with empty topics.
+
+The run fails (:attr:`DemoResult.ok` false, ``space demo`` exits 1) when an image got no result, when
+one was dead-lettered (the demo only sends valid images, so a dead letter is a fault) or when the
+worker did not exit cleanly.
 """
 
 from __future__ import annotations
@@ -127,6 +134,29 @@ class DemoResult:
     summary: str
     stats: dict[str, LineStats] = field(repr=False)
 
+    @property
+    def problems(self) -> list[str]:
+        """Why the run failed (empty when it succeeded): unanswered images, dead letters, a worker exit code."""
+        return demo_problems(self.metrics)
+
+    @property
+    def ok(self) -> bool:
+        """Every image got a result, none was dead-lettered and the worker exited with code 0."""
+        return not self.problems
+
+
+def demo_problems(metrics: dict[str, Any]) -> list[str]:
+    """The reasons a run with these metrics failed; the demo sends only valid images, so any dead letter is one."""
+    problems = []
+    if metrics.get("unanswered"):
+        problems.append(f"{metrics['unanswered']} images got no result")
+    if metrics.get("dead_letters"):
+        problems.append(f"{len(metrics['dead_letters'])} images were dead-lettered")
+    code = metrics.get("worker_exit_code")
+    if code != 0:
+        problems.append(f"the worker exited with code {code}")
+    return problems
+
 
 @dataclass(frozen=True)
 class _Trained:
@@ -145,9 +175,13 @@ def _say(stream: TextIO, text: str) -> None:
     stream.flush()
 
 
+#: Signals that stop the demo like Ctrl-C: ``kill`` and a closed terminal or dropped ssh session.
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGHUP)
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt (like Ctrl-C) so ``finally`` blocks stop what we started."""
+    """Turn SIGTERM and SIGHUP into KeyboardInterrupt (like Ctrl-C) so ``finally`` blocks stop what we started."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -155,11 +189,12 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     def handle(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    previous = signal.signal(signal.SIGTERM, handle)
+    previous = {sig: signal.signal(sig, handle) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _line_rng(seed: int, purpose: int, index: int) -> np.random.Generator:
@@ -352,6 +387,41 @@ class _WorkerProcess:
         return self.proc.returncode
 
 
+def _is_demo_worker(pid: int) -> bool:
+    """Whether ``pid`` runs ``python -m worker serve`` (a pid file may name a reused pid)."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"worker" in args and b"serve" in args
+
+
+def _stop_leftover_worker(pid_file: Path, timeout_s: float = WORKER_STOP_TIMEOUT_S) -> int | None:
+    """Stop the worker an earlier run recorded in ``pid_file`` if it still runs; returns its pid if it did.
+
+    The pid is only signalled when it still runs ``worker serve``, so a reused pid is left alone.
+    """
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        pid_file.unlink(missing_ok=True)
+        return None
+    stopped = None
+    if pid > 0 and _is_demo_worker(pid):
+        stopped = pid
+        log.warning("demo_stopping_leftover_worker", pid=pid, pid_file=str(pid_file))
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while _is_demo_worker(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _is_demo_worker(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    pid_file.unlink(missing_ok=True)
+    return stopped
+
+
 def _start_worker(env_overrides: dict[str, str], log_file: Path) -> _WorkerProcess:
     from worker.stack import free_port
 
@@ -444,8 +514,13 @@ def _collect(
     total: int,
     dlq_topic: str,
     drain_timeout_s: float,
+    worker: _WorkerProcess | None = None,
 ) -> tuple[list[Received], list[dict[str, Any]]]:
-    """Read results and dead letters until every sent image is answered (or the drain times out)."""
+    """Read results and dead letters until every sent image is answered (or the drain times out).
+
+    Raises:
+        DemoError: Sending failed, or the worker exited (nothing more can come back).
+    """
     from schemas.result import InspectionResult
 
     received: list[Received] = []
@@ -456,6 +531,11 @@ def _collect(
     while True:
         if sender.error is not None:
             raise DemoError(f"sending failed: {sender.error!r}")
+        if worker is not None and worker.proc.poll() is not None:
+            raise DemoError(
+                f"the worker exited with code {worker.proc.returncode} while images were streaming "
+                f"({len(answered)} of {total} answered; log {worker.log_file}):\n{worker.tail()}"
+            )
         batches = consumer.poll(timeout_ms=100)
         now = time.monotonic()
         sent = sender.snapshot()
@@ -571,8 +651,12 @@ def run_demo(cfg: DemoConfig, *, out: TextIO | None = None, clock: Callable[[], 
             shutil.rmtree(dirs[name])
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
+    pid_file = root / "worker.pid"
+    leftover = _stop_leftover_worker(pid_file)
+    if leftover is not None:
+        _say(stream, f"stopped worker {leftover} left running by an earlier run ({pid_file})")
 
-    from worker.settings import load_settings
+    from worker.settings import load_settings, redact_url
     from worker.stack import Stack
 
     base = load_settings()
@@ -589,7 +673,7 @@ def run_demo(cfg: DemoConfig, *, out: TextIO | None = None, clock: Callable[[], 
             env = stack.env()
             _say(
                 stream,
-                f"stack up: kafka {env['SPACE_KAFKA__BOOTSTRAP_SERVERS']}, redis {env['SPACE_REDIS__URL']} "
+                f"stack up: kafka {env['SPACE_KAFKA__BOOTSTRAP_SERVERS']}, redis {redact_url(env['SPACE_REDIS__URL'])} "
                 f"(state {dirs['stack']})",
             )
             settings = load_settings(
@@ -642,6 +726,7 @@ def run_demo(cfg: DemoConfig, *, out: TextIO | None = None, clock: Callable[[], 
             }
             _say(stream, "starting the worker: space serve (log: " + str(root / "worker.log") + ")")
             worker = _start_worker(worker_env, root / "worker.log")
+            pid_file.write_text(f"{worker.proc.pid}\n")
             worker.wait_ready(WORKER_READY_TIMEOUT_S)
             timings["worker_ready"] = clock() - t
             _say(stream, f"worker ready in {timings['worker_ready']:.1f} s (http://127.0.0.1:{worker.port}/metrics)")
@@ -679,6 +764,7 @@ def run_demo(cfg: DemoConfig, *, out: TextIO | None = None, clock: Callable[[], 
                     total=n_total,
                     dlq_topic=k.dlq_topic,
                     drain_timeout_s=cfg.drain_timeout_s,
+                    worker=worker,
                 )
             finally:
                 sender.stop_event.set()
@@ -688,6 +774,7 @@ def run_demo(cfg: DemoConfig, *, out: TextIO | None = None, clock: Callable[[], 
             timings["stream"] = clock() - t
             code = worker.stop()
             worker = None
+            pid_file.unlink(missing_ok=True)
             if code != 0:
                 _say(stream, f"warning: the worker exited with code {code} (log {root / 'worker.log'})")
 
@@ -701,6 +788,12 @@ def run_demo(cfg: DemoConfig, *, out: TextIO | None = None, clock: Callable[[], 
             _say(stream, "\n" + summary)
             if missing:
                 _say(stream, f"warning: {missing} images got no result within {cfg.drain_timeout_s:.0f} s")
+            if dead:
+                reasons = sorted({str(d["reason"]) for d in dead})
+                _say(
+                    stream,
+                    f"warning: {len(dead)} images were dead-lettered ({', '.join(reasons)}; log {root / 'worker.log'})",
+                )
             results_by_line = {line: stats[line].results for line in cfg.lines}
             index = write_report(dirs["report"], results_by_line, metrics, samples_per_line=cfg.samples_per_line)
             _say(stream, f"\ndemo finished in {clock() - t_start:.0f} s; report: {index}")
@@ -708,10 +801,12 @@ def run_demo(cfg: DemoConfig, *, out: TextIO | None = None, clock: Callable[[], 
         finally:
             if worker is not None:
                 worker.stop(timeout_s=15)
+                pid_file.unlink(missing_ok=True)
             if cfg.keep_stack and env:
                 _say(stream, "stack kept running; use it with:")
                 for key, value in {**env, "SPACE_REDIS__KEY_PREFIX": key_prefix}.items():
-                    _say(stream, f"  export {key}={value}")
+                    shown = redact_url(value) if key == "SPACE_REDIS__URL" else value
+                    _say(stream, f"  export {key}={shown}")
                 _say(stream, f"stop it with: space stack --state-dir {dirs['stack']} down")
             else:
                 _cleanup_redis(env, key_prefix)
