@@ -24,6 +24,7 @@ import math
 import os
 import re
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -383,13 +384,23 @@ class S3HeatmapStore:
 
 
 class RetryingHeatmapStore:
-    """Retries another store with exponential backoff (``backoff_ms``, doubled after each failure).
+    """Retries another store with exponential backoff (``backoff_ms``, doubled after each failure),
+    behind a circuit breaker.
+
+    After ``breaker_failures`` puts in a row failed (each after its retries), the store is not asked
+    for ``breaker_cooldown_s``: puts fail at once, so results go out with ``heatmap_error`` at full
+    speed instead of each batch waiting out every retry and timeout of a dead object store (up to
+    minutes per batch with S3's connect timeouts). After the cooldown one put is let through; its
+    success closes the breaker, its failure opens it again.
 
     Args:
         inner: the store to call.
         retries: attempts after the first failure (0 = no retry).
         backoff_ms: wait before the first retry.
         sleep: ``time.sleep`` (injected in tests).
+        breaker_failures: failed puts in a row that open the breaker (0 = never open).
+        breaker_cooldown_s: how long an open breaker refuses puts.
+        clock: monotonic seconds (injected in tests).
     """
 
     def __init__(
@@ -398,17 +409,79 @@ class RetryingHeatmapStore:
         retries: int,
         backoff_ms: float,
         sleep: Callable[[float], None] = time.sleep,
+        *,
+        breaker_failures: int = 0,
+        breaker_cooldown_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Keep the policy."""
-        if retries < 0 or backoff_ms < 0:
-            raise ValueError("retries and backoff_ms must be >= 0")
+        if retries < 0 or backoff_ms < 0 or breaker_failures < 0 or breaker_cooldown_s < 0:
+            raise ValueError("retries, backoff_ms, breaker_failures and breaker_cooldown_s must be >= 0")
         self.inner = inner
         self.retries = retries
         self.backoff_ms = backoff_ms
         self._sleep = sleep
+        self._breaker_failures = breaker_failures
+        self._breaker_cooldown_s = breaker_cooldown_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failures_in_row = 0
+        self._open_until: float | None = None  # set while the breaker is open
+        self._probing = False  # one put is trying the store after a cooldown
 
     def put(self, key: str, data: bytes, content_type: str) -> str:
-        """Store through the inner store; raise :class:`HeatmapStoreError` after the last attempt fails."""
+        """Store through the inner store; raise :class:`HeatmapStoreError` after the last attempt fails,
+        or at once while the breaker is open."""
+        self._admit()
+        try:
+            uri = self._put_with_retries(key, data, content_type)
+        except HeatmapStoreError:
+            self._record(ok=False)
+            raise
+        except BaseException:
+            self._record(ok=None)  # not the store's verdict (an interrupt): leave the count alone
+            raise
+        self._record(ok=True)
+        return uri
+
+    @property
+    def breaker_open(self) -> bool:
+        """Whether puts are refused right now."""
+        with self._lock:
+            return self._open_until is not None and (self._probing or self._clock() < self._open_until)
+
+    def _admit(self) -> None:
+        with self._lock:
+            if self._open_until is None:
+                return
+            if self._probing or self._clock() < self._open_until:
+                raise HeatmapStoreError(
+                    f"heatmap store not tried: {self._failures_in_row} puts in a row failed "
+                    f"(circuit open, retried after {self._breaker_cooldown_s:g} s)"
+                )
+            self._probing = True  # this put tries the store; the others keep failing fast meanwhile
+
+    def _record(self, *, ok: bool | None) -> None:
+        with self._lock:
+            probing, self._probing = self._probing, False
+            if ok is None:
+                return
+            if ok:
+                if self._open_until is not None:
+                    log.info("heatmap_store_circuit_closed", failures_in_row=self._failures_in_row)
+                self._failures_in_row, self._open_until = 0, None
+                return
+            self._failures_in_row += 1
+            if self._breaker_failures and (probing or self._failures_in_row >= self._breaker_failures):
+                if self._open_until is None or probing:
+                    log.error(
+                        "heatmap_store_circuit_open",
+                        failures_in_row=self._failures_in_row,
+                        cooldown_s=self._breaker_cooldown_s,
+                    )
+                self._open_until = self._clock() + self._breaker_cooldown_s
+
+    def _put_with_retries(self, key: str, data: bytes, content_type: str) -> str:
         attempts = self.retries + 1
         for attempt in range(attempts):
             try:
@@ -478,4 +551,10 @@ def open_heatmap_store(heatmaps: HeatmapSettings, s3: S3Settings, *, s3_client: 
     else:
         bucket, prefix = parse_s3_uri(uri)
         inner = S3HeatmapStore(bucket, prefix, s3_client if s3_client is not None else make_s3_client(s3))
-    return RetryingHeatmapStore(inner, heatmaps.retries, heatmaps.backoff_ms)
+    return RetryingHeatmapStore(
+        inner,
+        heatmaps.retries,
+        heatmaps.backoff_ms,
+        breaker_failures=heatmaps.breaker_failures,
+        breaker_cooldown_s=heatmaps.breaker_cooldown_s,
+    )

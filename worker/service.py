@@ -858,8 +858,15 @@ class Worker:
             heatmap = None
             heatmap_error = None
             if i in futures:
+                future = futures[i]
+                # A slow object store is no reason for a liveness restart (results go out once its
+                # retries and the circuit breaker give up); a wedged publish thread still is.
+                waiting = (
+                    contextlib.nullcontext() if future.done() else self.heartbeats.waiting("publish", "heatmap store")
+                )
                 try:
-                    stored = futures[i].result()
+                    with waiting:
+                        stored = future.result()
                     heatmap = HeatmapRef(uri=stored.uri, width=stored.width, height=stored.height, sha256=stored.sha256)
                 except (HeatmapStoreError, OSError) as exc:
                     self.metrics.heatmap_failures.inc()

@@ -347,6 +347,16 @@ class HeatmapSettings(_Section):
     )
     retries: int = Field(3, ge=0, le=10, description="Attempts after the first failure.")
     backoff_ms: float = Field(50.0, ge=0, le=10_000, description="First retry delay, doubled each time.")
+    breaker_failures: int = Field(
+        5,
+        ge=0,
+        le=10_000,
+        description="Heatmap puts failing in a row (after their retries) that stop the store being asked for "
+        "breaker_cooldown_s; results then go out at once with heatmap_error. 0 = always ask.",
+    )
+    breaker_cooldown_s: float = Field(
+        30.0, ge=0, le=3_600, description="How long the heatmap store is not asked once puts keep failing."
+    )
     max_side_px: int | None = Field(
         None,
         ge=8,

@@ -349,3 +349,63 @@ def test_open_heatmap_store_from_settings(tmp_path, monkeypatch):
     assert isinstance(s3.inner, S3HeatmapStore)
     assert s3.inner.object_key("L/x.png") == "some/prefix/L/x.png"
     assert s3.inner.bucket == "bucket-a"
+
+
+class _DeadStore:
+    """Fails every put (an unreachable object store), counting the calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.up = False
+
+    def put(self, key: str, data: bytes, content_type: str) -> str:
+        self.calls += 1
+        if self.up:
+            return f"mem://{key}"
+        raise HeatmapStoreError("connect timeout")
+
+
+def test_breaker_stops_asking_a_dead_store_then_probes_it_after_the_cooldown():
+    now = [0.0]
+    inner = _DeadStore()
+    store = RetryingHeatmapStore(
+        inner, retries=2, backoff_ms=1, sleep=lambda s: None, breaker_failures=3, breaker_cooldown_s=30,
+        clock=lambda: now[0],
+    )  # fmt: skip
+    for _ in range(3):  # three puts, each with its retries: 9 calls
+        with pytest.raises(HeatmapStoreError, match="gave up after 3 attempts"):
+            store.put("L/a.png", b"x", "image/png")
+    assert inner.calls == 9 and store.breaker_open
+    for _ in range(50):  # open: fail at once, the store is not asked
+        with pytest.raises(HeatmapStoreError, match="circuit open"):
+            store.put("L/a.png", b"x", "image/png")
+    assert inner.calls == 9
+    now[0] = 31.0  # cooldown over: one probe; it fails, so the breaker opens again at once
+    with pytest.raises(HeatmapStoreError, match="gave up"):
+        store.put("L/a.png", b"x", "image/png")
+    assert inner.calls == 12
+    with pytest.raises(HeatmapStoreError, match="circuit open"):
+        store.put("L/a.png", b"x", "image/png")
+    now[0] = 62.0
+    inner.up = True  # the store is back: the probe succeeds and closes the breaker
+    assert store.put("L/a.png", b"x", "image/png") == "mem://L/a.png"
+    assert not store.breaker_open
+    assert store.put("L/b.png", b"x", "image/png") == "mem://L/b.png"
+
+
+def test_breaker_off_and_isolated_failures_never_open_it():
+    inner = _DeadStore()
+    always = RetryingHeatmapStore(inner, retries=0, backoff_ms=0, breaker_failures=0)
+    for _ in range(20):
+        with pytest.raises(HeatmapStoreError, match="gave up"):
+            always.put("L/a.png", b"x", "image/png")
+    assert inner.calls == 20 and not always.breaker_open
+    flaky = _DeadStore()
+    store = RetryingHeatmapStore(flaky, retries=0, backoff_ms=0, breaker_failures=2)
+    for _ in range(5):  # fail, succeed, fail, succeed...: never two in a row
+        flaky.up = False
+        with pytest.raises(HeatmapStoreError):
+            store.put("L/a.png", b"x", "image/png")
+        flaky.up = True
+        store.put("L/a.png", b"x", "image/png")
+    assert not store.breaker_open

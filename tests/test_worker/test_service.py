@@ -131,7 +131,7 @@ class FakeDetector:
 
     def submit(self, images: list[np.ndarray]) -> Any:
         n = len(images)
-        prediction = SimpleNamespace(scores=np.full(n, 0.1, np.float32), maps=np.zeros((n, 1, 4, 4), np.float32))
+        prediction = SimpleNamespace(scores=np.full(n, 0.1, np.float32), maps=np.zeros((n, 4, 4), np.float32))
         return SimpleNamespace(result=lambda: prediction)
 
 
@@ -158,18 +158,18 @@ class FakeThresholds:
 
 def make_worker(
     tmp_path: Any, records: list[Rec], *, producer: FakeProducer | None = None, models: FakeModels | None = None,
-    grace_s: float = 10.0, batching: dict[str, Any] | None = None,
+    grace_s: float = 10.0, batching: dict[str, Any] | None = None, heatmap_store: Any = None,
 ) -> Worker:  # fmt: skip
     settings = load_settings(
         worker={"state_dir": str(tmp_path), "shutdown_grace_s": grace_s},
         decode={"workers": 1},  # one decode thread: records decode (and meet the model manager) in order
-        heatmaps={"policy": "none"},
+        heatmaps={"policy": "none" if heatmap_store is None else "all"},
         kafka={"poll_timeout_ms": 10, "commit_interval_ms": 10},
         batching={"max_wait_ms": 1, **(batching or {})},
     )
     producer = producer or FakeProducer()
     w = Worker(settings, consumer=FakeConsumer(records), producer=producer, models=models or FakeModels(),  # type: ignore[arg-type]
-               thresholds=FakeThresholds(), heatmaps=None, fetcher=None)  # type: ignore[arg-type]  # fmt: skip
+               thresholds=FakeThresholds(), heatmaps=heatmap_store, fetcher=None)  # type: ignore[arg-type]  # fmt: skip
     producer.worker = w
     return w
 
@@ -376,3 +376,26 @@ def test_a_record_timestamp_past_year_9999_is_scored_without_crashing_the_worker
         assert len(warned) == 1 and warned[0]["log_level"] == "warning" and warned[0]["offset"] == 0
     else:
         assert captured_at == captured
+
+
+def test_publish_waiting_on_a_slow_heatmap_store_is_not_a_stalled_loop(tmp_path) -> None:
+    # An object store that takes its time (timeouts, retries) must not read as a wedged publish thread
+    # in /healthz: a restart would not make the store faster, and the results go out when it answers.
+    gate = threading.Event()
+
+    class SlowStore:
+        def put(self, key: str, data: bytes, content_type: str) -> str:
+            gate.wait(30)
+            return f"file:///heatmaps/{key}"
+
+    w = make_worker(tmp_path, [request(0)], heatmap_store=SlowStore())
+    try:
+        with running(w):
+            assert wait_for(lambda: "publish" in w.heartbeats.waiting_on())
+            assert w.heartbeats.waiting_on()["publish"]["on"] == "heatmap store"
+            assert "publish" not in w.heartbeats.stale(0.0)  # waiting, not stale, however long it takes
+            gate.set()
+            assert wait_for(lambda: len(w.producer.sent) >= 1)
+            assert "publish" not in w.heartbeats.waiting_on()
+    finally:
+        gate.set()
