@@ -20,7 +20,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -117,12 +117,13 @@ def proc_exe(pid: int) -> str | None:
         return None
 
 
-def _proc_cmdline(pid: int) -> str:
+def proc_args(pid: int) -> list[str]:
+    """The command line of ``pid`` (``/proc/<pid>/cmdline``) as arguments; empty if unknown."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            return fh.read().replace(b"\0", b" ").decode(errors="replace")
+            return fh.read().decode(errors="replace").split("\0")[:-1]
     except OSError:
-        return ""
+        return []
 
 
 def process_identity(svc: ServiceState) -> str:
@@ -144,7 +145,7 @@ def process_identity(svc: ServiceState) -> str:
     # An entry from before identities were recorded: accept only a process that runs the service's
     # binary and names the recorded port on its command line; anything else is left alone.
     exe = proc_exe(pid)
-    if exe and Path(exe).name in _BINARY_NAMES and str(svc.port) in _proc_cmdline(pid):
+    if exe and Path(exe).name in _BINARY_NAMES and str(svc.port) in " ".join(proc_args(pid)):
         return "ours"
     return "unverifiable"
 
@@ -449,16 +450,22 @@ class Stack:
 
 
 def _terminate(pid: int | None, timeout_s: float, start_time: int | None = None) -> None:
-    """SIGTERM ``pid``, SIGKILL it after ``timeout_s``.
+    """:func:`terminate_process`, the pid identified by its start time (when recorded)."""
+    still = None if start_time is None else (lambda p: proc_start_time(p) == start_time)
+    terminate_process(pid, timeout_s, still=still)
 
-    With ``start_time``, each signal goes out only while the pid still has that start time, so a
-    pid reused while we wait is never signalled.
+
+def terminate_process(pid: int | None, timeout_s: float, *, still: Callable[[int], bool] | None = None) -> None:
+    """SIGTERM ``pid``, SIGKILL it after ``timeout_s``; reaps it when it is our child.
+
+    With ``still``, each signal goes out only while ``still(pid)`` holds (the pid is still the
+    process meant), so a pid reused while we wait is never signalled.
     """
     if not pid:
         return
 
     def same() -> bool:
-        return pid_alive(pid) and (start_time is None or proc_start_time(pid) == start_time)
+        return pid_alive(pid) and (still is None or still(pid))
 
     if not same():
         return

@@ -389,11 +389,10 @@ class _WorkerProcess:
 
 def _is_demo_worker(pid: int) -> bool:
     """Whether ``pid`` runs ``python -m worker serve`` (a pid file may name a reused pid)."""
-    try:
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return b"worker" in args and b"serve" in args
+    from worker.stack import proc_args
+
+    args = proc_args(pid)
+    return "worker" in args and "serve" in args
 
 
 def _stop_leftover_worker(pid_file: Path, timeout_s: float = WORKER_STOP_TIMEOUT_S) -> int | None:
@@ -401,6 +400,8 @@ def _stop_leftover_worker(pid_file: Path, timeout_s: float = WORKER_STOP_TIMEOUT
 
     The pid is only signalled when it still runs ``worker serve``, so a reused pid is left alone.
     """
+    from worker.stack import terminate_process
+
     try:
         pid = int(pid_file.read_text().strip())
     except (OSError, ValueError):
@@ -410,14 +411,7 @@ def _stop_leftover_worker(pid_file: Path, timeout_s: float = WORKER_STOP_TIMEOUT
     if pid > 0 and _is_demo_worker(pid):
         stopped = pid
         log.warning("demo_stopping_leftover_worker", pid=pid, pid_file=str(pid_file))
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while _is_demo_worker(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if _is_demo_worker(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        terminate_process(pid, timeout_s, still=_is_demo_worker)
     pid_file.unlink(missing_ok=True)
     return stopped
 
