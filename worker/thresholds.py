@@ -279,15 +279,7 @@ class ThresholdStore:
         if limit < 1:
             return []
         key = self.history_key(line)
-        entries = self._client.lrange(key, 0, limit - 1)
-        records = []
-        for raw in entries:
-            try:
-                data = json.loads(raw)
-            except ValueError as exc:
-                raise ThresholdRecordError(f"{key} holds an entry that is not JSON: {exc}") from exc
-            records.append(self._parse(key, data))
-        return records
+        return [self._parse_entry(key, raw) for raw in self._client.lrange(key, 0, limit - 1)]
 
     def latest_for(self, line: str, model_version: str, chunk: int = 64) -> ThresholdRecord | None:
         """The newest write in a line's history that applies to ``model_version``.
@@ -303,16 +295,21 @@ class ThresholdStore:
         for start in range(0, self._history_max, chunk):
             entries = self._client.lrange(key, start, min(start + chunk, self._history_max) - 1)
             for raw in entries:
-                try:
-                    data = json.loads(raw)
-                except ValueError as exc:
-                    raise ThresholdRecordError(f"{key} holds an entry that is not JSON: {exc}") from exc
-                record = self._parse(key, data)
+                record = self._parse_entry(key, raw)
                 if record.model_version in (None, model_version):
                     return record
             if len(entries) < chunk:
                 break
         return None
+
+    @classmethod
+    def _parse_entry(cls, key: str, raw: Any) -> ThresholdRecord:
+        """One JSON entry of a history list."""
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise ThresholdRecordError(f"{key} holds an entry that is not JSON: {exc}") from exc
+        return cls._parse(key, data)
 
     def _check_value(self, line: str, value: float, *, force: bool) -> None:
         if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
