@@ -82,6 +82,7 @@ class DeadLetterReason(StrEnum):
     CLAIM_CHECK_CHECKSUM_MISMATCH = "claim-check-checksum-mismatch"
     DEADLINE_EXPIRED = "deadline-expired"
     UNKNOWN_PRODUCT_LINE = "unknown-product-line"
+    MODEL_UNAVAILABLE = "model-unavailable"
     INFERENCE_FAILED = "inference-failed"
     PROCESSING_FAILED = "processing-failed"
 
@@ -117,6 +118,8 @@ DEAD_LETTER_REASONS: Final[Mapping[DeadLetterReason, str]] = {
     DeadLetterReason.DEADLINE_EXPIRED: "The request's deadline passed before it was scored and the "
     "worker is set to dead-letter late images (otherwise the result is published with late=true).",
     DeadLetterReason.UNKNOWN_PRODUCT_LINE: "No model is deployed for the product line.",
+    DeadLetterReason.MODEL_UNAVAILABLE: "The line has a model, but it cannot be loaded right now (registry "
+    "unreadable or slow, pointer corrupt, model file fails to load); error-detail says why. Replay once fixed.",
     DeadLetterReason.INFERENCE_FAILED: "The model could not score this image (e.g. a non-finite score).",
     DeadLetterReason.PROCESSING_FAILED: "Any other per-record failure; error-class and error-detail "
     "name the exception.",

@@ -86,3 +86,15 @@ def worker_topics(settings: KafkaSettings, request_partitions: int = 4) -> dict[
         settings.alerts_topic: 1,
         settings.dlq_topic: 1,
     }
+
+
+def describe_kafka_error(exc: BaseException, settings: KafkaSettings, action: str) -> str:
+    """One line for a CLI: ``<action> at <servers, credentials redacted> failed: <Error>: <first line>``."""
+    from worker.settings import redact_url
+
+    name = type(exc).__name__
+    detail = str(exc).splitlines()[0] if str(exc) else ""
+    while detail.startswith(f"{name}: "):  # kafka-python repeats the class name in the message
+        detail = detail.removeprefix(f"{name}: ")
+    servers = ",".join(redact_url(s) for s in settings.bootstrap_servers.split(","))
+    return f"{action} at {servers} failed: {name}" + (f": {detail}" if detail else "")

@@ -599,7 +599,7 @@ class Worker:
         except DecodeError as exc:
             item.failure = (DeadLetterReason(exc.reason), type(exc).__name__, str(exc))
         except ModelUnavailable as exc:
-            reason = DeadLetterReason.UNKNOWN_PRODUCT_LINE if exc.unknown_line else DeadLetterReason.PROCESSING_FAILED
+            reason = DeadLetterReason.UNKNOWN_PRODUCT_LINE if exc.unknown_line else DeadLetterReason.MODEL_UNAVAILABLE
             item.failure = (reason, type(exc).__name__, str(exc))
         except Exception as exc:
             log.exception("decode_unexpected_error", offset=item.offset, partition=item.tp.partition)

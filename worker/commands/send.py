@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from kafka.errors import KafkaError
 
     from worker.errors import SpaceError
-    from worker.kafka_clients import make_producer
+    from worker.kafka_clients import describe_kafka_error, make_producer
     from worker.logging import configure_logging
     from worker.s3 import make_s3_client
     from worker.sender import (
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         image_files,
         send_images,
     )
-    from worker.settings import load_settings, redact_url
+    from worker.settings import load_settings
 
     settings = load_settings()
     configure_logging(settings.log.level, settings.log.format)
@@ -61,7 +61,6 @@ def run(args: argparse.Namespace) -> int:
     def report(s: SentRequest) -> None:
         print(f"{s.message_id}\t{s.partition}\t{s.offset}\t{s.path}", flush=True)
 
-    servers = ",".join(redact_url(s) for s in settings.kafka.bootstrap_servers.split(","))
     try:
         producer = make_producer(settings.kafka, client_id="space-send")
         try:
@@ -72,11 +71,5 @@ def run(args: argparse.Namespace) -> int:
         finally:
             producer.close(timeout=10)
     except KafkaError as exc:
-        name = type(exc).__name__
-        detail = str(exc).splitlines()[0] if str(exc) else ""
-        while detail.startswith(f"{name}: "):  # kafka-python repeats the class name in the message
-            detail = detail.removeprefix(f"{name}: ")
-        raise SpaceError(
-            f"sending to Kafka at {servers} (topic {topic}) failed: {name}" + (f": {detail}" if detail else "")
-        ) from None
+        raise SpaceError(describe_kafka_error(exc, settings.kafka, f"sending to Kafka (topic {topic})")) from None
     return 0

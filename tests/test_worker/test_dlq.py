@@ -1,0 +1,187 @@
+"""The pure parts of ``space dlq``: time windows, letter parsing, filters, the stop rule and replay bookkeeping."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from schemas.deadletter import DeadLetterInfo, DeadLetterReason, build_dead_letter
+from worker.cli import main as cli_main
+from worker.dlq import (
+    REPLAY_HEADER,
+    LetterFilter,
+    ScanProgress,
+    Summary,
+    check_reasons,
+    parse_when,
+    read_dead_letter,
+    replay_dead_letters,
+)
+from worker.errors import SpaceError
+
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+REQUEST_HEADERS = [("ce_id", b"m-1"), ("ce_productline", b"brick"), ("content-type", b"image/png")]
+
+
+def make_letter(*, reason: DeadLetterReason = DeadLetterReason.MODEL_UNAVAILABLE, value: bytes = b"\x89PNG....",
+                max_value_bytes: int = 1024, offset: int = 7, headers: list[tuple[str, bytes]] | None = None,
+                timestamp_ms: int = 1_000):  # type: ignore[no-untyped-def]  # fmt: skip
+    info = DeadLetterInfo(error_class="ModelUnavailable", reason=reason, detail="v1 failed to load", worker_id="w-1",
+                          time=NOW, source_topic="inspection.requests", source_partition=2, source_offset=40)  # fmt: skip
+    dead = build_dead_letter(headers or REQUEST_HEADERS, value, info, max_value_bytes=max_value_bytes)
+    return read_dead_letter("inspection.dlq", 0, offset, timestamp_ms, b"cam-1", dead.value, dead.headers)
+
+
+def test_parse_when_reads_ages_and_rfc3339() -> None:
+    assert parse_when("90m", now=NOW) == NOW - timedelta(minutes=90)
+    assert parse_when("2h", now=NOW) == NOW - timedelta(hours=2)
+    assert parse_when("1.5d", now=NOW) == NOW - timedelta(hours=36)
+    assert parse_when("45s", now=NOW) == NOW - timedelta(seconds=45)
+    assert parse_when("2026-12-01T08:00:00Z", now=NOW) == datetime(2026, 12, 1, 8, tzinfo=UTC)
+    assert parse_when("2026-12-01T09:00:00+01:00", now=NOW) == datetime(2026, 12, 1, 8, tzinfo=UTC)
+    assert parse_when("2026-12-01T08:00:00", now=NOW) == datetime(2026, 12, 1, 8, tzinfo=UTC)  # no offset: UTC
+    for bad in ("yesterday", "5 h", "-2h", "2w", ""):
+        with pytest.raises(SpaceError, match="cannot read"):
+            parse_when(bad, now=NOW)
+
+
+def test_a_dead_letter_is_read_with_its_request_attributes() -> None:
+    letter = make_letter()
+    assert letter.info is not None and letter.reason == "model-unavailable"
+    assert (letter.product_line, letter.message_id, letter.ref) == ("brick", "m-1", "inspection.dlq/0/7")
+    assert letter.replay_blocker() is None
+
+
+def test_broken_error_headers_are_reported_not_raised() -> None:
+    letter = read_dead_letter("dlq", 1, 3, 0, None, b"x", [("ce_id", b"m"), ("error-reason", b"no-such-reason")])
+    assert letter.info is None and letter.reason == "unreadable" and letter.problem
+    assert letter.replay_blocker() == "unreadable-error-headers"
+    assert (letter.product_line, letter.message_id) == ("-", "m")
+
+
+def test_a_truncated_value_is_not_replayable() -> None:
+    assert make_letter(value=b"\x89PNG-long-value", max_value_bytes=4).replay_blocker() == "value-truncated"
+
+
+def test_replay_headers_drop_error_headers_and_earlier_replay_marks_in_order() -> None:
+    headers = [*REQUEST_HEADERS, (REPLAY_HEADER, b"inspection.dlq/0/1"), ("traceparent", b"00-abc")]
+    letter = make_letter(headers=headers, offset=9)
+    assert letter.replay_headers() == [
+        *REQUEST_HEADERS, ("traceparent", b"00-abc"), (REPLAY_HEADER, b"inspection.dlq/0/9"),
+    ]  # fmt: skip
+
+
+def test_filters_and_reason_check() -> None:
+    letter = make_letter()
+    assert LetterFilter().matches(letter)
+    assert LetterFilter(frozenset({"model-unavailable"}), frozenset({"brick"})).matches(letter)
+    assert not LetterFilter(frozenset({"corrupt-image"})).matches(letter)
+    assert not LetterFilter(product_lines=frozenset({"coins"})).matches(letter)
+    assert check_reasons(["model-unavailable", "corrupt-image"]) == {"model-unavailable", "corrupt-image"}
+    with pytest.raises(SpaceError, match="unknown dead-letter reason model-unavailble"):
+        check_reasons(["model-unavailble"])
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_scan_ends_at_the_end_offsets_only_after_the_idle_wait() -> None:
+    clock = FakeClock()
+    progress = ScanProgress({0: 5, 1: 3}, idle_s=2.0, clock=clock)
+    assert not progress.finished({0: 5, 1: 3})  # at the ends, but the topic has not been quiet for 2 s
+    clock.now = 2.0
+    assert progress.finished({0: 5, 1: 3})
+    assert not progress.finished({0: 5, 1: 2})  # partition 1 still behind its end offset
+    progress.saw_records()
+    assert not progress.finished({0: 9, 1: 3})  # records arrived: the wait starts again (Tansu's ends lag)
+    clock.now = 4.0
+    assert progress.finished({0: 9, 1: 3})
+
+
+def test_a_partition_past_the_cutoff_is_done_whatever_its_position() -> None:
+    clock = FakeClock()
+    progress = ScanProgress({0: 100, 1: 100}, idle_s=1.0, clock=clock)
+    progress.passed_cutoff(0)
+    progress.passed_cutoff(1)
+    assert progress.done(0) and progress.finished({0: 3, 1: 4})  # no idle wait needed: both hit the cutoff
+
+
+class FakeFuture:
+    def __init__(self, meta: Any = None, error: Exception | None = None) -> None:
+        self.meta, self.error = meta, error
+
+    def get(self, timeout: float | None = None) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.meta
+
+
+def test_replay_sends_replayable_letters_and_counts_skips() -> None:
+    letters = [make_letter(offset=1), make_letter(offset=2, value=b"0123456789", max_value_bytes=4),
+               make_letter(offset=3)]  # fmt: skip
+    sent: list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]] = []
+    seen: list[tuple[str, str, Any]] = []
+
+    def send(topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]) -> FakeFuture:
+        sent.append((topic, key, value, headers))
+        return FakeFuture(SimpleNamespace(partition=0, offset=len(sent)))
+
+    report = replay_dead_letters(letters, send, on_replayed=lambda ltr, t, m: seen.append((ltr.ref, t, m.offset)),
+                                 flush_every=1)  # fmt: skip
+    assert report.replayed == 2 and dict(report.skipped) == {"value-truncated": 1}
+    assert [s[0] for s in sent] == ["inspection.requests", "inspection.requests"]  # error-source-topic
+    assert seen == [("inspection.dlq/0/1", "inspection.requests", 1), ("inspection.dlq/0/3", "inspection.requests", 2)]
+    assert sent[0][1] == b"cam-1" and sent[0][2] == b"\x89PNG...."
+
+    dry = replay_dead_letters(letters, None, to_topic="other")
+    assert dry.replayed == 2 and dict(dry.skipped) == {"value-truncated": 1}
+
+
+def test_a_failed_send_stops_the_replay_and_says_how_far_it_got() -> None:
+    ok = SimpleNamespace(partition=0, offset=0)
+    futures = iter([FakeFuture(ok), FakeFuture(error=TimeoutError("no ack")), FakeFuture(ok)])
+    letters = [make_letter(offset=1), make_letter(offset=2), make_letter(offset=3)]
+    with pytest.raises(SpaceError, match=r"replaying inspection.dlq/0/2 to t failed \(TimeoutError: no ack\); 1 repl"):
+        replay_dead_letters(letters, lambda *a: next(futures), to_topic="t")
+
+    def send(*args: object) -> FakeFuture:  # the producer itself raises (max_block_ms passed) on the third
+        if len(sent) == 2:
+            raise TimeoutError("metadata not available")
+        sent.append(args)
+        return FakeFuture(ok)
+
+    sent: list[object] = []
+    with pytest.raises(SpaceError, match=r"inspection.dlq/0/3 to t failed \(TimeoutError: metadata.*; 2 replayed"):
+        replay_dead_letters(letters, send, to_topic="t")
+
+
+def test_summary_counts_by_reason_and_line() -> None:
+    summary = Summary()
+    for letter in [make_letter(timestamp_ms=2_000), make_letter(timestamp_ms=1_000),
+                   make_letter(reason=DeadLetterReason.CORRUPT_IMAGE, value=b"0123456789", max_value_bytes=4)]:  # fmt: skip
+        summary.add(letter)
+    table = summary.render().splitlines()
+    assert table[0].split() == ["reason", "product_line", "count", "replayable"]
+    assert table[1].split() == ["model-unavailable", "brick", "2", "2"]
+    assert table[2].split() == ["corrupt-image", "brick", "1", "0"]
+    assert table[3] == "total 3 dead letters, 2 replayable, from 1970-01-01T00:00:01Z to 1970-01-01T00:00:02Z"
+
+
+def test_bad_options_fail_before_touching_kafka(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("SPACE_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:1")  # nothing listens: must not be reached
+    assert cli_main(["dlq", "replay", "--reason", "model-unavailble"]) != 0
+    assert "unknown dead-letter reason model-unavailble" in capsys.readouterr().err
+    assert cli_main(["dlq", "summary", "--since", "yesterday"]) != 0
+    assert "cannot read 'yesterday' as a time" in capsys.readouterr().err
+    assert cli_main(["dlq", "summary", "--since", "1h", "--until", "2h"]) != 0
+    assert "the window is empty" in capsys.readouterr().err
+    assert cli_main(["dlq", "summary", "--idle-s", "0"]) != 0
+    assert "--idle-s must be > 0" in capsys.readouterr().err
