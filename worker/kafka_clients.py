@@ -97,4 +97,7 @@ def describe_kafka_error(exc: BaseException, settings: KafkaSettings, action: st
     while detail.startswith(f"{name}: "):  # kafka-python repeats the class name in the message
         detail = detail.removeprefix(f"{name}: ")
     servers = ",".join(redact_url(s) for s in settings.bootstrap_servers.split(","))
-    return f"{action} at {servers} failed: {name}" + (f": {detail}" if detail else "")
+    text = f"{action} at {servers} failed: {name}" + (f": {detail}" if detail else "")
+    if detail.startswith("Unable to bootstrap"):
+        text += f" (tried for SPACE_KAFKA__BOOTSTRAP_TIMEOUT_MS={settings.bootstrap_timeout_ms} ms)"
+    return text

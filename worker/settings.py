@@ -123,6 +123,10 @@ class KafkaSettings(_Section):
     )
     linger_ms: int = Field(5, ge=0, le=1_000, description="Producer linger to batch results.")
     request_timeout_ms: int = Field(30_000, ge=1_000, description="Client request timeout.")
+    bootstrap_timeout_ms: int = Field(
+        30_000, ge=1_000, le=600_000,
+        description="How long a client (worker, space send, space dlq) tries to reach the brokers before it fails.",
+    )  # fmt: skip
     max_block_ms: int = Field(
         10_000, ge=100, description="Longest a producer send may block (metadata or a full buffer)."
     )
@@ -169,6 +173,7 @@ class KafkaSettings(_Section):
         """Connection and security arguments shared by kafka-python consumers, producers and admins."""
         kwargs: dict[str, Any] = {
             "bootstrap_servers": self.bootstrap_servers.split(","),
+            "bootstrap_timeout_ms": self.bootstrap_timeout_ms,
             "security_protocol": self.security_protocol,
         }
         if self.sasl_mechanism:

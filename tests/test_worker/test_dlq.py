@@ -185,3 +185,17 @@ def test_bad_options_fail_before_touching_kafka(monkeypatch, capsys) -> None:
     assert "the window is empty" in capsys.readouterr().err
     assert cli_main(["dlq", "summary", "--idle-s", "0"]) != 0
     assert "--idle-s must be > 0" in capsys.readouterr().err
+
+
+def test_an_unreachable_broker_fails_the_command_after_the_bootstrap_timeout(monkeypatch, capsys) -> None:
+    from worker.settings import KafkaSettings
+
+    assert KafkaSettings(bootstrap_timeout_ms=1000).client_kwargs()["bootstrap_timeout_ms"] == 1000
+    monkeypatch.setenv("SPACE_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:1")
+    monkeypatch.setenv("SPACE_KAFKA__BOOTSTRAP_TIMEOUT_MS", "1000")
+    assert cli_main(["dlq", "summary"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (
+        "space: error: reading dead letters from inspection.dlq at 127.0.0.1:1 failed: KafkaTimeoutError: "
+        "Unable to bootstrap from ['127.0.0.1:1'] (tried for SPACE_KAFKA__BOOTSTRAP_TIMEOUT_MS=1000 ms)"
+    )
