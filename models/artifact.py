@@ -12,14 +12,14 @@ import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from models.model import ModelConfig
+from models.model import ModelConfig, migrate_stored_config
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
@@ -103,6 +103,12 @@ class ModelCard(_Frozen):
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     weights_file: str = WEIGHTS_FILE
     weights_sha256: str = ""
+
+    @field_validator("config", mode="before")
+    @classmethod
+    def _migrate_config(cls, value: Any) -> Any:
+        """A stored config without ``map_align`` predates the switch: it loads as "padded" (its calibration)."""
+        return migrate_stored_config(value) if isinstance(value, dict) else value
 
 
 def sha256_file(path: Path) -> str:

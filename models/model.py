@@ -8,21 +8,25 @@ mean/std, map quantiles, a ``calibrated`` flag), so one state dict fully determi
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Literal, NamedTuple, Protocol, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from models.networks import PDN, TEACHER_CHANNELS, AutoEncoder, Student, pdn_out_size
+from models.networks import PDN, PDN_STRIDE, TEACHER_CHANNELS, AutoEncoder, Student, pdn_out_size, pdn_rf_centre
 from models.teacher import FilterBankTeacher
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 TeacherKind = Literal["pdn", "filterbank"]
+MapAlign = Literal["padded", "receptive_field"]
+#: ``map_align`` of a stored config written before the switch existed (its quantiles and threshold were
+#: calibrated on those maps); see :meth:`ModelConfig.from_stored`.
+LEGACY_MAP_ALIGN: MapAlign = "padded"
 _T = TypeVar("_T")
 
 
@@ -43,6 +47,10 @@ class ModelConfig(BaseModel):
     scl_weight: float = Field(1.0, ge=0)
     scl_augment: Literal["geometric", "label_preserving"] = "geometric"
     fm_dropout: float = Field(0.1, ge=0, lt=1)
+    # How SpaceModel.upsample places the feature grid on the image (§1.8 step 6): "receptive_field" puts
+    # cell q on its receptive-field centre (pixel 4q + 16 unpadded, 4q padded); "padded" is the original
+    # pad-by-4 + align_corners=False resize, ~1.5 px down-right. Configs stored without it load as "padded".
+    map_align: MapAlign = "receptive_field"
 
     @model_validator(mode="after")
     def _efficientad_has_no_space_parts(self) -> ModelConfig:
@@ -50,10 +58,27 @@ class ModelConfig(BaseModel):
             raise ValueError("variant 'efficientad' cannot use FE/FM/SCL; build it with efficientad_config()")
         return self
 
+    @classmethod
+    def from_stored(cls, data: Mapping[str, Any]) -> ModelConfig:
+        """Validate a config read from a model card or a training checkpoint (see :func:`migrate_stored_config`)."""
+        return cls.model_validate(migrate_stored_config(data))
+
     @property
     def student_uses_fe(self) -> bool:
         """Whether the student receives the teacher's trunk features."""
         return self.variant == "space" and self.use_fe
+
+
+def migrate_stored_config(data: Mapping[str, Any]) -> dict[str, Any]:
+    """Bring a stored ``ModelConfig`` dict (``model.json`` → ``config``, checkpoint meta) up to the current fields.
+
+    The one place where configs written by older code are migrated: one without ``map_align`` predates
+    the switch, so its quantiles and default threshold were computed on padded maps and it keeps
+    ``"padded"``. Unknown keys are left for validation to reject (``extra="forbid"``).
+    """
+    out = dict(data)
+    out.setdefault("map_align", LEGACY_MAP_ALIGN)
+    return out
 
 
 def efficientad_config(**kw: object) -> ModelConfig:
@@ -111,6 +136,10 @@ class SpaceModel(nn.Module):
     teacher_std: torch.Tensor
     quantiles: torch.Tensor
     calibrated: torch.Tensor
+    map_rows: torch.Tensor  # map_align="receptive_field" only, non-persistent: see map_resampling()
+    map_row_weight: torch.Tensor
+    map_cols: torch.Tensor
+    map_col_weight: torch.Tensor
 
     def __init__(self, config: ModelConfig) -> None:
         """Build the networks for ``config`` (teacher weights are loaded separately)."""
@@ -132,6 +161,16 @@ class SpaceModel(nn.Module):
         self.register_buffer("teacher_std", torch.ones(1, TEACHER_CHANNELS, 1, 1))
         self.register_buffer("quantiles", torch.tensor([0.0, 1.0, 0.0, 1.0]))  # qa_st, qb_st, qa_ae, qb_ae
         self.register_buffer("calibrated", torch.tensor(False))
+        if config.map_align == "receptive_field":
+            # Derived from the config alone: non-persistent, so they never enter the state dict / artifact;
+            # .to(device) moves them, so CUDA graphs and torch.compile see plain module tensors.
+            centre = pdn_rf_centre(config.padding)
+            rows, row_weight = map_resampling(h, self.grid[0], PDN_STRIDE, centre)
+            cols, col_weight = map_resampling(w, self.grid[1], PDN_STRIDE, centre)
+            self.register_buffer("map_rows", rows, persistent=False)
+            self.register_buffer("map_row_weight", row_weight.view(h, 1), persistent=False)
+            self.register_buffer("map_cols", cols, persistent=False)
+            self.register_buffer("map_col_weight", col_weight, persistent=False)
 
     def train(self, mode: bool = True) -> SpaceModel:
         """Set train mode on student/AE; the teacher always stays in eval mode."""
@@ -176,10 +215,25 @@ class SpaceModel(nn.Module):
         return Maps(st, ae)
 
     def upsample(self, m: torch.Tensor) -> torch.Tensor:
-        """Pad an unpadded-grid map by 4 and resize bilinearly to the input size (§1.8 step 6)."""
-        if not self.config.padding:
-            m = F.pad(m, (4, 4, 4, 4))
-        return F.interpolate(m, size=self.config.input_size, mode="bilinear", align_corners=False)
+        """Resize a grid map (N, 1, g_h, g_w) bilinearly to the input size (§1.8 step 6), per ``map_align``.
+
+        ``"receptive_field"``: output pixel i (rows and columns separately) is the bilinear value of the grid
+        at cell coordinate (i - c) / 4, c the receptive-field centre of cell 0 (16 unpadded, 0 padded), so
+        cell q lands on pixel 4q + c; outside the grid the edge cells are replicated (the coordinate is
+        clamped), so a defect at the image border still shows. Two index gathers and two lerps in the
+        map's dtype. ``"padded"``: the original pad by 4 (unpadded grid) and resize with
+        ``align_corners=False``, which puts cell q on 4q + 17.5 (+1.5 px; kept bit-identical for
+        artifacts calibrated on it).
+        """
+        if self.config.map_align == "padded":
+            if not self.config.padding:
+                m = F.pad(m, (4, 4, 4, 4))
+            return F.interpolate(m, size=self.config.input_size, mode="bilinear", align_corners=False)
+        h, w = self.config.input_size
+        r = m.index_select(-2, self.map_rows)  # rows lo (first h) then hi (last h)
+        m = torch.lerp(r[..., :h, :], r[..., h:, :], self.map_row_weight.to(m.dtype))
+        c = m.index_select(-1, self.map_cols)
+        return torch.lerp(c[..., :w], c[..., w:], self.map_col_weight.to(m.dtype))
 
     def branch_maps(self, x: torch.Tensor, branches: Branches | None = None) -> Maps:
         """Per-branch maps at input size, before quantile normalisation (used for calibration)."""
@@ -195,6 +249,19 @@ class SpaceModel(nn.Module):
         q = self.quantiles
         combined = 0.5 * normalize_map(st, q[0], q[1]) + 0.5 * normalize_map(ae, q[2], q[3])
         return combined.squeeze(1)
+
+
+def map_resampling(size: int, cells: int, stride: int, centre: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear sampling of a ``cells``-long grid axis at the ``size`` output pixels, cell q at ``stride·q + centre``.
+
+    Pixel i samples grid coordinate u = (i - centre) / stride, clamped to [0, cells - 1] (edge cells
+    replicated). Returns (the lower cells then the upper cells, one after the other: int64 (2·size,),
+    the weight of the upper cell: float32 (size,)); exact for the 4 px stride (weights 0, ¼, ½, ¾, 1).
+    """
+    u = ((torch.arange(size, dtype=torch.float64) - centre) / stride).clamp(0, cells - 1)
+    lo = u.floor().long().clamp(max=max(cells - 2, 0))
+    hi = (lo + 1).clamp(max=cells - 1)
+    return torch.cat([lo, hi]), (u - lo).float()
 
 
 def normalize_map(m: torch.Tensor, qa: torch.Tensor, qb: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,21 @@ AE_LATENT = 64
 MIN_INPUT_SIZE = 64  # below 128 the first decoder stage is clamped to 1 (H/64 - 1 would be 0)
 
 
+PDN_STRIDE = 4  # pixels between neighbouring PDN grid cells (two stride-2 poolings)
+
+
+def pdn_rf_centre(padding: bool = False) -> int:
+    """Pixel (pixel-centre coordinates) of the receptive-field centre of grid cell 0; cell q's is ``4q + centre``.
+
+    Unpadded: each conv of kernel k moves the centre by (k-1)/2 and each 2x2 pooling maps cell p to
+    2p + 0.5, so PDN-S/M cell q sees pixels 4q..4q+32, centred on 4q + 16. Padded ("paper layout"): the
+    k4 convs pad 3 (centre moves by -1.5), the k3 conv pads 1 (0) and the poolings pad 1 (2p - 0.5),
+    which gives 4q + 0. The filter-bank teacher samples at the same points (:class:`models.teacher.
+    FilterBankTeacher`); ``bench/geometry.py --probe map`` measures all four.
+    """
+    return 0 if padding else 16
+
+
 def pdn_out_size(size: int, padding: bool = False) -> int:
     """Side of the PDN feature grid for an input side ``size`` (256 -> 56 unpadded, 64 padded)."""
     if padding:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.networks import PDN, TEACHER_CHANNELS, PdnSize, pdn_out_size
+from models.networks import PDN, PDN_STRIDE, TEACHER_CHANNELS, PdnSize, pdn_out_size, pdn_rf_centre
 
 log = structlog.get_logger(__name__)
 
@@ -158,8 +158,9 @@ class FilterBankTeacher(nn.Module):
 
     The input (ImageNet-normalised RGB) goes to an opponent colour space, the bank of
     :func:`filter_bank_kernels` runs at scales 1, 1/2 and 1/4, rectified responses are smoothed and
-    sampled at the receptive-field centres of the unpadded PDN grid (pixel ``4q + 16``), so its maps align
-    with the PDN student's exactly. A 1x1 projection with weights from a fixed seed gives 384 channels.
+    sampled at the receptive-field centres of the PDN grid (pixel ``4q + 16``, ``4q`` with ``padding``:
+    :func:`models.networks.pdn_rf_centre`), so its maps align with the PDN student's exactly. A 1x1
+    projection with weights from a fixed seed gives 384 channels.
     All constants are buffers, so an artifact carries them and loading never depends on this code's RNG.
     """
 
@@ -188,9 +189,9 @@ class FilterBankTeacher(nn.Module):
 
     def _grid(self, h: int, w: int, device: torch.device) -> torch.Tensor:
         gh, gw = pdn_out_size(h, self.padding), pdn_out_size(w, self.padding)
-        off = 0.0 if self.padding else 16.0
-        ys = (4 * torch.arange(gh, device=device) + off + 0.5) * 2 / h - 1
-        xs = (4 * torch.arange(gw, device=device) + off + 0.5) * 2 / w - 1
+        off = float(pdn_rf_centre(self.padding))  # pixel 4q + 16 (unpadded) or 4q (padded)
+        ys = (PDN_STRIDE * torch.arange(gh, device=device) + off + 0.5) * 2 / h - 1
+        xs = (PDN_STRIDE * torch.arange(gw, device=device) + off + 0.5) * 2 / w - 1
         gy, gx = torch.meshgrid(ys, xs, indexing="ij")
         return torch.stack([gx, gy], dim=-1)  # (gh, gw, 2) for grid_sample
 

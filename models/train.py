@@ -318,7 +318,7 @@ def _build_model(
 ) -> tuple[SpaceModel, TeacherInfo]:
     """A fresh model with a resolved, normalised teacher, or the model of the checkpoint being resumed."""
     if resumed is not None:
-        model = SpaceModel(ModelConfig.model_validate(resumed.meta["model_config"]))
+        model = SpaceModel(ModelConfig.from_stored(resumed.meta["model_config"]))  # pre-switch runs stay "padded"
         model.load_state_dict(resumed.model_state)
         teacher_info = TeacherInfo.model_validate(resumed.meta["teacher"])
         model = model.to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]

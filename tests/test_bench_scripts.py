@@ -154,8 +154,9 @@ def test_branches_bench_refuses_a_machine_without_cuda_with_a_clear_message() ->
 
 
 def test_geometry_probes_reproduce_the_documented_misalignments(tmp_path: Path) -> None:
-    """docs/model.md, "Known limitations (geometry)": FE resize 3.5 -> 4.40, 12.0 -> 11.92, 20.5 -> 19.45 at
-    128 px (PDN teacher), the avg-pool fix on the true cells, and the map's +1.5 px down-right offset."""
+    """docs/model.md, "Known limitations (geometry)" and "Map alignment": FE resize 3.5 -> 4.40, 12.0 -> 11.92,
+    20.5 -> 19.45 at 128 px (PDN teacher), the avg-pool fix on the true cells; the map's +1.5 px down-right
+    offset with map_align="padded" and none with "receptive_field", on the measured receptive-field centres."""
     out = tmp_path / "geometry.json"
     done = subprocess.run(
         [sys.executable, "bench/geometry.py", "--teacher", "pdn", "--out", str(out)],
@@ -163,15 +164,28 @@ def test_geometry_probes_reproduce_the_documented_misalignments(tmp_path: Path) 
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert re.search(r"pdn +30 +3\.50 +3\.49 +4\.40 ", done.stdout), done.stdout
+    assert re.search(r"^  padded +\+1\.50,\+1\.50 +\+1\.50,\+1\.50$", done.stdout, flags=re.MULTILINE), done.stdout
+    assert re.search(r"^  receptive_field +\+0\.00,\+0\.00 +\+0\.00,\+0\.00$", done.stdout, flags=re.MULTILINE)
     result = json.loads(out.read_text())
     fe = result["fe"]["pdn"]
     assert [row["pixel"] for row in fe] == [30, 64, 98]
     assert [round(row["fe"], 2) for row in fe] == [4.40, 11.92, 19.45]
     for row in fe:
         assert abs(row["aligned"] - row["true_cell"]) < 0.05 and abs(row["trunk"] - row["true_cell"]) < 0.05
-    assert result["map"]["impulse_offset_px"] == pytest.approx(1.5, abs=1e-4)
-    inner = [v for r in result["map"]["one_pixel"]["pdn"] if not r["border"] for v in (r["dy"], r["dx"])]
-    assert inner and all(1.0 < v < 2.5 for v in inner), inner
+    maps = result["map"]
+    expected_centre = {"pdn": 16, "pdn_padded": 0, "filterbank": 16, "filterbank_padded": 0}
+    assert maps["rf_centre"] == {k: pytest.approx([c, c], abs=1e-4) for k, c in expected_centre.items()}
+    for padding in ("unpadded", "padded"):
+        assert maps["impulse_offset_px"]["padded"][padding] == pytest.approx([1.5, 1.5], abs=1e-4)
+        assert maps["impulse_offset_px"]["receptive_field"][padding] == pytest.approx([0.0, 0.0], abs=1e-4)
+
+    def interior(align: str) -> list[float]:
+        return [v for r in maps["one_pixel"][align]["pdn"] if not r["border"] for v in (r["dy"], r["dx"])]
+
+    legacy, aligned = interior("padded"), interior("receptive_field")
+    assert legacy and all(1.0 < v < 2.5 for v in legacy), legacy
+    assert all(-0.5 < v < 0.5 for v in aligned), aligned  # the untrained PDN's own asymmetry only
+    assert all(1.3 < a - b < 1.6 for a, b in zip(legacy, aligned, strict=True))  # same networks, moved by the resize
 
 
 def test_threshold_bench_synthetic_new_rule_beats_the_old_one_at_few_images(tmp_path: Path) -> None:
