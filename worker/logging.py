@@ -9,21 +9,46 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
 
 _configured = False
+_write_lock = threading.Lock()
+
+
+def write_line(text: str) -> None:
+    """Write one log line to the *current* ``sys.stderr`` (never a stream captured earlier), whole.
+
+    One ``write`` of text and newline under a process-wide lock: ``print`` writes the newline
+    separately, so two threads logging at once could glue two JSON objects into one line (and a log
+    shipper would drop both).
+    """
+    stream = sys.stderr
+    with _write_lock:
+        stream.write(text + "\n")
+        stream.flush()
 
 
 class _StderrLogger:
-    """Writes each rendered line to the *current* ``sys.stderr`` (never a stream captured earlier)."""
+    """structlog's output: each rendered event through :func:`write_line`."""
 
     def msg(self, message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+        write_line(message)
 
     log = debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
+class _LineHandler(logging.Handler):
+    """The stdlib root handler (kafka-python, botocore): the same whole-line writes as structlog's."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            write_line(self.format(record))
+        except Exception:  # noqa: BLE001 - logging must never raise into the caller
+            self.handleError(record)
 
 
 def _stderr_logger_factory(*_args: Any) -> _StderrLogger:
@@ -70,7 +95,7 @@ def configure_logging(level: str = "INFO", fmt: str = "auto", *, force: bool = F
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(
-        level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(levelname)s %(name)s %(message)s"
+        level=max(numeric, logging.WARNING), handlers=[_LineHandler()], format="%(levelname)s %(name)s %(message)s"
     )
     # kafka-python logs every reconnect at WARNING/ERROR; keep them, but not its INFO chatter.
     logging.getLogger("kafka").setLevel(max(numeric, logging.WARNING))

@@ -1,0 +1,58 @@
+"""Log lines stay whole when threads log at once (a log shipper drops a line holding two JSON objects)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+import threading
+import time
+
+import structlog
+
+from worker.logging import configure_logging
+
+
+class _SlowStream(io.StringIO):
+    """A stream that yields the GIL on every write, as a pipe under load does: interleavings show up."""
+
+    def write(self, text: str) -> int:
+        time.sleep(0)
+        return super().write(text)
+
+
+def test_concurrent_structlog_and_stdlib_lines_are_never_glued(monkeypatch) -> None:
+    stream = _SlowStream()
+    monkeypatch.setattr(sys, "stderr", stream)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    root.handlers.clear()
+    try:
+        configure_logging("INFO", "json", force=True)
+        log = structlog.get_logger("test")
+        stdlib = logging.getLogger("kafka.test")
+        start = threading.Barrier(4)
+
+        def emit(n: int) -> None:
+            start.wait()
+            for i in range(200):
+                if n == 3:
+                    stdlib.warning("reconnect %d", i)
+                else:
+                    log.info("batch_done", thread=n, i=i, pad="x" * 200)
+
+        threads = [threading.Thread(target=emit, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 800
+    events = [json.loads(line) for line in lines if line.startswith("{")]
+    assert len(events) == 600 and all(e["event"] == "batch_done" for e in events)
+    plain = [line for line in lines if not line.startswith("{")]
+    assert len(plain) == 200 and all(line.startswith("WARNING kafka.test reconnect ") for line in plain)
