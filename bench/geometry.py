@@ -1,16 +1,18 @@
-"""Probes of the grid geometry in docs/model.md: "Map alignment (`map_align`)" and "Known limitations (geometry)".
+"""Probes of the grid geometry in docs/model.md: "Map alignment (`map_align`)" and "FE alignment (`fe_align`)".
 
 Both probes change one pixel of a flat, slightly noisy image and find where the change lands, as the
 |change|-weighted centroid (summed over channels). Untrained networks (seeded), CPU, no files, seconds.
 
-* ``fe``: the student's FE and FM-gate resize (``Student.forward``, ``align_corners=True`` from the trunk's
-  ``(g+3)²`` grid to the output's ``g²``). A pixel at row ``r`` belongs to output cell ``(r - 16) / 4``
-  (receptive-field centre ``4q + 16``). Columns, all as row centroids in output cells, pixels on the diagonal:
-  ``teacher trunk - 1.5`` (the trunk before the resize, shifted to output cells: where it should land),
-  ``FE`` and ``gate`` (the teacher's and the student's trunk as the FM receives them, captured by a
-  forward pre-hook on ``student.fm``, i.e. the code path itself) and ``aligned`` (what
-  ``F.avg_pool2d(trunk, 2, stride=1)[..., 1:-1, 1:-1]`` would give: the fix left for an experiment).
-  The filter-bank teacher's trunk is already on the ``g²`` grid, so its FE is not resized; its gate is.
+* ``fe``: the student's FE and FM-gate resize (``Student.forward``, ``models.networks.to_output_grid``, from the
+  trunk's ``(g+3)²`` grid to the output's ``g²``), both ``ModelConfig.fe_align`` modes side by side on the same
+  seeded weights: ``align_corners`` (the original bilinear ``align_corners=True`` resize) and
+  ``receptive_field`` (the 2x2 mean of trunk cells j+1 and j+2, centred on j + 1.5). A pixel at row ``r``
+  belongs to output cell ``(r - c) / 4`` (receptive-field centre ``4q + c``, c = 16 unpadded, 0 with
+  ``padding``). Columns, all as row centroids in output cells, pixels on the diagonal: ``trunk`` (the teacher
+  trunk before the resize, shifted by -1.5 to output cells: where it should land), then per mode ``FE`` and
+  ``gate`` (the teacher's and the student's trunk as the FM receives them, captured by a forward pre-hook on
+  ``student.fm``, i.e. the code path itself). The filter-bank teacher's trunk is already on the ``g²`` grid,
+  so its FE is not resized in either mode; its gate is. Unpadded first, then ``padding=True``.
 * ``map``: the anomaly map's placement (``SpaceModel.upsample``), both ``ModelConfig.map_align`` modes side
   by side: ``padded`` (the original: pad the unpadded grid by 4, resize with ``align_corners=False``) and
   ``receptive_field`` (cell q on its receptive-field centre ``4q + c``). First the centre c itself, measured
@@ -40,17 +42,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models.model import MapAlign, ModelConfig, SpaceModel, efficientad_config  # noqa: E402
-from models.networks import PDN, PdnSize, pdn_out_size  # noqa: E402
+from models.networks import PDN, FeAlign, PdnSize, pdn_out_size, pdn_rf_centre  # noqa: E402
 from models.teacher import FilterBankTeacher  # noqa: E402
 
 STRIDE, RF_CENTRE = 4, 16  # unpadded PDN grid: cell q's receptive field is centred on pixel 4q + 16
 MAP_ALIGNS: tuple[MapAlign, ...] = ("padded", "receptive_field")
+FE_ALIGNS: tuple[FeAlign, ...] = ("align_corners", "receptive_field")
 MAP_PIXELS_128 = ((40, 70), (64, 64), (90, 30), (20, 100))  # scaled by px / 128; the last one is at the border
 
 
@@ -73,56 +75,128 @@ def poke(x: torch.Tensor, r: int, c: int) -> torch.Tensor:
     return y
 
 
-def aligned(trunk: torch.Tensor) -> torch.Tensor:
-    """The aligned resize: mean of trunk cells j+1 and j+2, centred on j + 1.5."""
-    return F.avg_pool2d(trunk, 2, stride=1)[..., 1:-1, 1:-1]
+def fe_probe(px: int, teacher: str, seed: int, padding: bool = False) -> list[dict[str, float | bool]]:
+    """Row centroids (output cells) of a one-pixel change at (r, r), r in (30, px/2, px-30), in both modes.
 
-
-def fe_probe(px: int, teacher: str, seed: int) -> list[dict[str, float | None]]:
-    """Row centroids (output cells) of a one-pixel change at (r, r), r in (30, px/2, px-30)."""
-    torch.manual_seed(seed)
-    cfg = ModelConfig(input_size=(px, px), teacher_kind=teacher, use_fe=True, use_fm=True, use_scl=False)
-    m = SpaceModel(cfg).eval()
-    assert m.student.fm is not None
+    Two ``space`` models from the same seed (``fe_align`` adds no parameter, so their weights are identical),
+    one per ``ModelConfig.fe_align``; the FE and gate are what the FM receives (a forward pre-hook on
+    ``student.fm``). ``trunk`` / ``student_trunk``: the teacher's / student's trunk before the resize, minus
+    1.5 cells when it is on the ``(g+3)²`` grid (output cell j sits on trunk position j + 1.5).
+    """
+    c = pdn_rf_centre(padding)
     captured: dict[str, torch.Tensor] = {}
 
     def grab(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         captured["fe"], captured["gate"] = args[0].detach(), args[1].detach()
 
-    hook = m.student.fm.register_forward_pre_hook(grab)
+    models: dict[FeAlign, SpaceModel] = {}
+    for align in FE_ALIGNS:
+        torch.manual_seed(seed)
+        cfg = ModelConfig.model_validate(
+            {"input_size": (px, px), "teacher_kind": teacher, "padding": padding, "use_scl": False, "fe_align": align}
+        )
+        models[align] = SpaceModel(cfg).eval()
+        assert models[align].student.fm is not None
+    ref, new = models["align_corners"], models["receptive_field"]
+    assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), new.state_dict().values(), strict=True))
     x = base_image(px, seed)
 
     @torch.no_grad()
     def parts(img: torch.Tensor) -> dict[str, torch.Tensor]:
-        xn = m.normalize(img)
-        trunk, _ = m.teacher_features(xn)
-        m.student_features(xn, trunk)
-        return {"trunk": trunk, "fe": captured["fe"], "gate": captured["gate"], "aligned": aligned(trunk)}
+        out: dict[str, torch.Tensor] = {}
+        for align, m in models.items():
+            hook = m.student.fm.register_forward_pre_hook(grab)  # type: ignore[union-attr]
+            try:
+                xn = m.normalize(img)
+                trunk, _ = m.teacher_features(xn)
+                m.student_features(xn, trunk)
+            finally:
+                hook.remove()
+            out[f"fe:{align}"], out[f"gate:{align}"] = captured["fe"], captured["gate"]
+        xn = ref.normalize(img)
+        out["trunk"] = ref.teacher_features(xn)[0]
+        out["student_trunk"] = ref.student.pdn.forward_with_trunk(xn)[0]
+        return out
 
-    try:
-        p0 = parts(x)
-        rows = []
-        for r in (30, px // 2, px - 30):
-            p1 = parts(poke(x, r, r))
-            cen = {k: centroid((p1[k] - p0[k]).abs().sum(1)[0])[0] for k in p0}
-            resized = p0["trunk"].shape[-1] != p0["fe"].shape[-1]
-            rows.append(
-                {
-                    "pixel": r,
-                    "true_cell": (r - RF_CENTRE) / STRIDE,
-                    "trunk": cen["trunk"] - 1.5 if resized else cen["trunk"],
-                    "fe": cen["fe"],
-                    "gate": cen["gate"],
-                    "aligned": cen["aligned"] if resized else None,
-                }
+    p0 = parts(x)
+    grid = ref.grid[0]
+    rows: list[dict[str, float | bool]] = []
+    for r in (30, px // 2, px - 30):
+        p1 = parts(poke(x, r, r))
+        cen = {k: centroid((p1[k] - p0[k]).abs().sum(1)[0])[0] for k in p0}
+        fe_resized = p0["trunk"].shape[-1] != grid
+        rows.append(
+            {
+                "pixel": r,
+                "true_cell": (r - c) / STRIDE,
+                "trunk": cen["trunk"] - 1.5 if fe_resized else cen["trunk"],
+                "student_trunk": cen["student_trunk"] - 1.5,
+                "fe": cen["fe:align_corners"],
+                "gate": cen["gate:align_corners"],
+                "aligned": cen["fe:receptive_field"],
+                "gate_aligned": cen["gate:receptive_field"],
+                "fe_resized": fe_resized,
+            }
+        )
+    return rows
+
+
+def fe_report(px: int, teachers: list[str], seed: int) -> dict[str, list[dict[str, float | bool]]]:
+    """Print and return the ``fe`` probe: per teacher, unpadded then padded, both ``fe_align`` modes."""
+    print(
+        f"FE / gate resize, {px} px: row centroid of a one-pixel change (r, r), in output cells (ModelConfig.fe_align)"
+    )
+    fe: dict[str, list[dict[str, float | bool]]] = {}
+    for padding in (False, True):
+        if padding:
+            print(
+                "padding=True (cell q centred on pixel 4q; the trunk is again (g+3)², output cell j on trunk j + 1.5):"
             )
-        return rows
-    finally:
-        hook.remove()
+        print(f"{'':<32} {'align_corners':>13} {'receptive_field':>16}")
+        print(
+            f"{'teacher':<11} {'pixel':>5} {'true cell':>9} {'trunk':>9} {'FE':>6} {'gate':>6} {'FE':>7} {'gate':>7}"
+            f" {'s.trunk':>8}"
+        )
+        for teacher in teachers:
+            rows = fe[f"{teacher}_padded" if padding else teacher] = fe_probe(px, teacher, seed, padding)
+            for row in rows:
+                print(
+                    f"{teacher:<11} {row['pixel']:>5} {row['true_cell']:>9.2f} {row['trunk']:>9.2f} "
+                    f"{row['fe']:>6.2f} {row['gate']:>6.2f} {row['aligned']:>7.2f} {row['gate_aligned']:>7.2f}"
+                    f" {row['student_trunk']:>8.2f}"
+                )
+    print("(trunk / s.trunk: the teacher's / student's trunk before the resize, minus 1.5 cells; the filter bank's")
+    print(" trunk is on the output grid already, so its FE is not resized in either mode. gate: the student's own")
+    print(" trunk as the FM receives it, resized in both modes.)")
+    errors = {
+        align: [
+            v
+            for rows in fe.values()
+            for r in rows
+            for v in (float(r[f]) - float(r["trunk"]), float(r[g]) - float(r["student_trunk"]))
+        ]
+        for align, f, g in (("align_corners", "fe", "gate"), ("receptive_field", "aligned", "gate_aligned"))
+    }
+    print("the resize's own shift (FE - trunk, gate - s.trunk; 0 = aligned), all rows, in output cells:")
+    for align, errs in errors.items():
+        print(f"  {align:<16} {min(errs):+.2f} to {max(errs):+.2f}, largest |shift| {max(map(abs, errs)):.2f}")
+    return fe
 
 
 def _grid_origin(padding: bool) -> int:
     return 0 if padding else RF_CENTRE
+
+
+def uniform_pdn(size: PdnSize, padding: bool) -> PDN:
+    """A PDN with uniform positive weights and no bias: every cell's receptive field is symmetric."""
+    net = PDN(size, 8, padding)
+    with torch.no_grad():
+        for mod in net.modules():
+            if isinstance(mod, torch.nn.Conv2d):
+                mod.weight.fill_(1.0 / mod.weight[0].numel())
+                assert mod.bias is not None
+                mod.bias.zero_()
+    return net
 
 
 def receptive_field_centre(kind: str, padding: bool, px: int = 128, size: PdnSize = "s") -> tuple[float, float]:
@@ -137,14 +211,7 @@ def receptive_field_centre(kind: str, padding: bool, px: int = 128, size: PdnSiz
     g = pdn_out_size(px, padding)
     q = g // 2
     if kind == "pdn":
-        net = PDN(size, 8, padding)
-        with torch.no_grad():
-            for mod in net.modules():
-                if isinstance(mod, torch.nn.Conv2d):
-                    mod.weight.fill_(1.0 / mod.weight[0].numel())
-                    assert mod.bias is not None
-                    mod.bias.zero_()
-        out = net(x)[0, 0, q, q]
+        out = uniform_pdn(size, padding)(x)[0, 0, q, q]
     else:
         bank = FilterBankTeacher(padding=padding)
         n = bank.kernels.shape[0]  # per scale: [relu(r) for n filters | relu(-r) for n filters]
@@ -265,20 +332,7 @@ def main() -> None:
     result: dict[str, object] = {"px": args.px, "seed": args.seed}
 
     if "fe" in args.probe:
-        print(f"FE / gate resize, {args.px} px: row centroid of a one-pixel change (r, r), in output cells")
-        print(f"{'teacher':<11} {'pixel':>5} {'true cell':>9} {'trunk':>9} {'FE':>6} {'gate':>6} {'aligned':>7}")
-        fe: dict[str, list[dict[str, float | None]]] = {}
-        for teacher in args.teacher:
-            fe[teacher] = fe_probe(args.px, teacher, args.seed)
-            for row in fe[teacher]:
-                al = "-" if row["aligned"] is None else f"{row['aligned']:.2f}"
-                print(
-                    f"{teacher:<11} {row['pixel']:>5} {row['true_cell']:>9.2f} {row['trunk']:>9.2f} "
-                    f"{row['fe']:>6.2f} {row['gate']:>6.2f} {al:>7}"
-                )
-        print("(trunk: the teacher trunk before the resize, minus 1.5 cells; the filter bank's trunk is on the output")
-        print(" grid already: trunk as is, its FE is not resized, no 'aligned'. gate: the student's own trunk.)")
-        result["fe"] = fe
+        result["fe"] = fe_report(args.px, args.teacher, args.seed)
 
     if "map" in args.probe:
         result["map"] = map_report(args.px, args.teacher, args.seed)

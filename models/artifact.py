@@ -107,7 +107,8 @@ class ModelCard(_Frozen):
     @field_validator("config", mode="before")
     @classmethod
     def _migrate_config(cls, value: Any) -> Any:
-        """A stored config without ``map_align`` predates the switch: it loads as "padded" (its calibration)."""
+        """A stored config without ``map_align`` / ``fe_align`` predates that switch: it loads as "padded" /
+        "align_corners" (its calibration, its student's training); see ``migrate_stored_config``."""
         return migrate_stored_config(value) if isinstance(value, dict) else value
 
 

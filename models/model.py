@@ -16,7 +16,17 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from models.networks import PDN, PDN_STRIDE, TEACHER_CHANNELS, AutoEncoder, Student, pdn_out_size, pdn_rf_centre
+from models.networks import (
+    DEFAULT_FE_ALIGN,
+    PDN,
+    PDN_STRIDE,
+    TEACHER_CHANNELS,
+    AutoEncoder,
+    FeAlign,
+    Student,
+    pdn_out_size,
+    pdn_rf_centre,
+)
 from models.teacher import FilterBankTeacher
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -27,6 +37,8 @@ MapAlign = Literal["padded", "receptive_field"]
 #: ``map_align`` of a stored config written before the switch existed (its quantiles and threshold were
 #: calibrated on those maps); see :meth:`ModelConfig.from_stored`.
 LEGACY_MAP_ALIGN: MapAlign = "padded"
+#: ``fe_align`` of a stored config written before that switch existed (its student learnt with that resize).
+LEGACY_FE_ALIGN: FeAlign = "align_corners"
 _T = TypeVar("_T")
 
 
@@ -51,6 +63,12 @@ class ModelConfig(BaseModel):
     # cell q on its receptive-field centre (pixel 4q + 16 unpadded, 4q padded); "padded" is the original
     # pad-by-4 + align_corners=False resize, ~1.5 px down-right. Configs stored without it load as "padded".
     map_align: MapAlign = "receptive_field"
+    # How the student brings the FE and its own trunk (the FM gate input) from the trunk grid (g+3)² to the
+    # output grid g² (models.networks.to_output_grid): "receptive_field" (new models, chosen by the experiment
+    # in docs/model.md) is the 2x2 mean centred on each output cell, "align_corners" the original bilinear
+    # resize (1.5 cells off at the borders). Only the space variant with FE reads it. Configs stored without
+    # it load as "align_corners".
+    fe_align: FeAlign = DEFAULT_FE_ALIGN
 
     @model_validator(mode="after")
     def _efficientad_has_no_space_parts(self) -> ModelConfig:
@@ -74,10 +92,13 @@ def migrate_stored_config(data: Mapping[str, Any]) -> dict[str, Any]:
 
     The one place where configs written by older code are migrated: one without ``map_align`` predates
     the switch, so its quantiles and default threshold were computed on padded maps and it keeps
-    ``"padded"``. Unknown keys are left for validation to reject (``extra="forbid"``).
+    ``"padded"``; one without ``fe_align`` predates that switch, so its student learnt with the
+    ``align_corners=True`` resize and keeps ``"align_corners"``. Unknown keys are left for validation to
+    reject (``extra="forbid"``).
     """
     out = dict(data)
     out.setdefault("map_align", LEGACY_MAP_ALIGN)
+    out.setdefault("fe_align", LEGACY_FE_ALIGN)
     return out
 
 
@@ -152,7 +173,9 @@ class SpaceModel(nn.Module):
             self.teacher = PDN(config.size, TEACHER_CHANNELS, config.padding)
         self.teacher.eval().requires_grad_(False)
         fe_channels = int(self.teacher.trunk_channels) if config.student_uses_fe else 0
-        self.student = Student(config.size, config.padding, fe_channels, config.use_fm, config.fm_dropout)
+        self.student = Student(
+            config.size, config.padding, fe_channels, config.use_fm, config.fm_dropout, fe_align=config.fe_align
+        )
         self.ae = AutoEncoder((h, w), config.padding)
         self.grid = (pdn_out_size(h, config.padding), pdn_out_size(w, config.padding))
         self.register_buffer("image_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))

@@ -16,6 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 PdnSize = Literal["s", "m"]
+#: How :class:`Student` brings the FE and its own trunk (the FM gate input) from the trunk grid to the output
+#: grid: ``"align_corners"`` is the original bilinear ``align_corners=True`` resize (1.5 cells off at the
+#: borders), ``"receptive_field"`` the 2x2 mean centred on the output cell; see :func:`to_output_grid`.
+FeAlign = Literal["align_corners", "receptive_field"]
+#: ``fe_align`` of new models (``ModelConfig()``, :class:`Student`); stored configs without the key load as
+#: ``models.model.LEGACY_FE_ALIGN``.
+DEFAULT_FE_ALIGN: FeAlign = "receptive_field"
 
 TEACHER_CHANNELS = 384
 STUDENT_CHANNELS = 2 * TEACHER_CHANNELS
@@ -48,6 +55,32 @@ def pdn_out_size(size: int, padding: bool = False) -> int:
     s = s // 2
     s = s - 2  # conv k3
     return s - 3  # conv k4
+
+
+def to_output_grid(x: torch.Tensor, grid: tuple[int, int], fe_align: FeAlign) -> torch.Tensor:
+    """Bring a trunk-grid activation (N, C, g+3, g+3) to the PDN output grid (N, C, g, g), per ``fe_align``.
+
+    The PDN's output conv (k4, no padding) makes output cell j from trunk cells j..j+3, so output cell j sits
+    on trunk position j + 1.5, padded or not, PDN-S or PDN-M (every layer before it only moves both grids
+    together). ``"receptive_field"``: the mean of trunk cells j+1 and j+2 (rows and columns), centred
+    exactly there: ``avg_pool2d(x[..., 1:-1, 1:-1], 2, stride=1)``, which equals
+    ``avg_pool2d(x, 2, stride=1)[..., 1:-1, 1:-1]``; an input already on the output grid (the filter-bank
+    teacher's FE, sampled at the cells' receptive-field centres) is returned as it is; any other size is
+    refused. Keeps the input's dtype (bf16 stays bf16) and branches only on static shapes, so it traces as
+    one graph (CUDA graphs, ``torch.compile``). ``"align_corners"``: the original
+    ``F.interpolate(..., align_corners=True)`` to ``grid`` (any input size), bit for bit; it samples
+    position j·(g+2)/(g−1), exact at the centre but 1.5 cells towards the image border at the edge cells.
+    """
+    if fe_align == "align_corners":
+        return F.interpolate(x, size=grid, mode="bilinear", align_corners=True)
+    h, w = x.shape[-2:]
+    if (h, w) == tuple(grid):
+        return x
+    if (h - 3, w - 3) != tuple(grid):
+        raise ValueError(
+            f"fe_align 'receptive_field' needs the output grid {tuple(grid)} or the trunk grid (+3), got {(h, w)}"
+        )
+    return F.avg_pool2d(x[..., 1:-1, 1:-1], 2, stride=1)
 
 
 def pdn_trunk_channels(size: PdnSize) -> int:
@@ -205,9 +238,16 @@ class Student(nn.Module):
         fe_channels: int = 0,
         use_fm: bool = True,
         fm_dropout: float = 0.1,
+        fe_align: FeAlign = DEFAULT_FE_ALIGN,
     ) -> None:
-        """Build the student; ``fe_channels=0`` means no FE (plain EfficientAD student)."""
+        """Build the student; ``fe_channels=0`` means no FE (plain EfficientAD student).
+
+        ``fe_align`` says how the FE and the gate input reach the output grid (:func:`to_output_grid`).
+        """
         super().__init__()
+        if fe_align not in ("align_corners", "receptive_field"):
+            raise ValueError(f"fe_align must be 'align_corners' or 'receptive_field', got {fe_align!r}")
+        self.fe_align: FeAlign = fe_align
         self.pdn = PDN(size, STUDENT_CHANNELS, padding)
         self.fm: FeatureConverter | None = None
         self.fe_proj: nn.Conv2d | None = None
@@ -228,10 +268,10 @@ class Student(nn.Module):
             return out
         if fe is None:
             raise ValueError("this student uses FE features; pass fe=")
-        grid = out.shape[-2:]
-        fe = F.interpolate(fe, size=grid, mode="bilinear", align_corners=True)
+        grid = (out.shape[-2], out.shape[-1])
+        fe = to_output_grid(fe, grid, self.fe_align)
         if self.fm is not None:
-            trunk = F.interpolate(trunk, size=grid, mode="bilinear", align_corners=True)
+            trunk = to_output_grid(trunk, grid, self.fe_align)
             return out + self.fm(fe, trunk)
         assert self.fe_proj is not None
         return out + self.fe_proj(fe)

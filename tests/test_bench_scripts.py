@@ -154,7 +154,7 @@ def test_branches_bench_refuses_a_machine_without_cuda_with_a_clear_message() ->
 
 
 def test_geometry_probes_reproduce_the_documented_misalignments(tmp_path: Path) -> None:
-    """docs/model.md, "Known limitations (geometry)" and "Map alignment": FE resize 3.5 -> 4.40, 12.0 -> 11.92,
+    """docs/model.md, "FE alignment" and "Map alignment": FE resize 3.5 -> 4.40, 12.0 -> 11.92,
     20.5 -> 19.45 at 128 px (PDN teacher), the avg-pool fix on the true cells; the map's +1.5 px down-right
     offset with map_align="padded" and none with "receptive_field", on the measured receptive-field centres."""
     out = tmp_path / "geometry.json"

@@ -7,7 +7,6 @@ written before the switch) is the original pad-by-4 + ``align_corners=False`` re
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -15,13 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from bench.geometry import receptive_field_centre
-from models.artifact import CARD_FILE, ArtifactError, ModelCard, TeacherInfo, load_card, save_artifact
-from models.checkpoint import Checkpoint
+from models.artifact import CARD_FILE, ArtifactError, ModelCard, load_card
 from models.detector import Detector
 from models.model import ModelConfig, SpaceModel, efficientad_config, migrate_stored_config
 from models.networks import PDN_STRIDE, pdn_rf_centre
-from models.train import TrainConfig, _build_model
-from tests.test_models.model_fixtures import SIZE, make_card, make_model
+from models.train import TrainConfig
+from tests.test_models.model_fixtures import SIZE, make_model, resume_with_config, save_card_with_config
 
 MAP_TENSORS = {"map_rows", "map_row_weight", "map_cols", "map_col_weight"}
 
@@ -172,14 +170,7 @@ def test_pdn_m_has_the_same_centre(padding: bool) -> None:
 def _saved_artifact(tmp_path: Path, edit: dict[str, object] | None = None, drop: bool = False) -> Path:
     model = make_model("efficientad")
     assert model.config.map_align == "receptive_field"
-    path = save_artifact(tmp_path / "v1", make_card(model), model.state_dict())
-    doc = json.loads((path / CARD_FILE).read_text())
-    assert doc["config"]["map_align"] == "receptive_field"  # the switch is stored with every new card
-    if drop:
-        del doc["config"]["map_align"]
-    doc["config"].update(edit or {})
-    (path / CARD_FILE).write_text(json.dumps(doc))
-    return path
+    return save_card_with_config(model, tmp_path / "v1", "map_align", drop=drop, edit=edit)
 
 
 def test_an_artifact_without_the_key_loads_as_padded(tmp_path: Path) -> None:
@@ -213,22 +204,16 @@ def test_stored_configs_still_reject_unknown_keys(tmp_path: Path) -> None:
 
 def test_migration_only_fills_the_missing_key() -> None:
     stored = {"variant": "space", "input_size": [64, 64]}
-    assert migrate_stored_config(stored) == {**stored, "map_align": "padded"}
+    assert migrate_stored_config(stored) == {**stored, "map_align": "padded", "fe_align": "align_corners"}
     assert "map_align" not in stored  # the caller's dict is not changed
-    assert migrate_stored_config({"map_align": "receptive_field"}) == {"map_align": "receptive_field"}
+    kept = {"map_align": "receptive_field", "fe_align": "receptive_field"}  # fe_align: test_fe_alignment.py
+    assert migrate_stored_config(kept) == kept
 
 
 @pytest.mark.parametrize(("stored", "expected"), [(None, "padded"), ("receptive_field", "receptive_field")])
 def test_a_resumed_checkpoint_keeps_the_maps_it_started_with(stored: str | None, expected: str) -> None:
     """A training run checkpointed before the switch resumes (and is later calibrated) on padded maps."""
     model = make_model("efficientad")
-    config = model.config.model_dump(mode="json")
-    if stored is None:
-        del config["map_align"]
-    else:
-        config["map_align"] = stored
-    meta = {"model_config": config, "teacher": TeacherInfo(source="offline:filterbank").model_dump(mode="json")}
-    resumed = Checkpoint(model.state_dict(), {}, torch.get_rng_state(), meta)
-    rebuilt, _ = _build_model(None, None, None, torch.device("cpu"), resumed)  # type: ignore[arg-type]
+    rebuilt = resume_with_config(model, "map_align", stored)
     assert rebuilt.config.map_align == expected
     assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in model.state_dict().items())

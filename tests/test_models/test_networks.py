@@ -105,7 +105,7 @@ def test_inplace_relus_give_the_out_of_place_outputs_and_gradients(monkeypatch: 
         with torch.no_grad():  # a non-zero FM output, so its relus reach the loss
             student.fm.conv3.weight.normal_(0, 0.1)  # type: ignore[union-attr]
         x = torch.randn(2, 3, 64, 64)
-        fe = torch.randn(2, 256, 6, 6)
+        fe = torch.randn(2, 256, 11, 11)  # the trunk grid at 64 px (g = 8, g + 3 = 11)
         out = torch.cat([student(x, fe), ae(x)], dim=1)
         out.pow(2).mean().backward()
         params = {f"s.{n}": p for n, p in student.named_parameters()} | {f"a.{n}": p for n, p in ae.named_parameters()}
