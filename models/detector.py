@@ -2,7 +2,8 @@
 
 Implements the contract of docs/architecture.md. Inference runs teacher, student (+FE/FM for ``space``) and
 autoencoder under ``torch.inference_mode``, normalises each branch map with the card's quantiles, combines
-them 0.5/0.5, pads by 4 and resizes to the input size; the image score is the map's max (SPACE_SPEC §1.8).
+them 0.5/0.5, resizes to the input size as the card's ``map_align`` says (docs/model.md); the image score is
+the map's max (SPACE_SPEC §1.8).
 One caller at a time: a lock serialises :meth:`Detector.predict`.
 """
 

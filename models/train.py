@@ -457,6 +457,8 @@ def train(cfg: TrainConfig) -> Path:
         n_train=len(data.train_images),
         n_val=len(data.val_images),
         teacher=teacher_info.source,
+        map_align=model.config.map_align,  # a run resumed from before the geometry switches keeps the old ones
+        fe_align=model.config.fe_align,
     )
     t_loop = time.monotonic()
 
