@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 
 _configured = False
-_write_lock = threading.Lock()
+_write_lock = threading.RLock()  # re-entrant: a signal handler on the main thread may log mid-write
 
 
 def write_line(text: str) -> None:
@@ -24,7 +24,8 @@ def write_line(text: str) -> None:
 
     One ``write`` of text and newline under a process-wide lock: ``print`` writes the newline
     separately, so two threads logging at once could glue two JSON objects into one line (and a log
-    shipper would drop both).
+    shipper would drop both). The lock is re-entrant: the SIGTERM handler logs on the main thread, which
+    may be inside this function when the signal arrives (a plain Lock deadlocked the worker there).
     """
     stream = sys.stderr
     with _write_lock:

@@ -56,3 +56,26 @@ def test_concurrent_structlog_and_stdlib_lines_are_never_glued(monkeypatch) -> N
     assert len(events) == 600 and all(e["event"] == "batch_done" for e in events)
     plain = [line for line in lines if not line.startswith("{")]
     assert len(plain) == 200 and all(line.startswith("WARNING kafka.test reconnect ") for line in plain)
+
+
+def test_a_signal_handler_may_log_while_the_main_thread_is_writing_a_line() -> None:
+    """The worker's SIGTERM handler logs on the main thread, which may be inside a log write: no deadlock.
+
+    Run in a child process, so that a deadlock fails the test by timeout instead of hanging it.
+    """
+    import subprocess
+    from pathlib import Path
+
+    script = (
+        "import os, signal, structlog, worker.logging as wl\n"
+        "wl.configure_logging('INFO', 'json', force=True)\n"
+        "signal.signal(signal.SIGUSR1, lambda *a: structlog.get_logger().info('signal_received'))\n"
+        "with wl._write_lock:  # the main thread is mid-write when the signal arrives\n"
+        "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "    for _ in range(1000): pass  # the handler runs here, between bytecodes\n"
+        "structlog.get_logger().info('after')\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["event"] for line in done.stderr.splitlines()] == ["signal_received", "after"]
