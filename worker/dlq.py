@@ -2,7 +2,8 @@
 
 A dead letter is the original request (value, key, headers) plus ``error-*`` headers
 (:mod:`schemas.deadletter`). Replaying one produces the original record again, ``error-*`` headers
-removed and a ``space-replay-of`` header naming the dead letter, to the topic it came from.
+removed and a ``space-replay-of`` header naming the dead letter, to the requests topic (letters from
+another ``error-source-topic`` are skipped unless the operator names a target).
 
 Reading stops on its own, also on a dead-letter topic that workers keep writing to:
 
@@ -34,6 +35,7 @@ REPLAY_HEADER = "space-replay-of"
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def parse_when(text: str, *, now: datetime) -> datetime:
@@ -43,15 +45,19 @@ def parse_when(text: str, *, now: datetime) -> datetime:
         SpaceError: The text is neither.
     """
     match = _DURATION.match(text.strip())
-    if match:
-        return now - timedelta(seconds=float(match.group(1)) * _UNIT_S[match.group(2)])
     try:
-        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
+        if match:
+            when = now - timedelta(seconds=float(match.group(1)) * _UNIT_S[match.group(2)])
+        else:
+            when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except (ValueError, OverflowError):
         raise SpaceError(
             f"cannot read {text!r} as a time: use RFC 3339 (2026-12-01T08:00:00Z) or an age (45s, 90m, 2h, 3d)"
         ) from None
-    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+    when = when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+    if when < _EPOCH:
+        raise SpaceError(f"{text!r} is before 1970: Kafka record times start at the Unix epoch")
+    return when
 
 
 def to_ms(when: datetime) -> int:
@@ -81,12 +87,17 @@ class DeadLetterRecord:
     @property
     def product_line(self) -> str:
         """The request's ``ce_productline`` header, or ``-`` when it has none."""
-        return _header(self.headers, "ce_productline") or "-"
+        return _printable(_header(self.headers, "ce_productline") or "-")
 
     @property
     def message_id(self) -> str:
         """The request's ``ce_id`` header, or ``-``."""
-        return _header(self.headers, "ce_id") or "-"
+        return _printable(_header(self.headers, "ce_id") or "-")
+
+    @property
+    def replay_of(self) -> str | None:
+        """The ``space-replay-of`` header: the dead letter this record was a replay of, or None."""
+        return _header(self.headers, REPLAY_HEADER)
 
     @property
     def ref(self) -> str:
@@ -105,6 +116,11 @@ class DeadLetterRecord:
         """The original headers: ``error-*`` and any earlier ``space-replay-of`` removed, this one's appended."""
         kept = [(k, v) for k, v in self.headers if not k.lower().startswith("error-") and k.lower() != REPLAY_HEADER]
         return [*kept, (REPLAY_HEADER, self.ref.encode())]
+
+
+def _printable(text: str) -> str:
+    """Header text for a terminal: control characters escaped (a header is whatever a sender wrote)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _header(headers: Iterable[tuple[str, bytes | None]], name: str) -> str | None:
@@ -302,63 +318,87 @@ Send = Callable[[str, bytes | None, bytes | None, list[tuple[str, bytes]]], _Fut
 
 @dataclass
 class ReplayReport:
-    """What a replay did: records produced (or that would be, in a dry run) and skipped, by cause."""
+    """What a replay did: records acknowledged (or listed, in a dry run), failed, and skipped by cause."""
 
     replayed: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (dead-letter ref, error)
     skipped: Counter[str] = field(default_factory=Counter)
 
 
 def replay_dead_letters(
-    letters: Iterable[DeadLetterRecord], send: Send | None, *, to_topic: str | None = None,
+    letters: Iterable[DeadLetterRecord], send: Send | None, *, to_topic: str, source_topic: str | None,
     on_replayed: Callable[[DeadLetterRecord, str, Any], None] = lambda letter, topic, meta: None,
-    flush_every: int = 500, ack_timeout_s: float = 30.0,
+    flush_every: int = 500, flush_bytes: int = 64 * 1024 * 1024, ack_timeout_s: float = 150.0,
 ) -> ReplayReport:  # fmt: skip
-    """Produce each replayable letter to ``to_topic`` or its ``error-source-topic``; ``send=None`` is a dry run.
+    """Produce each replayable letter to ``to_topic``; ``send=None`` is a dry run.
 
-    Acknowledgements are awaited every ``flush_every`` records and at the end; ``on_replayed`` sees
-    each acknowledged record (metadata ``None`` in a dry run) in the order they were read.
+    Skipped (counted in ``skipped``): letters that cannot be replayed (:meth:`DeadLetterRecord.replay_blocker`);
+    with ``source_topic`` set, letters whose ``error-source-topic`` is another topic (``other-source-topic``:
+    a forged or foreign header must not steer records elsewhere); and letters of a chain this run already
+    replayed (``already-replayed``): a letter is skipped when its ref or the ref in its ``space-replay-of``
+    header is one this run replayed or named, so neither a replay that fails again while the run reads
+    (a worker clock behind the operator's) nor an original and its re-dead-lettered replay in one
+    window send the request twice.
 
-    Raises:
-        SpaceError: A send failed; the message says how many were replayed before it and which
-            dead letter failed, so a rerun can start after it (``--since``).
+    Acknowledgements are awaited every ``flush_every`` records or ``flush_bytes`` of values and at the end;
+    ``on_replayed`` sees each acknowledged record (metadata ``None`` in a dry run). After the first failure
+    nothing more is sent, every record already handed to the producer is awaited and reported, and
+    :class:`SpaceError` says how many were replayed and which failed; the same happens (then the original
+    error propagates) when reading stops with an exception.
     """
     report = ReplayReport()
     window: list[tuple[DeadLetterRecord, str, _Future]] = []
+    window_bytes = 0
+    chain: set[str] = set()
 
     def settle() -> None:
+        nonlocal window_bytes
         for letter, topic, future in window:
             try:
                 meta = future.get(timeout=ack_timeout_s)
-            except Exception as exc:  # noqa: BLE001 - any failed send ends the replay with a count
-                raise SpaceError(
-                    f"replaying {letter.ref} to {topic} failed ({type(exc).__name__}: {exc}); "
-                    f"{report.replayed} replayed before it"
-                ) from None
+            except Exception as exc:  # noqa: BLE001 - reported per record, then the replay stops
+                report.failed.append((letter.ref, f"{type(exc).__name__}: {exc}"))
+                continue
             report.replayed += 1
             on_replayed(letter, topic, meta)
         window.clear()
+        window_bytes = 0
 
-    for letter in letters:
-        blocker = letter.replay_blocker()
-        if blocker is not None:
-            report.skipped[blocker] += 1
-            continue
-        assert letter.info is not None
-        topic = to_topic or letter.info.source_topic
-        if send is None:
-            report.replayed += 1
-            on_replayed(letter, topic, None)
-            continue
-        try:
-            future = send(topic, letter.key, letter.value, letter.replay_headers())
-        except Exception as exc:  # noqa: BLE001 - e.g. max_block_ms passed: settle what was sent, then report
-            settle()
-            raise SpaceError(
-                f"replaying {letter.ref} to {topic} failed ({type(exc).__name__}: {exc}); "
-                f"{report.replayed} replayed before it"
-            ) from None
-        window.append((letter, topic, future))
-        if len(window) >= flush_every:
-            settle()
-    settle()
+    try:
+        for letter in letters:
+            blocker = letter.replay_blocker()
+            if blocker is None and source_topic is not None:
+                assert letter.info is not None
+                blocker = "other-source-topic" if letter.info.source_topic != source_topic else None
+            if blocker is None and (letter.ref in chain or (letter.replay_of or letter.ref) in chain):
+                blocker = "already-replayed"
+            if blocker is not None:
+                report.skipped[blocker] += 1
+                continue
+            chain.add(letter.ref)
+            if letter.replay_of:
+                chain.add(letter.replay_of)
+            if send is None:
+                report.replayed += 1
+                on_replayed(letter, to_topic, None)
+                continue
+            try:
+                future = send(to_topic, letter.key, letter.value, letter.replay_headers())
+            except Exception as exc:  # noqa: BLE001 - e.g. max_block_ms passed: reported like a failed ack
+                report.failed.append((letter.ref, f"{type(exc).__name__}: {exc}"))
+                break
+            window.append((letter, to_topic, future))
+            window_bytes += len(letter.value or b"")
+            if len(window) >= flush_every or window_bytes >= flush_bytes:
+                settle()
+                if report.failed:
+                    break
+    finally:
+        settle()  # also when reading raised: what was handed to the producer is awaited and reported
+    if report.failed:
+        ref, error = report.failed[0]
+        raise SpaceError(
+            f"replay stopped: {len(report.failed)} failed (first {ref} to {to_topic}: {error}); "
+            f"{report.replayed} replayed (listed above); later dead letters were not sent"
+        )
     return report

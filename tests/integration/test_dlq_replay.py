@@ -43,6 +43,7 @@ def test_replay_of_model_unavailable_letters_once_the_model_is_fixed(
     records.append(request_record(images[0], line="no-such-line", camera="cam-x", message_id="stray"))
     monkeypatch.setenv("SPACE_KAFKA__BOOTSTRAP_SERVERS", settings.kafka.bootstrap_servers)
     monkeypatch.setenv("SPACE_KAFKA__DLQ_TOPIC", topics.dlq)
+    monkeypatch.setenv("SPACE_KAFKA__REQUESTS_TOPIC", topics.requests)
 
     with running_worker(settings):
         produce(settings, topics.requests, records)
@@ -95,6 +96,7 @@ def test_replay_window_stops_at_the_cutoff_and_skips_truncated_letters(
     settings = make_settings(topics)
     monkeypatch.setenv("SPACE_KAFKA__BOOTSTRAP_SERVERS", settings.kafka.bootstrap_servers)
     monkeypatch.setenv("SPACE_KAFKA__DLQ_TOPIC", topics.dlq)
+    monkeypatch.setenv("SPACE_KAFKA__REQUESTS_TOPIC", topics.requests)
     now = datetime.now(UTC)
 
     def letter(mid: str, value: bytes, max_value_bytes: int) -> tuple[bytes, bytes | None, list[tuple[str, bytes]]]:

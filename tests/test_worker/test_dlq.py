@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -43,9 +44,11 @@ def test_parse_when_reads_ages_and_rfc3339() -> None:
     assert parse_when("2026-12-01T08:00:00Z", now=NOW) == datetime(2026, 12, 1, 8, tzinfo=UTC)
     assert parse_when("2026-12-01T09:00:00+01:00", now=NOW) == datetime(2026, 12, 1, 8, tzinfo=UTC)
     assert parse_when("2026-12-01T08:00:00", now=NOW) == datetime(2026, 12, 1, 8, tzinfo=UTC)  # no offset: UTC
-    for bad in ("yesterday", "5 h", "-2h", "2w", ""):
+    for bad in ("yesterday", "5 h", "-2h", "2w", "", "99999999999d"):
         with pytest.raises(SpaceError, match="cannot read"):
             parse_when(bad, now=NOW)
+    with pytest.raises(SpaceError, match="before 1970"):
+        parse_when("1969-12-31T00:00:00Z", now=NOW)
 
 
 def test_a_dead_letter_is_read_with_its_request_attributes() -> None:
@@ -125,8 +128,11 @@ class FakeFuture:
 
 
 def test_replay_sends_replayable_letters_and_counts_skips() -> None:
+    foreign = make_letter(offset=4)
+    assert foreign.info is not None
+    foreign = replace(foreign, info=foreign.info.model_copy(update={"source_topic": "inspection.results"}))
     letters = [make_letter(offset=1), make_letter(offset=2, value=b"0123456789", max_value_bytes=4),
-               make_letter(offset=3)]  # fmt: skip
+               make_letter(offset=3), foreign]  # fmt: skip
     sent: list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]] = []
     seen: list[tuple[str, str, Any]] = []
 
@@ -134,23 +140,38 @@ def test_replay_sends_replayable_letters_and_counts_skips() -> None:
         sent.append((topic, key, value, headers))
         return FakeFuture(SimpleNamespace(partition=0, offset=len(sent)))
 
-    report = replay_dead_letters(letters, send, on_replayed=lambda ltr, t, m: seen.append((ltr.ref, t, m.offset)),
+    report = replay_dead_letters(letters, send, to_topic="inspection.requests", source_topic="inspection.requests",
+                                 on_replayed=lambda ltr, t, m: seen.append((ltr.ref, t, m.offset)),
                                  flush_every=1)  # fmt: skip
-    assert report.replayed == 2 and dict(report.skipped) == {"value-truncated": 1}
-    assert [s[0] for s in sent] == ["inspection.requests", "inspection.requests"]  # error-source-topic
+    assert report.replayed == 2 and dict(report.skipped) == {"value-truncated": 1, "other-source-topic": 1}
+    assert [s[0] for s in sent] == ["inspection.requests", "inspection.requests"]
     assert seen == [("inspection.dlq/0/1", "inspection.requests", 1), ("inspection.dlq/0/3", "inspection.requests", 2)]
     assert sent[0][1] == b"cam-1" and sent[0][2] == b"\x89PNG...."
 
-    dry = replay_dead_letters(letters, None, to_topic="other")
-    assert dry.replayed == 2 and dict(dry.skipped) == {"value-truncated": 1}
+    dry = replay_dead_letters(letters, None, to_topic="other", source_topic=None)  # --to: any source topic
+    assert dry.replayed == 3 and dict(dry.skipped) == {"value-truncated": 1}
 
 
-def test_a_failed_send_stops_the_replay_and_says_how_far_it_got() -> None:
+def test_a_chain_is_replayed_once_whatever_order_its_letters_come_in() -> None:
+    """An original and the re-dead-letter of its replay (space-replay-of names the original) in one window, or a
+    replay failing again while the run still reads (a worker clock behind the operator's): sent once."""
+    original = make_letter(offset=1)
+    again = make_letter(offset=9, headers=[*REQUEST_HEADERS, (REPLAY_HEADER, b"inspection.dlq/0/1")])
+    assert again.replay_of == "inspection.dlq/0/1"
+    for order in ([original, again], [again, original]):
+        report = replay_dead_letters(order, None, to_topic="t", source_topic=None)
+        assert report.replayed == 1 and dict(report.skipped) == {"already-replayed": 1}
+
+
+def test_a_failed_send_stops_the_replay_and_every_handed_record_is_reported() -> None:
     ok = SimpleNamespace(partition=0, offset=0)
     futures = iter([FakeFuture(ok), FakeFuture(error=TimeoutError("no ack")), FakeFuture(ok)])
-    letters = [make_letter(offset=1), make_letter(offset=2), make_letter(offset=3)]
-    with pytest.raises(SpaceError, match=r"replaying inspection.dlq/0/2 to t failed \(TimeoutError: no ack\); 1 repl"):
-        replay_dead_letters(letters, lambda *a: next(futures), to_topic="t")
+    letters = [make_letter(offset=1), make_letter(offset=2), make_letter(offset=3), make_letter(offset=4)]
+    seen: list[str] = []
+    with pytest.raises(SpaceError, match=r"1 failed \(first inspection.dlq/0/2 to t: TimeoutError: no ack\); 2 repl"):
+        replay_dead_letters(letters, lambda *a: next(futures), to_topic="t", source_topic=None, flush_every=3,
+                            on_replayed=lambda ltr, t, m: seen.append(ltr.ref))  # fmt: skip
+    assert seen == ["inspection.dlq/0/1", "inspection.dlq/0/3"]  # the third was handed over: awaited, reported
 
     def send(*args: object) -> FakeFuture:  # the producer itself raises (max_block_ms passed) on the third
         if len(sent) == 2:
@@ -159,8 +180,30 @@ def test_a_failed_send_stops_the_replay_and_says_how_far_it_got() -> None:
         return FakeFuture(ok)
 
     sent: list[object] = []
-    with pytest.raises(SpaceError, match=r"inspection.dlq/0/3 to t failed \(TimeoutError: metadata.*; 2 replayed"):
-        replay_dead_letters(letters, send, to_topic="t")
+    with pytest.raises(SpaceError, match=r"first inspection.dlq/0/3 to t: TimeoutError: metadata.*; 2 replayed"):
+        replay_dead_letters(letters, send, to_topic="t", source_topic=None)
+    assert len(sent) == 2  # nothing more was sent after the failure
+
+
+def test_records_sent_before_reading_fails_are_still_awaited_and_reported() -> None:
+    def letters() -> Any:
+        yield make_letter(offset=1)
+        yield make_letter(offset=2)
+        raise ConnectionError("broker went away")
+
+    seen: list[str] = []
+    with pytest.raises(ConnectionError):
+        replay_dead_letters(letters(), lambda *a: FakeFuture(SimpleNamespace(partition=0, offset=0)), to_topic="t",
+                            source_topic=None, on_replayed=lambda ltr, t, m: seen.append(ltr.ref))  # fmt: skip
+    assert seen == ["inspection.dlq/0/1", "inspection.dlq/0/2"]
+
+
+def test_header_text_is_escaped_for_the_terminal() -> None:
+    letter = make_letter(headers=[("ce_id", b"m\x1b[2J"), ("ce_productline", b"brick\ntotal 0 dead letters")])
+    assert (letter.message_id, letter.product_line) == ("m\\x1b[2J", "brick\\ntotal 0 dead letters")
+    summary = Summary()
+    summary.add(letter)
+    assert len(summary.render().splitlines()) == 3
 
 
 def test_summary_counts_by_reason_and_line() -> None:

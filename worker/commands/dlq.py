@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from worker.dlq import DeadLetterRecord
 
 NAME = "dlq"
-HELP = "Count the dead letters by reason and line, or replay chosen ones to the topic they came from."
+HELP = "Count the dead letters by reason and line, or replay chosen ones to the requests topic."
 
 
 def _add_window(parser: argparse.ArgumentParser) -> None:
@@ -42,10 +42,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     summary.add_argument("--reason", action="append", default=[], help="Only this error-reason (repeatable).")
     replay = sub.add_parser(
         "replay",
-        help="Produce chosen dead letters again (original value, key and headers) to their source topic.",
+        help="Produce chosen dead letters again (original value, key and headers) to the requests topic.",
         description="Produce chosen dead letters again: the original value, key and headers, error-* headers "
-        "removed and space-replay-of=<dlq topic>/<partition>/<offset> added, to the topic in error-source-topic. "
-        "Truncated dead letters are skipped. Replaying the same window twice sends the requests twice.",
+        "removed and space-replay-of=<dlq topic>/<partition>/<offset> added, to SPACE_KAFKA__REQUESTS_TOPIC "
+        "(letters from another error-source-topic are skipped unless --to is given). Truncated dead letters are "
+        "skipped, and so is a letter of a chain this run already replayed. Replaying the same window in two "
+        "runs sends the requests twice.",
     )
     _add_window(replay)
     replay.add_argument(
@@ -53,7 +55,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="Replay dead letters with this error-reason (repeatable; required: replaying an invalid request "
         "only dead-letters it again).",
     )  # fmt: skip
-    replay.add_argument("--to", default=None, metavar="TOPIC", help="Produce to TOPIC instead of error-source-topic.")
+    replay.add_argument(
+        "--to", default=None, metavar="TOPIC",
+        help="Produce to TOPIC, whatever each letter's error-source-topic says (default: SPACE_KAFKA__REQUESTS_TOPIC, "
+        "and letters from another source topic are skipped).",
+    )  # fmt: skip
     replay.add_argument("--dry-run", action="store_true", help="List what would be replayed; produce nothing.")
 
 
@@ -123,7 +129,11 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{letter.ref}\t{letter.reason}\t{letter.product_line}\t{letter.message_id}\t{where}", flush=True)
 
             send = None if producer is None else partial(_send, producer)
-            result = replay_dead_letters(letters, send, to_topic=args.to, on_replayed=report)
+            result = replay_dead_letters(
+                letters, send, to_topic=args.to or settings.kafka.requests_topic,
+                source_topic=None if args.to else settings.kafka.requests_topic, on_replayed=report,
+                ack_timeout_s=settings.kafka.delivery_timeout_ms / 1000 + 10,
+            )  # fmt: skip
         finally:
             consumer.close()
             if producer is not None:
