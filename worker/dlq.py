@@ -12,7 +12,9 @@ Reading stops on its own, also on a dead-letter topic that workers keep writing 
   never read back and replayed in a loop;
 * a partition is finished when it yields a record at or past ``cutoff``, or when its position has
   reached the end offset read at the start and nothing arrived for ``idle_s`` (the idle wait covers
-  brokers whose end offsets lag, such as the embedded Tansu).
+  brokers whose end offsets lag, such as the embedded Tansu);
+* a partition that stays short of its end offset with nothing arriving for ``max(30 s, 10 idle_s)``
+  (its leader unavailable) ends the scan with an error instead of waiting forever.
 
 :class:`ScanProgress` holds that rule as plain logic with an injected clock.
 """
@@ -194,6 +196,12 @@ class ScanProgress:
         """Whether ``partition`` was finished by :meth:`passed_cutoff`."""
         return partition in self._done
 
+    def stalled(self, positions: Mapping[int, int], stall_s: float) -> list[int]:
+        """Partitions still short of their end offset after ``stall_s`` without a record (else empty)."""
+        if self.clock() - self._last_record_at < stall_s:
+            return []
+        return [p for p, end in self.end_offsets.items() if p not in self._done and positions.get(p, 0) < end]
+
     def finished(self, positions: Mapping[int, int]) -> bool:
         """Every partition is past the cutoff, or at its start-time end offset with the topic idle."""
         idle = self.clock() - self._last_record_at >= self.idle_s
@@ -248,7 +256,17 @@ def scan_dead_letters(
                 consumer.seek(tp, hit.offset)
     ends = consumer.end_offsets(tps)
     progress = ScanProgress({tp.partition: ends.get(tp, 0) for tp in tps}, idle_s, clock)
-    while not progress.finished({tp.partition: consumer.position(tp) for tp in tps}):
+    stall_s = max(30.0, 10 * idle_s)
+    while not progress.finished(positions := {tp.partition: consumer.position(tp) for tp in tps}):
+        stuck = progress.stalled(positions, stall_s)
+        if stuck:
+            behind = ", ".join(
+                f"{p} at {positions.get(p, 0)} of {ends.get(TopicPartition(topic, p), 0)}" for p in stuck
+            )
+            raise SpaceError(
+                f"reading {topic} made no progress for {stall_s:.0f} s with partitions short of their end "
+                f"(partition at position of end offset: {behind}): is the partition's leader available?"
+            )
         batch = consumer.poll(timeout_ms=poll_timeout_ms)
         if any(batch.values()):
             progress.saw_records()

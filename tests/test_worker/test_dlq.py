@@ -109,6 +109,18 @@ def test_scan_ends_at_the_end_offsets_only_after_the_idle_wait() -> None:
     assert progress.finished({0: 9, 1: 3})
 
 
+def test_a_partition_that_never_reaches_its_end_is_reported_as_stalled() -> None:
+    clock = FakeClock()
+    progress = ScanProgress({0: 5, 1: 3}, idle_s=1.0, clock=clock)
+    clock.now = 29.0
+    assert progress.stalled({0: 5, 1: 1}, stall_s=30.0) == []  # not yet
+    clock.now = 30.0
+    assert progress.stalled({0: 5, 1: 1}, stall_s=30.0) == [1]
+    assert progress.stalled({0: 5, 1: 3}, stall_s=30.0) == []  # at the ends: finished, not stalled
+    progress.saw_records()
+    assert progress.stalled({0: 5, 1: 1}, stall_s=30.0) == []  # a record resets the wait
+
+
 def test_a_partition_past_the_cutoff_is_done_whatever_its_position() -> None:
     clock = FakeClock()
     progress = ScanProgress({0: 100, 1: 100}, idle_s=1.0, clock=clock)
@@ -242,3 +254,28 @@ def test_an_unreachable_broker_fails_the_command_after_the_bootstrap_timeout(mon
         "space: error: reading dead letters from inspection.dlq at 127.0.0.1:1 failed: KafkaTimeoutError: "
         "Unable to bootstrap from ['127.0.0.1:1'] (tried for SPACE_KAFKA__BOOTSTRAP_TIMEOUT_MS=1000 ms)"
     )
+
+
+def test_a_scan_whose_partition_never_fetches_fails_instead_of_waiting_forever() -> None:
+    from worker.dlq import scan_dead_letters
+
+    clock = FakeClock()
+
+    class StuckConsumer:  # partition 0 has records up to offset 5, but no fetch ever returns (leader away)
+        def partitions_for_topic(self, topic: str) -> set[int]:
+            return {0}
+
+        def assign(self, partitions: list[Any]) -> None: ...
+        def seek_to_beginning(self, *partitions: Any) -> None: ...
+        def end_offsets(self, partitions: list[Any]) -> dict[Any, int]:
+            return {tp: 5 for tp in partitions}
+
+        def position(self, partition: Any) -> int:
+            return 0
+
+        def poll(self, timeout_ms: int = 0) -> dict[Any, list[Any]]:
+            clock.now += 1.0
+            return {}
+
+    with pytest.raises(SpaceError, match=r"dlq made no progress for 30 s .*0 at 0 of 5"):
+        list(scan_dead_letters(StuckConsumer(), "dlq", since_ms=None, cutoff_ms=10**13, idle_s=1.0, clock=clock))  # type: ignore[arg-type]
