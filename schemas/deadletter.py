@@ -52,6 +52,7 @@ __all__ = [
     "build_dead_letter",
     "dead_letter_headers",
     "dead_letter_headers_json_schema",
+    "is_error_header",
     "parse_dead_letter_headers",
     "truncate_dead_letter_value",
 ]
@@ -188,7 +189,7 @@ def dead_letter_headers(
     Values come back as ``bytes`` (a null value as ``b""``), ready for ``KafkaProducer.send``.
     """
     kept = [
-        (name, b"" if value is None else bytes(value)) for name, value in original_headers if not _is_error_header(name)
+        (name, b"" if value is None else bytes(value)) for name, value in original_headers if not is_error_header(name)
     ]
     for field, header in _FIELD_HEADERS.items():
         text = _header_text(info, field)
@@ -197,7 +198,8 @@ def dead_letter_headers(
     return kept
 
 
-def _is_error_header(name: str) -> bool:
+def is_error_header(name: str) -> bool:
+    """Whether ``name`` is one of the ``error-*`` headers a dead letter adds (case-insensitive)."""
     return name.lower().startswith(ERROR_HEADER_PREFIX)
 
 

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from schemas.deadletter import DeadLetterInfo, DeadLetterReason, parse_dead_letter_headers
+from schemas.deadletter import DeadLetterInfo, DeadLetterReason, is_error_header, parse_dead_letter_headers
 from worker.errors import SpaceError
+from worker.kafka_clients import header_text
 
 #: Header added to a replayed request: ``<dlq topic>/<partition>/<offset>`` of the dead letter it came from.
 REPLAY_HEADER = "space-replay-of"
@@ -89,17 +90,17 @@ class DeadLetterRecord:
     @property
     def product_line(self) -> str:
         """The request's ``ce_productline`` header, or ``-`` when it has none."""
-        return _printable(_header(self.headers, "ce_productline") or "-")
+        return _printable(header_text(self.headers, "ce_productline") or "-")
 
     @property
     def message_id(self) -> str:
         """The request's ``ce_id`` header, or ``-``."""
-        return _printable(_header(self.headers, "ce_id") or "-")
+        return _printable(header_text(self.headers, "ce_id") or "-")
 
     @property
     def replay_of(self) -> str | None:
         """The ``space-replay-of`` header: the dead letter this record was a replay of, or None."""
-        return _header(self.headers, REPLAY_HEADER)
+        return header_text(self.headers, REPLAY_HEADER)
 
     @property
     def ref(self) -> str:
@@ -116,20 +117,13 @@ class DeadLetterRecord:
 
     def replay_headers(self) -> list[tuple[str, bytes]]:
         """The original headers: ``error-*`` and any earlier ``space-replay-of`` removed, this one's appended."""
-        kept = [(k, v) for k, v in self.headers if not k.lower().startswith("error-") and k.lower() != REPLAY_HEADER]
+        kept = [(k, v) for k, v in self.headers if not is_error_header(k) and k.lower() != REPLAY_HEADER]
         return [*kept, (REPLAY_HEADER, self.ref.encode())]
 
 
 def _printable(text: str) -> str:
     """Header text for a terminal: control characters escaped (a header is whatever a sender wrote)."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def _header(headers: Iterable[tuple[str, bytes | None]], name: str) -> str | None:
-    for key, value in headers:
-        if key.lower() == name and value is not None:
-            return value.decode("utf-8", "replace")
-    return None
 
 
 def read_dead_letter(topic: str, partition: int, offset: int, timestamp_ms: int, key: bytes | None,
@@ -260,9 +254,7 @@ def scan_dead_letters(
     while not progress.finished(positions := {tp.partition: consumer.position(tp) for tp in tps}):
         stuck = progress.stalled(positions, stall_s)
         if stuck:
-            behind = ", ".join(
-                f"{p} at {positions.get(p, 0)} of {ends.get(TopicPartition(topic, p), 0)}" for p in stuck
-            )
+            behind = ", ".join(f"{p} at {positions[p]} of {progress.end_offsets[p]}" for p in stuck)
             raise SpaceError(
                 f"reading {topic} made no progress for {stall_s:.0f} s with partitions short of their end "
                 f"(partition at position of end offset: {behind}): is the partition's leader available?"
@@ -388,7 +380,7 @@ def replay_dead_letters(
             if blocker is None and source_topic is not None:
                 assert letter.info is not None
                 blocker = "other-source-topic" if letter.info.source_topic != source_topic else None
-            if blocker is None and (letter.ref in chain or (letter.replay_of or letter.ref) in chain):
+            if blocker is None and (letter.ref in chain or letter.replay_of in chain):
                 blocker = "already-replayed"
             if blocker is not None:
                 report.skipped[blocker] += 1

@@ -7,6 +7,7 @@ pod moves only the partitions it takes, and keeps ``max_poll_interval_ms`` indep
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
@@ -101,3 +102,12 @@ def describe_kafka_error(exc: BaseException, settings: KafkaSettings, action: st
     if detail.startswith("Unable to bootstrap"):
         text += f" (tried for SPACE_KAFKA__BOOTSTRAP_TIMEOUT_MS={settings.bootstrap_timeout_ms} ms)"
     return text
+
+
+def header_text(headers: Iterable[tuple[str, bytes | None]] | None, name: str) -> str | None:
+    """The first non-null value of header ``name`` (case-insensitive) of a record, decoded as UTF-8 (lenient)."""
+    wanted = name.lower()
+    for key, value in headers or ():
+        if key.lower() == wanted and value is not None:
+            return value.decode("utf-8", "replace")
+    return None

@@ -492,13 +492,6 @@ class _Sender(threading.Thread):
             return dict(self.sent)
 
 
-def _header(headers: list[tuple[str, bytes]] | None, name: str) -> str | None:
-    for key, value in headers or []:
-        if key.lower() == name:
-            return value.decode("utf-8", "replace")
-    return None
-
-
 def _collect(
     consumer: Any,
     sender: _Sender,
@@ -516,6 +509,7 @@ def _collect(
         DemoError: Sending failed, or the worker exited (nothing more can come back).
     """
     from schemas.result import InspectionResult
+    from worker.kafka_clients import header_text
 
     received: list[Received] = []
     dead: list[dict[str, Any]] = []
@@ -540,11 +534,11 @@ def _collect(
         for tp, records in batches.items():
             for rec in records:
                 if tp.topic == dlq_topic:
-                    lost = sent.get(_header(rec.headers, "ce_id") or "")
+                    lost = sent.get(header_text(rec.headers, "ce_id") or "")
                     if lost is not None and lost.message_id not in answered:
                         answered.add(lost.message_id)
                         stats[lost.line].dead_letters += 1
-                        reason = _header(rec.headers, "error-reason")
+                        reason = header_text(rec.headers, "error-reason")
                         dead.append({"message_id": lost.message_id, "line": lost.line, "reason": reason})
                     continue
                 result = InspectionResult.model_validate_json(rec.value)
