@@ -1,25 +1,59 @@
 """kafka-python consumer, producer and admin factories built from :class:`KafkaSettings`.
 
 The consumer commits manually (at-least-once), uses the cooperative-sticky assignor so that adding a
-pod moves only the partitions it takes, and keeps ``max_poll_interval_ms`` independent of model time
-(the poll loop never waits for inference). The producer is idempotent with ``acks=all``.
+pod moves only the partitions it takes (with the ownership fix of :class:`CooperativeStickyAssignor`),
+and keeps ``max_poll_interval_ms`` independent of model time (the poll loop never waits for inference).
+The producer is idempotent with ``acks=all``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
-from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+from kafka.coordinator.assignors.cooperative_sticky import (
+    CooperativeStickyAssignor as _KafkaPythonCooperativeSticky,
+)
 from kafka.errors import TopicAlreadyExistsError
+from kafka.structs import TopicPartition
 
 from worker.settings import KafkaSettings
 
 
+class CooperativeStickyAssignor(_KafkaPythonCooperativeSticky):
+    """kafka-python's cooperative-sticky assignor, advertising the partitions the consumer owns *now*.
+
+    kafka-python (3.0.12) fills a member's JoinGroup ``owned_partitions`` from the last assignment the
+    member received and does not clear it when the member loses its partitions (fenced: session expired,
+    ``IllegalGeneration`` on a heartbeat or commit). Such a member rejoins claiming partitions it no
+    longer holds. When the leader moves one of them to another member, it withholds the partition in
+    the first round (KIP-429: the owner must revoke it first); the claimant finds nothing to revoke,
+    so nobody asks for the second round, and the partition is consumed by no one until some unrelated
+    rebalance. Seen with three workers on Tansu: a partition unowned for 40 s and counting. The Java
+    client builds the field from the consumer's current assignment; so does this one, once bound to
+    its consumer with :meth:`track`. The protocol name is unchanged, so members with and without the
+    fix form one group.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._current: Callable[[], Iterable[TopicPartition] | None] | None = None
+
+    def track(self, current: Callable[[], Iterable[TopicPartition] | None]) -> None:
+        """Take owned partitions from ``current`` (``consumer.assignment``) from now on."""
+        self._current = current
+
+    def metadata(self, topics: Iterable[str]) -> Any:
+        if self._current is not None:
+            self.member_assignment = sorted(self._current() or ())
+        return super().metadata(topics)
+
+
 def make_consumer(settings: KafkaSettings, *, client_id: str | None = None, **overrides: Any) -> KafkaConsumer:
     """A group consumer of raw bytes with manual commits and the cooperative-sticky assignor."""
+    assignor = CooperativeStickyAssignor()
     kwargs: dict[str, Any] = {
         **settings.client_kwargs(),
         "client_id": client_id or settings.client_id,
@@ -32,10 +66,12 @@ def make_consumer(settings: KafkaSettings, *, client_id: str | None = None, **ov
         "max_poll_records": settings.max_poll_records,
         "max_partition_fetch_bytes": settings.max_partition_fetch_bytes,
         "fetch_max_bytes": settings.fetch_max_bytes,
-        "partition_assignment_strategy": [CooperativeStickyAssignor()],
+        "partition_assignment_strategy": [assignor],
     }
     kwargs.update(overrides)
-    return KafkaConsumer(**kwargs)
+    consumer = KafkaConsumer(**kwargs)
+    assignor.track(consumer.assignment)
+    return consumer
 
 
 def make_producer(settings: KafkaSettings, *, client_id: str | None = None, **overrides: Any) -> KafkaProducer:
