@@ -285,6 +285,7 @@ class Summary:
     replayable: Counter[tuple[str, str]] = field(default_factory=Counter)
     first_ms: int | None = None
     last_ms: int | None = None
+    untimed: int = 0  # records without a timestamp (-1: a pre-0.10 message format), kept out of the span
 
     def add(self, letter: DeadLetterRecord) -> None:
         """Count one dead letter."""
@@ -292,6 +293,9 @@ class Summary:
         self.counts[group] += 1
         if letter.replay_blocker() is None:
             self.replayable[group] += 1
+        if letter.timestamp_ms < 0:
+            self.untimed += 1
+            return
         self.first_ms = letter.timestamp_ms if self.first_ms is None else min(self.first_ms, letter.timestamp_ms)
         self.last_ms = letter.timestamp_ms if self.last_ms is None else max(self.last_ms, letter.timestamp_ms)
 
@@ -310,6 +314,8 @@ class Summary:
         span = ""
         if self.first_ms is not None and self.last_ms is not None:
             span = f", from {_iso(self.first_ms)} to {_iso(self.last_ms)}"
+        if self.untimed:
+            span += f", {self.untimed} without a timestamp"
         lines.append(f"total {self.total} dead letters, {sum(self.replayable.values())} replayable{span}")
         return "\n".join(lines) + "\n"
 

@@ -230,6 +230,16 @@ def test_summary_counts_by_reason_and_line() -> None:
     assert table[3] == "total 3 dead letters, 2 replayable, from 1970-01-01T00:00:01Z to 1970-01-01T00:00:02Z"
 
 
+def test_records_without_a_timestamp_stay_out_of_the_span() -> None:
+    summary = Summary()
+    summary.add(make_letter(timestamp_ms=-1))  # a message-format v0 record: no time, not 1969
+    assert summary.render().splitlines()[-1] == "total 1 dead letters, 1 replayable, 1 without a timestamp"
+    summary.add(make_letter(timestamp_ms=3_000))
+    assert summary.render().splitlines()[-1] == (
+        "total 2 dead letters, 2 replayable, from 1970-01-01T00:00:03Z to 1970-01-01T00:00:03Z, 1 without a timestamp"
+    )
+
+
 def test_bad_options_fail_before_touching_kafka(monkeypatch, capsys) -> None:
     monkeypatch.setenv("SPACE_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:1")  # nothing listens: must not be reached
     assert cli_main(["dlq", "replay", "--reason", "model-unavailble"]) != 0
