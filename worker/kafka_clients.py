@@ -8,7 +8,7 @@ The producer is idempotent with ``acks=all``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
@@ -72,6 +72,17 @@ def make_consumer(settings: KafkaSettings, *, client_id: str | None = None, **ov
     consumer = KafkaConsumer(**kwargs)
     assignor.track(consumer.assignment)
     return consumer
+
+
+def network_sleep(consumer: Any) -> Callable[[float], Awaitable[Any]] | None:
+    """The awaitable sleep of kafka-python 3's network loop, for rebalance callbacks that must wait.
+
+    kafka-python 3 runs rebalance callbacks on its network thread, which also sends the heartbeats: a
+    callback that blocks stops them, while one that awaits this sleep lets them go on. None when the
+    consumer has no such loop (a test fake, or kafka-python internals that moved).
+    """
+    sleep = getattr(getattr(consumer, "_net", None), "sleep", None)
+    return sleep if callable(sleep) else None
 
 
 def make_producer(settings: KafkaSettings, *, client_id: str | None = None, **overrides: Any) -> KafkaProducer:

@@ -25,7 +25,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import structlog
-from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka import AsyncConsumerRebalanceListener, ConsumerRebalanceListener, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError, RebalanceInProgressError
 from kafka.structs import MemberState, OffsetAndMetadata
 
@@ -62,6 +62,7 @@ from worker.decode import ClaimCheckFetcher, DecodeError, ImageInfo, check_image
 from worker.device_decode import DeviceDecodeError, DeviceJpegDecoder
 from worker.heatmaps import HeatmapStore, HeatmapStoreError, StoredHeatmap, save_heatmap
 from worker.http import Heartbeats
+from worker.kafka_clients import network_sleep
 from worker.metrics import WorkerMetrics
 from worker.model_manager import LoadedModel, ModelManager, ModelUnavailable
 from worker.offsets import OffsetTracker
@@ -140,7 +141,39 @@ class _InFlight:
     formed_at: float
 
 
-class _Listener(ConsumerRebalanceListener):
+class _Listener(AsyncConsumerRebalanceListener):
+    """The rebalance callbacks, awaited by kafka-python 3 on its network thread.
+
+    That thread also sends the group heartbeats, so the revoke's wait for in-flight images of the
+    revoked partitions awaits the network loop's own sleep (``network_sleep``) instead of blocking it.
+    A blocking wait longer than ``session_timeout_ms`` got the member evicted: every partition lost,
+    not only the revoked ones, and the revoke's commit refused (``UnknownMemberId``), so the next owner
+    re-did the images the wait was for.
+    """
+
+    def __init__(self, worker: Worker, sleep: Callable[[float], Awaitable[Any]]) -> None:
+        self.worker = worker
+        self.sleep = sleep
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        partitions = list(revoked)
+        deadline = self.worker._revoke_deadline(heartbeats_blocked=False)
+        while self.worker._revoke_settling(set(partitions), deadline):
+            await self.sleep(0.01)
+        self.worker._on_revoked(partitions, settled_by=deadline)
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        self.worker._on_assigned(list(assigned))
+
+    async def on_partitions_lost(self, lost: Any) -> None:
+        self.worker._on_lost(list(lost))
+
+
+class _BlockingListener(ConsumerRebalanceListener):
+    """The same callbacks for a consumer without an awaitable network loop (fakes in tests, or a
+    kafka-python whose internals moved): the revoke waits in place, within a budget that ends before
+    the session would time out (no heartbeat goes out while it waits)."""
+
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
 
@@ -267,7 +300,9 @@ class Worker:
     def run(self) -> int:
         """Consume until stopped; returns the process exit code."""
         k = self.settings.kafka
-        self.consumer.subscribe([k.requests_topic], listener=_Listener(self))
+        sleep = network_sleep(self.consumer)
+        listener = _BlockingListener(self) if sleep is None else _Listener(self, sleep)
+        self.consumer.subscribe([k.requests_topic], listener=listener)
         infer = threading.Thread(target=self._infer_loop, name="infer", daemon=True)
         publish = threading.Thread(target=self._publish_loop, name="publish", daemon=True)
         self._threads = [infer, publish]
@@ -508,7 +543,7 @@ class Worker:
             self._unchecked.discard(tp)
             log.info("start_position_committed", partition=f"{tp.topic}/{tp.partition}", offset=position)
 
-    # Rebalance callbacks run on the consumer thread inside poll().
+    # Rebalance callbacks run on kafka-python's network thread while the consumer thread waits in poll().
     def _on_assigned(self, assigned: list[TopicPartition]) -> None:
         self._joined = True
         self.tracker.assign(assigned)
@@ -522,17 +557,33 @@ class Worker:
         self.metrics.assigned_partitions.set(len(self._assigned))
         log.info("partitions_assigned", partitions=sorted(f"{tp.topic}/{tp.partition}" for tp in assigned))
 
-    def _on_revoked(self, revoked: list[TopicPartition]) -> None:
+    def _revoke_deadline(self, *, heartbeats_blocked: bool) -> float:
+        """When a revoke stops waiting for in-flight images of its partitions.
+
+        Within the grace period and half the rebalance timeout; when the wait blocks the heartbeats
+        (:class:`_BlockingListener`), also two heartbeats short of the session timeout, so the wait
+        itself cannot get the member evicted.
+        """
+        k = self.settings.kafka
+        budget_s = min(self.settings.worker.shutdown_grace_s, k.max_poll_interval_ms / 2000)
+        if heartbeats_blocked:
+            budget_s = min(budget_s, max(0.0, (k.session_timeout_ms - 2 * k.heartbeat_interval_ms) / 1000))
+        return time.monotonic() + budget_s
+
+    def _revoke_settling(self, revoked: set[TopicPartition], deadline: float) -> bool:
+        """Whether a revoke still waits: images of ``revoked`` in flight, time left, no fatal error."""
+        return bool(
+            self.tracker.inflight(revoked) and time.monotonic() < self._settle_until(deadline) and self._fatal is None
+        )
+
+    def _on_revoked(self, revoked: list[TopicPartition], settled_by: float | None = None) -> None:
         # Settle: let in-flight images of these partitions finish (bounded), commit them, forget.
+        # ``settled_by``: the deadline a listener already waited for (without blocking the heartbeats).
         revoked_set = set(revoked)
-        budget_s = min(self.settings.worker.shutdown_grace_s, self.settings.kafka.max_poll_interval_ms / 2000)
-        deadline = time.monotonic() + budget_s
-        while (
-            self.tracker.inflight(revoked_set)
-            and time.monotonic() < self._settle_until(deadline)
-            and self._fatal is None
-        ):
-            time.sleep(0.01)
+        if settled_by is None:
+            deadline = self._revoke_deadline(heartbeats_blocked=True)
+            while self._revoke_settling(revoked_set, deadline):
+                time.sleep(0.01)
         left = self.tracker.inflight(revoked_set)
         # A blocking commit inside a rebalance callback raises in kafka-python 3: commit_async.
         self._commit(force=True, only=revoked_set, sync=False)

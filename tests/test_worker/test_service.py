@@ -29,7 +29,7 @@ from structlog.testing import capture_logs
 
 from schemas.request import InspectionRequest, build_request_headers
 from worker.model_manager import LoadedModel
-from worker.service import Worker
+from worker.service import Worker, _Listener
 from worker.settings import load_settings
 from worker.thresholds import ResolvedThreshold
 
@@ -307,6 +307,60 @@ def test_a_stop_during_a_rebalance_wait_still_ends_within_the_grace_period(tmp_p
         gate.set()
     assert result["rc"] == 0
     assert took_s < grace_s + 0.75, f"stop took {took_s:.2f} s after SIGTERM with shutdown_grace_s={grace_s}"
+
+
+class _Yield:
+    """What kafka-python's network sleep returns: an awaitable that hands control back to the loop."""
+
+    def __await__(self) -> Iterator[_Yield]:
+        yield self
+
+
+def test_the_revoke_wait_awaits_the_network_loop_instead_of_blocking_it(tmp_path) -> None:
+    # kafka-python 3 awaits rebalance callbacks on its network thread, which also sends the heartbeats:
+    # the wait for in-flight images must give that loop control back between checks (a blocking wait
+    # past session_timeout_ms got the member evicted; tests/reliability/test_revoke_heartbeats.py).
+    w = make_worker(tmp_path, [request(0)])
+    gate = threading.Event()
+    decode = w._decode
+    w._decode = lambda item: (gate.wait(30), decode(item))  # type: ignore[method-assign]  # in flight
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> _Yield:
+        slept.append(seconds)
+        return _Yield()
+
+    try:
+        with running(w):
+            assert wait_for(lambda: w._inflight_count == 1)
+            revoke = _Listener(w, sleep).on_partitions_revoked([TP])
+            steps = 0
+            while True:
+                if steps == 5:
+                    gate.set()  # the image finishes while the revoke is suspended
+                try:
+                    revoke.send(None)
+                except StopIteration:
+                    break
+                steps += 1
+                assert steps < 3000, "the revoke never finished"
+                time.sleep(0.01)
+            assert TP not in w.assigned
+            assert committed(w)[-1] == 1  # the finished image was committed before the partition moved
+    finally:
+        gate.set()
+    assert steps >= 5 and len(slept) == steps and set(slept) == {0.01}
+
+
+def test_a_revoke_that_blocks_the_heartbeats_stops_waiting_before_the_session_times_out(tmp_path) -> None:
+    w = make_worker(tmp_path, [], grace_s=30)
+    w.settings = w.settings.model_copy(
+        update={"kafka": w.settings.kafka.model_copy(update={"session_timeout_ms": 10_000, "heartbeat_interval_ms": 1_500,
+                                                              "max_poll_interval_ms": 60_000})}
+    )  # fmt: skip
+    now = time.monotonic()
+    assert w._revoke_deadline(heartbeats_blocked=True) - now == pytest.approx(7.0, abs=0.5)
+    assert w._revoke_deadline(heartbeats_blocked=False) - now == pytest.approx(30.0, abs=0.5)
 
 
 # -- finding 4: a fatal error on the publish thread ------------------------------------------------
