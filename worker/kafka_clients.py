@@ -19,6 +19,7 @@ from kafka.coordinator.assignors.cooperative_sticky import (
 from kafka.errors import TopicAlreadyExistsError
 from kafka.structs import TopicPartition
 
+import worker.kafka_patches  # noqa: F401 - kafka-python fixes, installed before any consumer exists
 from worker.settings import KafkaSettings
 
 

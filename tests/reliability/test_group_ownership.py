@@ -18,7 +18,10 @@ from typing import Any
 
 import pytest
 from kafka import ConsumerRebalanceListener, KafkaConsumer
+from kafka.errors import UnknownMemberIdError
+from kafka.structs import MemberState
 
+from worker import kafka_patches
 from worker.kafka_clients import make_consumer
 from worker.settings import Settings
 
@@ -121,3 +124,64 @@ def test_a_fenced_member_rejoining_while_another_joins_leaves_no_partition_unown
     lost, owned = run_fenced_rejoin(make_settings(topics), topics.requests)
     assert lost == [{0, 1, 2, 3}], f"B was not fenced as intended: lost={lost}"
     assert sorted(map(len, owned.values())) == [2, 2], owned
+
+
+def _refuse_next_join(consumer: KafkaConsumer) -> list[str]:
+    """The next JoinGroup round is refused with UNKNOWN_MEMBER_ID, with kafka-python's own handling of
+    that answer (``reset_generation()``, then raise; ``BaseCoordinator._handle_join_group_response``).
+    Tansu admits any member id, so the refusal real Kafka gives a member it expired is injected here."""
+    coordinator = consumer._coordinator
+    original = coordinator._do_join_and_sync_async
+    refused: list[str] = []
+
+    async def refuse_once() -> Any:
+        if not refused:
+            refused.append(coordinator._generation.member_id)
+            coordinator.reset_generation()
+            raise UnknownMemberIdError(refused[0])
+        return await original()
+
+    coordinator._do_join_and_sync_async = refuse_once
+    coordinator.request_rejoin()
+    return refused
+
+
+def run_refused_join(settings: Settings, topic: str) -> tuple[list[set[int]], set[int]]:
+    """A owns all four partitions; its next join is refused; returns what A lost and what it owns after."""
+    a = _Member(_consumer(settings, "A"), topic)
+    try:
+        _settle({"A": a}, 4, 30)
+        a.hold()
+        refused = _refuse_next_join(a.consumer)
+        a.release()
+        deadline = time.monotonic() + 20
+        while not (refused and a.consumer._coordinator.state == MemberState.STABLE and a.owned == {0, 1, 2, 3}):
+            assert time.monotonic() < deadline, f"A did not rejoin: refused={refused} owned={a.owned} lost={a.lost}"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert not a.errors, a.errors
+        return a.lost, set(a.owned)
+    finally:
+        a.close()
+
+
+def test_a_member_whose_join_is_refused_reports_its_partitions_lost_before_rejoining(make_settings, topics) -> None:
+    # Refused (UNKNOWN_MEMBER_ID: real Kafka expired it), A's generation is gone and with it its claim:
+    # another member may own those partitions now. It must hear on_partitions_lost (the worker forgets
+    # them without committing) and rejoin owning nothing, then be assigned afresh.
+    assert kafka_patches.is_applied()
+    lost, owned = run_refused_join(make_settings(topics), topics.requests)
+    assert lost == [{0, 1, 2, 3}]
+    assert owned == {0, 1, 2, 3}
+
+
+def test_without_the_fix_a_refused_member_keeps_its_partitions_silently(make_settings, topics) -> None:
+    kafka_patches.revert()
+    try:
+        lost, owned = run_refused_join(make_settings(topics), topics.requests)
+    finally:
+        kafka_patches.apply()
+    # When this fails, kafka-python has fixed the bug (KAFKA-12983's equivalent): drop the
+    # reset_generation fix from worker/kafka_patches.py and this test.
+    assert lost == []
+    assert owned == {0, 1, 2, 3}
