@@ -341,10 +341,12 @@ class Worker:
         except KafkaError as exc:
             log.error("producer_flush_failed", error=str(exc))
             exit_code = 1
-        if self._fatal is None:
-            self._commit(force=True)
         left = self._inflight_count
         self._settle_join(deadline)
+        if self._fatal is None:
+            # After the join settles: in the middle of a rebalance the broker refuses commits
+            # (REBALANCE_IN_PROGRESS), and close() below does not commit (autocommit=False).
+            self._commit(force=True)
         try:
             # LeaveGroup: partitions move at once, not after session timeout. Bounded by what is left of
             # the grace period, so an unreachable broker cannot hold the exit for request_timeout_ms.
@@ -498,7 +500,8 @@ class Worker:
             if sync:
                 self.consumer.commit(payload, timeout_ms=self.settings.kafka.commit_timeout_ms)
             else:
-                self.consumer.commit_async(payload)
+                self.consumer.commit_async(payload, callback=partial(self._on_async_commit, offsets))
+                return
         except (CommitFailedError, KafkaError) as exc:
             self.metrics.commits.labels("failed").inc()
             # While a join round is in flight every periodic commit fails this way (5 warnings a second
@@ -506,6 +509,17 @@ class Worker:
             # first commit after the join carries them. Expected, so not a warning.
             expected = isinstance(exc, RebalanceInProgressError)
             (log.debug if expected else log.warning)("commit_failed", error=str(exc), partitions=len(payload))
+            return
+        self.tracker.mark_committed(offsets)
+        self.metrics.commits.labels("ok").inc()
+        log.debug("offsets_committed", offsets={f"{tp.topic}/{tp.partition}": o for tp, o in offsets.items()})
+
+    def _on_async_commit(self, offsets: dict[TopicPartition, int], _sent: Any, result: Any) -> None:
+        """Outcome of a ``commit_async`` (the revoke's): kafka-python reports it at a later poll, and
+        only to a callback; without one a refused commit (evicted member, coordinator gone) vanished."""
+        if isinstance(result, BaseException):
+            self.metrics.commits.labels("failed").inc()
+            log.warning("commit_failed", error=repr(result), partitions=len(offsets))
             return
         self.tracker.mark_committed(offsets)
         self.metrics.commits.labels("ok").inc()

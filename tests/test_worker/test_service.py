@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import pytest
 from kafka import TopicPartition
-from kafka.errors import KafkaTimeoutError
+from kafka.errors import CommitFailedError, KafkaTimeoutError
 from kafka.structs import MemberState
 from structlog.testing import capture_logs
 
@@ -80,8 +80,9 @@ class FakeConsumer:
     def commit(self, offsets: dict[TopicPartition, Any], timeout_ms: int | None = None) -> None:
         self.commits.append({tp: meta.offset for tp, meta in offsets.items()})
 
-    def commit_async(self, offsets: dict[TopicPartition, Any]) -> None:
+    def commit_async(self, offsets: dict[TopicPartition, Any], callback: Callable[[Any, Any], None]) -> None:
         self.commit(offsets)
+        callback(offsets, None)
 
     def close(self, autocommit: bool = True, timeout_ms: int | None = None) -> None:
         self.listener.on_partitions_revoked([TP])  # kafka-python 3.0.12's close() revokes everything
@@ -350,6 +351,24 @@ def test_the_revoke_wait_awaits_the_network_loop_instead_of_blocking_it(tmp_path
     finally:
         gate.set()
     assert steps >= 5 and len(slept) == steps and set(slept) == {0.01}
+
+
+def test_an_async_commit_counts_only_once_the_broker_accepted_it(tmp_path) -> None:
+    # kafka-python reports a commit_async outcome at a later poll, to a callback only; a refused one
+    # (member evicted, coordinator gone) used to pass for committed without a word.
+    w = make_worker(tmp_path, [])
+    w.tracker.assign([TP])
+    w.tracker.track(TP, 0)
+    w.tracker.ack(TP, 0)
+    outcome: list[Any] = [CommitFailedError("UnknownMemberIdError")]
+    w.consumer.commit_async = lambda offsets, callback: callback(offsets, outcome[0])  # type: ignore[method-assign]
+    with capture_logs() as logs:
+        w._commit(force=True, sync=False)
+    assert [e["log_level"] for e in logs if e["event"] == "commit_failed"] == ["warning"]
+    assert w.tracker.committable() == {TP: 1}  # still to commit
+    outcome[0] = None
+    w._commit(force=True, sync=False)
+    assert w.tracker.committable() == {}
 
 
 def test_a_revoke_that_blocks_the_heartbeats_stops_waiting_before_the_session_times_out(tmp_path) -> None:
