@@ -16,6 +16,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -229,7 +230,8 @@ def test_kafka_sasl_ssl_settings_reach_consumer_and_producer(tmp_path, monkeypat
     import worker.kafka_clients as kc
 
     seen: dict[str, dict[str, Any]] = {}
-    monkeypatch.setattr(kc, "KafkaConsumer", lambda **kw: seen.setdefault("consumer", kw))
+    # make_consumer binds its assignor to the consumer's assignment(): the fake has one.
+    monkeypatch.setattr(kc, "KafkaConsumer", lambda **kw: SimpleNamespace(assignment=set, kw=seen.setdefault("consumer", kw)))
     monkeypatch.setattr(kc, "KafkaProducer", lambda **kw: seen.setdefault("producer", kw))
     for name in ("ca.pem", "client.pem", "client.key"):
         (tmp_path / name).write_text("x")
