@@ -166,6 +166,8 @@ class _Listener(AsyncConsumerRebalanceListener):
         self.worker._on_assigned(list(assigned))
 
     async def on_partitions_lost(self, lost: Any) -> None:
+        # Must not await: kafka-python marks the join prepared only after this returns, so a generation
+        # reset that lands during an await would skip the next lost report (worker/kafka_patches.py).
         self.worker._on_lost(list(lost))
 
 

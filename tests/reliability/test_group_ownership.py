@@ -7,7 +7,7 @@ round; the fenced member has nothing to revoke, nobody asks for the second round
 is consumed by no one until an unrelated rebalance. :class:`worker.kafka_clients.CooperativeStickyAssignor`
 advertises what the consumer owns now. This test fences a member the way kafka-python itself does on
 ``IllegalGeneration`` (reset the generation, keep the member id) while a new member joins, on the real
-broker, and fails with kafka-python's own assignor.
+broker; the control test runs it with kafka-python's own assignor and sees partitions stranded.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from kafka import ConsumerRebalanceListener, KafkaConsumer
+from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor as KafkaPythonCooperativeSticky
 from kafka.errors import UnknownMemberIdError
 from kafka.structs import MemberState
 
@@ -102,7 +103,9 @@ def _consumer(settings: Settings, name: str, **overrides: Any) -> KafkaConsumer:
     return make_consumer(settings.kafka, client_id=f"ownership-{name}", max_poll_interval_ms=10_000, **overrides)
 
 
-def run_fenced_rejoin(settings: Settings, topic: str, **overrides: Any) -> tuple[list[set[int]], dict[str, set[int]]]:
+def run_fenced_rejoin(
+    settings: Settings, topic: str, settle_s: float = 25, **overrides: Any
+) -> tuple[list[set[int]], dict[str, set[int]]]:
     """B owns all four partitions; B is fenced and held while C joins; B rejoins in C's round."""
     members: dict[str, _Member] = {}
     try:
@@ -111,9 +114,13 @@ def run_fenced_rejoin(settings: Settings, topic: str, **overrides: Any) -> tuple
         members["B"].hold()
         members["B"].fence()
         members["C"] = _Member(_consumer(settings, "C", **overrides), topic)
-        time.sleep(1.0)  # C's JoinGroup starts the round; the coordinator waits for B
+        deadline = time.monotonic() + 10  # C's JoinGroup starts the round; the coordinator waits for B
+        while members["C"].consumer._coordinator.state != MemberState.REBALANCING:
+            assert time.monotonic() < deadline, "C never sent its JoinGroup"
+            time.sleep(0.01)
+        time.sleep(0.2)  # the request is on the wire
         members["B"].release()
-        owned = _settle(members, 4, 25)
+        owned = _settle(members, 4, settle_s)
         return members["B"].lost, owned
     finally:
         for m in members.values():
@@ -126,6 +133,14 @@ def test_a_fenced_member_rejoining_while_another_joins_leaves_no_partition_unown
     assert sorted(map(len, owned.values())) == [2, 2], owned
 
 
+def test_with_kafka_pythons_assignor_the_fenced_member_strands_partitions(make_settings, topics) -> None:
+    # When this fails, kafka-python advertises current ownership itself: drop the metadata() override
+    # of worker.kafka_clients.CooperativeStickyAssignor and this test.
+    with pytest.raises(AssertionError, match="partitions not settled"):
+        run_fenced_rejoin(make_settings(topics), topics.requests, settle_s=12,
+                          partition_assignment_strategy=[KafkaPythonCooperativeSticky()])  # fmt: skip
+
+
 def _refuse_next_join(consumer: KafkaConsumer) -> list[str]:
     """The next JoinGroup round is refused with UNKNOWN_MEMBER_ID, with kafka-python's own handling of
     that answer (``reset_generation()``, then raise; ``BaseCoordinator._handle_join_group_response``).
@@ -136,9 +151,10 @@ def _refuse_next_join(consumer: KafkaConsumer) -> list[str]:
 
     async def refuse_once() -> Any:
         if not refused:
-            refused.append(coordinator._generation.member_id)
+            member_id = coordinator._generation.member_id
             coordinator.reset_generation()
-            raise UnknownMemberIdError(refused[0])
+            refused.append(member_id)  # after the reset: the test's wait sees the member unjoined
+            raise UnknownMemberIdError(member_id)
         return await original()
 
     coordinator._do_join_and_sync_async = refuse_once

@@ -28,7 +28,7 @@ from worker.app import build_app
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
 
 SESSION_TIMEOUT_MS = 6_000
-HOLD_S = 13.0  # from B's start: the revoke waits ~10 s of it (after the join delay), past the 6 s session timeout, within its 15 s budget
+HOLD_S = SESSION_TIMEOUT_MS / 1000 + 3.0  # how long the revoke waits: past the session timeout, within its 15 s budget
 
 
 def test_a_revoke_waiting_past_the_session_timeout_is_not_evicted(
@@ -59,6 +59,14 @@ def test_a_revoke_waiting_past_the_session_timeout_is_not_evicted(
         orig_decode(item)
 
     a_app.worker._decode = held_decode  # type: ignore[method-assign]
+    revoke_started = threading.Event()
+    orig_deadline = a_app.worker._revoke_deadline
+
+    def revoke_deadline(**kw: Any) -> float:  # the start of a revoke's wait
+        revoke_started.set()
+        return orig_deadline(**kw)
+
+    a_app.worker._revoke_deadline = revoke_deadline  # type: ignore[method-assign]
     image = next((trained_model.data / "test" / "good").glob("*.png"))
     workers: list[_Running] = []
     with TopicTail(base, topics.results) as tail:
@@ -85,6 +93,7 @@ def test_a_revoke_waiting_past_the_session_timeout_is_not_evicted(
             b = _Running(app_for("B"))
             workers.append(b)
             b.thread.start()  # B joins: A must revoke two partitions whose images are all in flight
+            assert revoke_started.wait(60), "A never started revoking"
             time.sleep(HOLD_S)
             gate.set()
             results = tail.wait(lambda recs: len(recs) >= 8, 60, "8 results")
