@@ -509,7 +509,8 @@ class Worker:
             # While a join round is in flight every periodic commit fails this way (5 warnings a second
             # per worker at 200 ms, for the seconds a rebalance takes); the offsets stay pending and the
             # first commit after the join carries them. Expected, so not a warning.
-            expected = isinstance(exc, RebalanceInProgressError)
+            # The broker's refusal arrives wrapped: CommitFailedError(RebalanceInProgressError()).
+            expected = any(isinstance(e, RebalanceInProgressError) for e in (exc, *exc.args))
             (log.debug if expected else log.warning)("commit_failed", error=str(exc), partitions=len(payload))
             return
         self.tracker.mark_committed(offsets)

@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import pytest
 from kafka import TopicPartition
-from kafka.errors import CommitFailedError, KafkaTimeoutError
+from kafka.errors import CommitFailedError, KafkaTimeoutError, RebalanceInProgressError
 from kafka.structs import MemberState
 from structlog.testing import capture_logs
 
@@ -371,6 +371,30 @@ def test_an_async_commit_counts_only_once_the_broker_accepted_it(tmp_path) -> No
     outcome[0] = None
     w._commit(force=True, sync=False)
     assert w.tracker.committable() == {}
+
+
+@pytest.mark.parametrize(
+    ("error", "level"),
+    [
+        (RebalanceInProgressError("client side: the consumer is rejoining"), "debug"),
+        (CommitFailedError(RebalanceInProgressError()), "debug"),  # the broker's answer, as kafka-python wraps it
+        (CommitFailedError("kicked out of the group"), "warning"),
+    ],
+)
+def test_commits_refused_during_a_rebalance_are_expected_and_not_warnings(tmp_path, error, level) -> None:
+    w = make_worker(tmp_path, [])
+    w.tracker.assign([TP])
+    w.tracker.track(TP, 0)
+    w.tracker.ack(TP, 0)
+
+    def refuse(offsets: Any, timeout_ms: int | None = None) -> None:
+        raise error
+
+    w.consumer.commit = refuse  # type: ignore[method-assign]
+    with capture_logs() as logs:
+        w._commit(force=True)
+    assert [e["log_level"] for e in logs if e["event"] == "commit_failed"] == [level]
+    assert w.tracker.committable() == {TP: 1}
 
 
 def test_a_revoke_that_blocks_the_heartbeats_stops_waiting_before_the_session_times_out(tmp_path) -> None:
