@@ -7,6 +7,8 @@ The stack is started once per test session through the same :class:`worker.stack
 from __future__ import annotations
 
 import os
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -64,6 +66,27 @@ class Topics:
             "alerts_topic": self.alerts,
             "dlq_topic": self.dlq,
         }
+
+
+def _kafka_network_threads() -> dict[int | None, str]:
+    return {t.ident: t.name for t in threading.enumerate() if t.name.startswith("kafka-io-")}
+
+
+@pytest.fixture(autouse=True)
+def _no_kafka_client_left_open() -> Iterator[None]:
+    """Fail a test that leaves a kafka-python client open.
+
+    Its network thread would go on reconnecting (to a broker a test may have stopped) for the rest of
+    the session and draw from the global ``random`` module meanwhile, which Hypothesis reports as a
+    strategy using ``random`` (a failure of an unrelated fuzz test, seen once in CI).
+    """
+    before = _kafka_network_threads()
+    yield
+    deadline = time.monotonic() + 5
+    while leaked := sorted(name for ident, name in _kafka_network_threads().items() if ident not in before):
+        if time.monotonic() > deadline:
+            pytest.fail(f"kafka clients left open (network threads still running): {leaked}")
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="session")
