@@ -8,6 +8,7 @@ The producer is idempotent with ``acks=all``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -52,6 +53,32 @@ class CooperativeStickyAssignor(_KafkaPythonCooperativeSticky):
         return super().metadata(topics)
 
 
+def _open(client_class: Any, kwargs: dict[str, Any]) -> Any:
+    """Construct a kafka-python client; if the constructor fails, stop the network thread it started.
+
+    kafka-python 3 starts a client's network thread before bootstrapping, and a bootstrap that fails
+    (brokers unreachable within ``bootstrap_timeout_ms``) raises out of the constructor with that
+    thread left running, reconnecting for the rest of the process.
+    """
+    default_factory = getattr(client_class, "DEFAULT_CONFIG", {}).get("kafka_client")
+    if default_factory is None:
+        return client_class(**kwargs)
+    factory = kwargs.get("kafka_client", default_factory)
+    created: list[Any] = []
+
+    def recording_factory(**config: Any) -> Any:
+        created.append(factory(**config))
+        return created[-1]
+
+    try:
+        return client_class(**{**kwargs, "kafka_client": recording_factory})
+    except BaseException:
+        for net_client in created:
+            with contextlib.suppress(Exception):
+                net_client.close()
+        raise
+
+
 def make_consumer(settings: KafkaSettings, *, client_id: str | None = None, **overrides: Any) -> KafkaConsumer:
     """A group consumer of raw bytes with manual commits and the cooperative-sticky assignor."""
     assignor = CooperativeStickyAssignor()
@@ -70,7 +97,7 @@ def make_consumer(settings: KafkaSettings, *, client_id: str | None = None, **ov
         "partition_assignment_strategy": [assignor],
     }
     kwargs.update(overrides)
-    consumer = KafkaConsumer(**kwargs)
+    consumer = _open(KafkaConsumer, kwargs)
     assignor.track(consumer.assignment)
     return consumer
 
@@ -101,12 +128,13 @@ def make_producer(settings: KafkaSettings, *, client_id: str | None = None, **ov
         "compression_type": None if settings.compression_type == "none" else settings.compression_type,
     }
     kwargs.update(overrides)
-    return KafkaProducer(**kwargs)
+    return _open(KafkaProducer, kwargs)
 
 
 def make_admin(settings: KafkaSettings, **overrides: Any) -> KafkaAdminClient:
     """An admin client (topic creation for the embedded stack, tests and the demo)."""
-    return KafkaAdminClient(**settings.client_kwargs(), client_id=f"{settings.client_id}-admin", **overrides)
+    kwargs = {**settings.client_kwargs(), "client_id": f"{settings.client_id}-admin", **overrides}
+    return _open(KafkaAdminClient, kwargs)
 
 
 def ensure_topics(settings: KafkaSettings, topics: dict[str, int], replication_factor: int = 1) -> list[str]:
