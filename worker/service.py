@@ -522,7 +522,7 @@ class Worker:
         only to a callback; without one a refused commit (evicted member, coordinator gone) vanished."""
         if isinstance(result, BaseException):
             self.metrics.commits.labels("failed").inc()
-            log.warning("commit_failed", error=repr(result), partitions=len(offsets))
+            log.warning("commit_failed", error=str(result), partitions=len(offsets))
             return
         self.tracker.mark_committed(offsets)
         self.metrics.commits.labels("ok").inc()
