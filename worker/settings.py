@@ -106,7 +106,9 @@ class KafkaSettings(_Section):
         "earliest", description="Where a new group starts; earliest never skips images."
     )
     session_timeout_ms: int = Field(10_000, ge=1_000, le=300_000, description="Group session timeout.")
-    heartbeat_interval_ms: int = Field(1_000, ge=100, le=60_000, description="Group heartbeat interval.")
+    heartbeat_interval_ms: int = Field(
+        1_000, ge=100, le=60_000, description="Group heartbeat interval; at most a third of the session timeout."
+    )
     max_poll_interval_ms: int = Field(
         60_000, ge=5_000, description="Eviction deadline between polls (also bounds a rebalance wait)."
     )
@@ -162,6 +164,11 @@ class KafkaSettings(_Section):
             raise ValueError("dlq_max_value_bytes must leave 64 KiB of max_request_size for headers")
         if self.delivery_timeout_ms <= self.linger_ms + self.request_timeout_ms:
             raise ValueError("delivery_timeout_ms must exceed linger_ms + request_timeout_ms")
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
+            raise ValueError(
+                f"heartbeat_interval_ms ({self.heartbeat_interval_ms}) must be at most a third of session_timeout_ms "
+                f"({self.session_timeout_ms}): the broker evicts a member that sends no heartbeat for that long"
+            )
         if self.security_protocol.startswith("SASL"):
             if self.sasl_mechanism is None:
                 raise ValueError("sasl_mechanism is required when security_protocol is SASL_*")

@@ -54,6 +54,12 @@ def test_settings_are_frozen() -> None:
         ("SPACE_DECODE__CLAIM_CHECK_SCHEMES", "ftp,s3", "SPACE_DECODE__CLAIM_CHECK_SCHEMES: ftp cannot be fetched"),
         ("SPACE_KAFKA", "{bad", "SPACE_KAFKA: is not valid JSON (Expecting property name"),
         ("SPACE_KAFKA__TYPO", "1", "SPACE_KAFKA__TYPO:"),
+        # kafka-python refused heartbeat >= session at the first consumer, naming no variable; a third is Kafka's rule.
+        (
+            "SPACE_KAFKA__HEARTBEAT_INTERVAL_MS",
+            "4000",
+            "SPACE_KAFKA: heartbeat_interval_ms (4000) must be at most a third of session_timeout_ms (10000)",
+        ),
         # A typo in the section was silently ignored: the setting just did not apply.
         ("SPACE_MODEL__PRELOAD", "brick", "SPACE_MODEL__PRELOAD: no settings section 'model' (sections: batching,"),
     ],
