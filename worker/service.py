@@ -513,9 +513,7 @@ class Worker:
             expected = any(isinstance(e, RebalanceInProgressError) for e in (exc, *exc.args))
             (log.debug if expected else log.warning)("commit_failed", error=str(exc), partitions=len(payload))
             return
-        self.tracker.mark_committed(offsets)
-        self.metrics.commits.labels("ok").inc()
-        log.debug("offsets_committed", offsets={f"{tp.topic}/{tp.partition}": o for tp, o in offsets.items()})
+        self._committed(offsets)
 
     def _on_async_commit(self, offsets: dict[TopicPartition, int], _sent: Any, result: Any) -> None:
         """Outcome of a ``commit_async`` (the revoke's): kafka-python reports it at a later poll, and
@@ -524,6 +522,10 @@ class Worker:
             self.metrics.commits.labels("failed").inc()
             log.warning("commit_failed", error=str(result), partitions=len(offsets))
             return
+        self._committed(offsets)
+
+    def _committed(self, offsets: dict[TopicPartition, int]) -> None:
+        """Record offsets the broker accepted."""
         self.tracker.mark_committed(offsets)
         self.metrics.commits.labels("ok").inc()
         log.debug("offsets_committed", offsets={f"{tp.topic}/{tp.partition}": o for tp, o in offsets.items()})
