@@ -18,11 +18,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kafka import KafkaConsumer, TopicPartition
 
 from worker.settings import Settings
+
+if TYPE_CHECKING:
+    from worker.app import App
 from worker.stack import free_port, port_open
 
 REPO = Path(__file__).resolve().parents[2]
@@ -168,6 +171,34 @@ class TopicTail:
                 raise RuntimeError(f"tail of {self.topic} failed: {self.error!r}")
             time.sleep(0.05)
         raise TimeoutError(f"{what} not reached within {timeout_s} s ({len(self.snapshot())} records on {self.topic})")
+
+
+class InProcessWorker:
+    """A built App run on a thread of the test process (``start`` waits for /readyz's condition)."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.rc: int | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        self.rc = self.app.run()
+
+    def start(self, timeout_s: float = 60) -> InProcessWorker:
+        self.thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.app.worker.readiness()[0]:
+            assert self.thread.is_alive(), f"worker exited early with {self.rc}"
+            assert time.monotonic() < deadline, f"not ready: {self.app.worker.readiness()[1]}"
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> int | None:
+        self.app.stop()
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "worker did not stop"
+        return self.rc
+
 
 
 def distinct_ids(records: list[Any]) -> set[str]:

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 from kafka import KafkaProducer
 
-from tests.reliability.helpers import TopicTail
+from tests.reliability.helpers import InProcessWorker, TopicTail
 from tests.worker_harness import request_record
 from worker.app import App, build_app
 
@@ -90,31 +90,6 @@ def _instrument(app: App, name: str, events: EventLog, results_topic: str) -> No
     w._on_assigned, w._on_revoked, w._on_lost = on_assigned, on_revoked, on_lost
 
 
-class _Running:
-    def __init__(self, app: App) -> None:
-        self.app = app
-        self.rc: int | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        self.rc = self.app.run()
-
-    def start(self, timeout_s: float = 60) -> _Running:
-        self.thread.start()
-        deadline = time.monotonic() + timeout_s
-        while not self.app.worker.readiness()[0]:
-            assert self.thread.is_alive(), f"worker exited early with {self.rc}"
-            assert time.monotonic() < deadline, f"not ready: {self.app.worker.readiness()[1]}"
-            time.sleep(0.05)
-        return self
-
-    def stop(self) -> int | None:
-        self.app.stop()
-        self.thread.join(60)
-        assert not self.thread.is_alive(), "worker did not stop"
-        return self.rc
-
-
 def check_no_stale_publish(events: list[tuple[float, str, str, int]]) -> dict[str, int]:
     by_part: dict[int, list[tuple[float, str, str, int]]] = defaultdict(list)
     for e in sorted(events):
@@ -168,7 +143,7 @@ def test_workers_join_and_leave_during_a_stream(make_settings, topics, trained_m
             producer.close(timeout=5)
 
     events = EventLog()
-    workers: dict[str, _Running] = {}
+    workers: dict[str, InProcessWorker] = {}
 
     def start(name: str) -> None:
         settings = make_settings(
@@ -179,7 +154,7 @@ def test_workers_join_and_leave_during_a_stream(make_settings, topics, trained_m
         )  # fmt: skip
         app = build_app(settings)
         _instrument(app, name, events, topics.results)
-        workers[name] = _Running(app).start()
+        workers[name] = InProcessWorker(app).start()
 
     def settle(live: list[str], timeout_s: float = 40) -> None:
         # One membership change at a time: wait until the live workers own all partitions, each once,

@@ -20,8 +20,7 @@ from typing import Any
 import pytest
 from kafka import KafkaProducer
 
-from tests.reliability.helpers import TopicTail, committed_offsets
-from tests.reliability.test_rebalance import _Running
+from tests.reliability.helpers import InProcessWorker, TopicTail, committed_offsets
 from tests.worker_harness import request_record
 from worker.app import build_app
 
@@ -68,10 +67,10 @@ def test_a_revoke_waiting_past_the_session_timeout_is_not_evicted(
 
     a_app.worker._revoke_deadline = revoke_deadline  # type: ignore[method-assign]
     image = next((trained_model.data / "test" / "good").glob("*.png"))
-    workers: list[_Running] = []
+    workers: list[InProcessWorker] = []
     with TopicTail(base, topics.results) as tail:
         try:
-            workers.append(_Running(a_app).start())
+            workers.append(InProcessWorker(a_app).start())
             a = a_app.worker
             producer = KafkaProducer(
                 **base.kafka.client_kwargs(), acks="all", max_request_size=base.kafka.max_request_size
@@ -90,7 +89,7 @@ def test_a_revoke_waiting_past_the_session_timeout_is_not_evicted(
             while a._inflight_count < 8:
                 assert time.monotonic() < deadline, f"A holds {a._inflight_count} of 8 images in flight"
                 time.sleep(0.05)
-            b = _Running(app_for("B"))
+            b = InProcessWorker(app_for("B"))
             workers.append(b)
             b.thread.start()  # B joins: A must revoke two partitions whose images are all in flight
             assert revoke_started.wait(60), "A never started revoking"
