@@ -111,6 +111,14 @@ class ModelCard(_Frozen):
         "align_corners" (its calibration, its student's training); see ``migrate_stored_config``."""
         return migrate_stored_config(value) if isinstance(value, dict) else value
 
+    @field_validator("weights_file")
+    @classmethod
+    def _weights_in_the_folder(cls, value: str) -> str:
+        """The weights are a file of the artifact folder itself: a bare name, never a path elsewhere."""
+        if value in ("", ".", "..") or "/" in value or "\\" in value or "\x00" in value:
+            raise ValueError(f"weights_file must be a file name inside the artifact folder, not {value!r}")
+        return value
+
 
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks."""

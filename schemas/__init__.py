@@ -4,6 +4,7 @@ Pydantic models and pure functions only; this package imports nothing but pydant
 library, so producers, MES adapters and tools can use it without Kafka, Redis or torch.
 """
 
+from schemas._wire import header_text
 from schemas.deadletter import (
     DEAD_LETTER_REASONS,
     MAX_DETAIL_BYTES,
@@ -81,6 +82,7 @@ __all__ = [
     "build_result_headers",
     "dead_letter_headers",
     "decide_verdict",
+    "header_text",
     "json_schemas",
     "make_result_id",
     "normalize_score",

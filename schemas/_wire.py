@@ -8,7 +8,7 @@ threshold record and the exported JSON Schemas all use them, so the rules cannot
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final
@@ -81,7 +81,7 @@ def parse_rfc3339(text: str) -> datetime:
     Raises:
         ValueError: If ``text`` is not an RFC 3339 date-time.
     """
-    match = _RFC3339_RE.match(text)
+    match = _RFC3339_RE.fullmatch(text)
     if match is None:
         raise ValueError(f"not an RFC 3339 date-time with offset: {text[:64]!r}")
     date, clock, fraction, offset = match.groups()
@@ -145,3 +145,12 @@ def headers_json_schema(title: str, description: str, specs: Sequence[HeaderSpec
         "required": [spec.name for spec in specs if spec.required],
         "additionalProperties": True,
     }
+
+
+def header_text(headers: Iterable[tuple[str, bytes | None]] | None, name: str) -> str | None:
+    """The first non-null value of header ``name`` (case-insensitive) of a record, decoded as UTF-8 (lenient)."""
+    wanted = name.lower()
+    for key, value in headers or ():
+        if key.lower() == wanted and value is not None:
+            return value.decode("utf-8", "replace")
+    return None

@@ -151,7 +151,7 @@ def build_app(settings: Settings, *, detector_loader: Any | None = None) -> App:
         swap_retry_s=settings.models.swap_retry_s,
     )
     redis_client = make_redis(settings.redis)
-    store = ThresholdStore(redis_client, settings.redis.key_prefix, settings.thresholds.history_max)
+    store = ThresholdStore.from_settings(redis_client, settings)
     cache = ThresholdCache(
         store.get,
         settings.thresholds.cache_ttl_s,

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+from schemas import header_text
 from schemas.deadletter import DeadLetterInfo, DeadLetterReason, is_error_header, parse_dead_letter_headers
 from worker.errors import SpaceError
-from worker.kafka_clients import header_text
 
 #: Header added to a replayed request: ``<dlq topic>/<partition>/<offset>`` of the dead letter it came from.
 REPLAY_HEADER = "space-replay-of"

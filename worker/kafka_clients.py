@@ -178,12 +178,3 @@ def describe_kafka_error(exc: BaseException, settings: KafkaSettings, action: st
     if detail.startswith("Unable to bootstrap"):
         text += f" (tried for SPACE_KAFKA__BOOTSTRAP_TIMEOUT_MS={settings.bootstrap_timeout_ms} ms)"
     return text
-
-
-def header_text(headers: Iterable[tuple[str, bytes | None]] | None, name: str) -> str | None:
-    """The first non-null value of header ``name`` (case-insensitive) of a record, decoded as UTF-8 (lenient)."""
-    wanted = name.lower()
-    for key, value in headers or ():
-        if key.lower() == wanted and value is not None:
-            return value.decode("utf-8", "replace")
-    return None

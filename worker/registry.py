@@ -19,6 +19,7 @@ promote`` calls it before moving the pointer, :meth:`ModelRegistry.promote` itse
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -54,7 +55,7 @@ class NoActiveModel(RegistryError):
 
 def check_name(kind: str, value: str) -> str:
     """Validate a product line or version name (it becomes part of paths and keys)."""
-    if not _NAME.match(value) or value in {".", ".."}:
+    if not _NAME.fullmatch(value) or value in {".", ".."}:
         raise RegistryError(f"invalid {kind} {value!r}: use 1-64 of [A-Za-z0-9._-], starting with a letter or digit")
     return value
 
@@ -185,7 +186,14 @@ class _S3Backend:
             resp = self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(key), MaxKeys=1)
         return bool(resp.get("KeyCount", 0))
 
+    def _cache_root(self, cache_dir: Path) -> Path:
+        # One folder per bucket and prefix: a version name means nothing outside its root, and a state
+        # folder that outlives a change of SPACE_MODELS__ROOT must not serve the other root's weights.
+        digest = hashlib.sha256(f"{self.bucket}/{self.prefix}".encode()).hexdigest()[:12]
+        return cache_dir / f"{self.bucket}-{digest}"
+
     def materialize(self, prefix: str, cache_dir: Path) -> Path:
+        cache_dir = self._cache_root(cache_dir)
         target = cache_dir / prefix
         if (target / "model.json").is_file() and (target / "model.safetensors").is_file():
             return target
@@ -209,7 +217,7 @@ class _S3Backend:
 
     def discard(self, prefix: str, cache_dir: Path) -> None:
         """Drop a cached copy (after it failed to load, so the next try downloads it again)."""
-        shutil.rmtree(cache_dir / prefix, ignore_errors=True)
+        shutil.rmtree(self._cache_root(cache_dir) / prefix, ignore_errors=True)
 
 
 class ModelRegistry:
@@ -244,7 +252,7 @@ class ModelRegistry:
 
     def lines(self) -> list[str]:
         """Product lines that have at least one version."""
-        return [d for d in self._backend.list_dirs("") if _NAME.match(d) and self.versions(d)]
+        return [d for d in self._backend.list_dirs("") if _NAME.fullmatch(d) and self.versions(d)]
 
     def versions(self, line: str) -> list[str]:
         """Versions of ``line`` that hold a model card."""
@@ -252,7 +260,7 @@ class ModelRegistry:
         return [
             v
             for v in self._backend.list_dirs(line)
-            if _NAME.match(v) and self._backend.exists(f"{line}/{v}/model.json")
+            if _NAME.fullmatch(v) and self._backend.exists(f"{line}/{v}/model.json")
         ]
 
     def pointer(self, line: str) -> ActivePointer | None:

@@ -67,7 +67,7 @@ def check_send_options(
         raise SpaceError(
             f"--camera must be 1-{MAX_ID_CHARS} characters without control characters, got {camera_id!r}"
         ) from None
-    if not TOPIC_NAME_RE.match(topic) or topic in (".", ".."):
+    if not TOPIC_NAME_RE.fullmatch(topic) or topic in (".", ".."):
         raise SpaceError(f"the topic must be 1-249 characters of letters, digits, '.', '_', '-', got {topic!r}")
     if repeat < 1:
         raise SpaceError("--repeat must be >= 1")

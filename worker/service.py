@@ -755,8 +755,9 @@ class Worker:
                         inflight = None
                         continue
                     if self.batcher.closed:
-                        break  # _shutdown's drain is over; what is still queued stays uncommitted
-                    if self._stop.is_set() and self._inflight_count == 0:
+                        # _shutdown's drain is over; what is still queued stays uncommitted. Not earlier,
+                        # even with nothing in flight: the poll that a stop interrupts may still return
+                        # records, and the drain answers them.
                         break
                     if self.batcher.pending() == 0 and self._stop.is_set() and self._fatal is not None:
                         break
@@ -812,23 +813,22 @@ class Worker:
             prediction = inflight.pending.result()
             scores = np.asarray(prediction.scores, dtype=np.float32)
             maps = np.asarray(prediction.maps, dtype=np.float32)
-            finite = np.isfinite(scores)
-            if not finite.all():
-                for it, ok in zip(list(items), finite, strict=True):
-                    if not ok:
-                        self._dead_letter(
-                            it,
-                            DeadLetterReason.INFERENCE_FAILED,
-                            "NonFiniteScore",
-                            "the model returned a non-finite score",
-                        )
-                items = [it for it, ok in zip(items, finite, strict=True) if ok]
-                scores, maps = scores[finite], maps[finite]
-                if not items:
-                    return
         except Exception as exc:  # noqa: BLE001 - any model failure dead-letters the batch, the loop goes on
             self._fail_inference(model, items, exc)
             return
+        # Outside the try: a dead letter whose send raises is fatal, as everywhere else (not a model failure
+        # that would dead-letter the batch's good images and finish the bad ones twice).
+        finite = np.isfinite(scores)
+        if not finite.all():
+            for it, ok in zip(list(items), finite, strict=True):
+                if not ok:
+                    self._dead_letter(
+                        it, DeadLetterReason.INFERENCE_FAILED, "NonFiniteScore", "the model returned a non-finite score"
+                    )
+            items = [it for it, ok in zip(items, finite, strict=True) if ok]
+            scores, maps = scores[finite], maps[finite]
+            if not items:
+                return
         infer_s = time.monotonic() - inflight.started
         batch = inflight.batch
         self.metrics.infer_seconds.labels(model.line).observe(infer_s)
@@ -875,7 +875,8 @@ class Worker:
                 log.exception("publish_failed")
                 self._fatal = exc
                 self._stop.set()  # as a failed send does: the consumer loop ends and the infer loop exits
-                return
+                # Keep draining until the infer loop's None: it may be blocked putting a prepared batch.
+                continue
             self.heartbeats.beat("publish")
 
     def _prepare(self, scored: _Scored) -> _Publishing:

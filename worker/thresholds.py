@@ -31,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import redis
 import structlog
@@ -39,6 +39,9 @@ from pydantic import ValidationError
 
 from schemas.threshold import ThresholdRecord
 from worker.errors import SpaceError
+
+if TYPE_CHECKING:
+    from worker.settings import Settings
 
 __all__ = [
     "CONNECTION_ERRORS",
@@ -155,6 +158,17 @@ class ThresholdStore:
         self._min_value = min_value
         self._max_value = max_value
         self._set_script = client.register_script(_SET_SCRIPT)
+
+    @classmethod
+    def from_settings(cls, client: redis.Redis, settings: Settings) -> ThresholdStore:
+        """The store the settings describe: ``redis.key_prefix``, ``thresholds.history_max`` and the bounds."""
+        return cls(
+            client,
+            settings.redis.key_prefix,
+            settings.thresholds.history_max,
+            min_value=settings.thresholds.min_value,
+            max_value=settings.thresholds.max_value,
+        )
 
     @property
     def channel(self) -> str:

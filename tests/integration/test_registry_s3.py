@@ -68,9 +68,10 @@ def test_s3_registry_lists_promotes_rolls_back_and_downloads(s3_root: str, s3_cl
     assert registry.rollback("brick").version == "v1"
 
     assert json.loads(registry.card_text("brick", "v2"))["version"] == "v2"
-    assert not (tmp_path / "cache" / "brick" / "v2").exists()  # reading a card fetches no weights
+    assert not list((tmp_path / "cache").glob("*/brick/v2"))  # reading a card fetches no weights
     path = registry.local_path("brick", "v2")
-    assert path == tmp_path / "cache" / "brick" / "v2"
+    root_dir, *rest = path.relative_to(tmp_path / "cache").parts
+    assert rest == ["brick", "v2"] and root_dir.startswith(bucket + "-")  # one cache folder per root
     card, _ = load_artifact(path)  # the downloaded copy passes the checksum
     assert card.version == "v2"
     assert registry.verify("brick", "v2").version == "v2"
@@ -91,9 +92,30 @@ def test_s3_corrupt_upload_is_refused_and_its_cached_copy_dropped(
     s3_client.upload_file(str(good / "model.json"), bucket, f"{prefix}/brick/v3/model.json")
     with pytest.raises(RegistryError, match=r"not a valid artifact.*sha256"):
         registry.verify("brick", "v3")
-    assert not (tmp_path / "cache" / "brick" / "v3").exists()
+    assert list((tmp_path / "cache").glob("*/brick/v3")) == []
     _upload(s3_client, bucket, f"{prefix}/brick/v3", good)  # fixed upload of the same version
     assert registry.verify("brick", "v3").version == "v3"
+
+
+def test_a_version_cached_from_one_root_is_not_served_for_another(
+    s3_root: str, s3_client: Any, tmp_path: Path, artifact: tuple[ModelCard, dict[str, Any]]
+) -> None:
+    # staging and prod both hold brick/v3; prod's upload is corrupt. Verifying staging first (same state
+    # folder, as after a change of SPACE_MODELS__ROOT) must not make prod's copy pass.
+    bucket, prefix = s3_root.removeprefix("s3://").split("/", 1)
+    card, state = artifact
+    good = save_artifact(tmp_path / "src" / "v3", card.model_copy(update={"version": "v3"}), state)
+    _upload(s3_client, bucket, "staging/brick/v3", good)
+    weights = bytearray((good / "model.safetensors").read_bytes())
+    weights[-1] ^= 0xFF
+    s3_client.put_object(Bucket=bucket, Key=f"{prefix}/brick/v3/model.safetensors", Body=bytes(weights))
+    s3_client.upload_file(str(good / "model.json"), bucket, f"{prefix}/brick/v3/model.json")
+
+    staging = _registry(f"s3://{bucket}/staging", s3_client, tmp_path)
+    assert staging.verify("brick", "v3").version == "v3"
+    prod = _registry(s3_root, s3_client, tmp_path)
+    with pytest.raises(RegistryError, match=r"not a valid artifact.*sha256"):
+        prod.verify("brick", "v3")
 
 
 def test_model_manager_hot_swaps_from_s3_and_recovers_after_a_fixed_upload(

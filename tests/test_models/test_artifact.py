@@ -65,3 +65,19 @@ def test_missing_files_and_bad_card_are_clear_errors(
     (path / CARD_FILE).unlink()
     with pytest.raises(ArtifactError, match="model card missing"):
         load_artifact(path)
+
+
+@pytest.mark.parametrize("elsewhere", ["absolute", "../../outside.safetensors", "sub/model.safetensors", "..", ""])
+def test_a_card_naming_weights_outside_its_folder_is_refused(
+    saved: tuple[Path, dict[str, torch.Tensor], ModelCard], tmp_path: Path, elsewhere: str
+) -> None:
+    # The hash would match (the file is a copy of the real weights): only the name check can refuse it.
+    path, _, _ = saved
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes((path / WEIGHTS_FILE).read_bytes())
+    (path / WEIGHTS_FILE).unlink()
+    doc = json.loads((path / CARD_FILE).read_text())
+    doc["weights_file"] = str(outside) if elsewhere == "absolute" else elsewhere
+    (path / CARD_FILE).write_text(json.dumps(doc))
+    with pytest.raises(ArtifactError, match="weights_file must be a file name inside the artifact folder"):
+        load_artifact(path)

@@ -498,3 +498,107 @@ def test_publish_waiting_on_a_slow_heatmap_store_is_not_a_stalled_loop(tmp_path)
             assert "publish" not in w.heartbeats.waiting_on()
     finally:
         gate.set()
+
+
+# -- review 2026-12-01: shutdown races and a dead letter that fails after scoring ------------------
+class _LateRecordConsumer(FakeConsumer):
+    """Its poll is blocked when the stop request comes and returns a record only after that."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.worker: Worker | None = None
+        self.delivered = False
+        self.polling = threading.Event()
+
+    def committed(self, tp: TopicPartition, timeout_ms: int | None = None) -> int:
+        return 0  # the group has read here before: no start position to commit
+
+    def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[TopicPartition, list[Rec]]:
+        if not self.assigned:
+            return super().poll(timeout_ms, max_records)
+        assert self.worker is not None
+        self.polling.set()
+        if not self.delivered and self.worker._stop.wait(5.0):  # a long poll, under way when the stop comes
+            self.delivered = True
+            time.sleep(0.5)  # the infer thread sees "stopping, nothing in flight" meanwhile
+            return {TP: [request(0)]}
+        return {}
+
+
+def test_a_record_returned_by_the_poll_a_stop_interrupts_is_answered_before_the_exit(tmp_path) -> None:
+    # Before the fix the infer thread left as soon as stop was set with nothing in flight; the record
+    # the interrupted poll then returned was never scored and the exit waited out the whole grace period.
+    w = make_worker(tmp_path, [], grace_s=8.0)
+    consumer = _LateRecordConsumer()
+    consumer.worker = w
+    w.consumer = consumer
+    with running(w) as result:
+        assert consumer.polling.wait(5)
+        stop_at = time.monotonic()
+    took_s = time.monotonic() - stop_at
+    assert result["rc"] == 0
+    assert [r["message_id"] for r in w.producer.results()] == ["m0"]
+    assert committed(w)[-1:] == [1]
+    assert took_s < 5.0, f"stop took {took_s:.2f} s (grace 8 s)"
+
+
+def test_a_publish_failure_with_a_backlog_does_not_leave_the_infer_thread_blocked(tmp_path) -> None:
+    # The queue to the publish thread holds two prepared batches. Before the fix the publish thread
+    # returned on its failure, the infer thread blocked for good putting the next batch, and the exit
+    # waited out the grace period.
+    w = make_worker(tmp_path, [request(i) for i in range(8)], grace_s=8.0,
+                    batching={"max_batch_size": 1, "max_wait_ms": 1})  # fmt: skip
+
+    def broken_publish(publishing: Any) -> None:
+        wait_for(w._scored.full, timeout_s=5)  # a slow first batch: the backlog builds up behind it
+        raise RuntimeError("publish broke")
+
+    w._publish = broken_publish  # type: ignore[method-assign]
+    with running(w) as result:
+        assert wait_for(lambda: w._fatal is not None)
+        failed_at = time.monotonic()
+        assert wait_for(lambda: "rc" in result, timeout_s=10)
+        took_s = time.monotonic() - failed_at
+    assert result["rc"] == 1
+    assert not any(t.is_alive() for t in w._threads)
+    assert committed(w) == []
+    assert took_s < 4.0, f"exit took {took_s:.2f} s after the publish failure (grace 8 s)"
+
+
+class _NonFiniteDetector(FakeDetector):
+    def submit(self, images: list[np.ndarray]) -> Any:
+        n = len(images)
+        scores = np.array([np.nan, np.nan, 0.1][:n], np.float32)
+        prediction = SimpleNamespace(scores=scores, maps=np.zeros((n, 4, 4), np.float32))
+        return SimpleNamespace(result=lambda: prediction)
+
+
+@dataclass
+class _SecondDeadLetterFails(FakeProducer):
+    dead_letters: int = 0
+
+    def send(self, topic: str, *, key: bytes | None, value: bytes, headers: list[Any]) -> _Acked:
+        if topic == "inspection.dlq":
+            self.dead_letters += 1
+            if self.dead_letters == 2:
+                raise KafkaTimeoutError("Failed to update metadata after 10.0 secs.")
+        return super().send(topic, key=key, value=value, headers=headers)
+
+
+def test_a_dead_letter_send_failing_after_scoring_stops_the_worker_instead_of_failing_the_batch(tmp_path) -> None:
+    # Two non-finite scores and one good one; the second dead letter's send raises. Before the fix that
+    # was handled as a model failure: the batch was dead-lettered again (the first image twice, the good
+    # one as inference-failed), an item was finished twice and the in-flight count went negative.
+    models = FakeModels()
+    models.detector = _NonFiniteDetector()
+    producer = _SecondDeadLetterFails()
+    w = make_worker(tmp_path, [request(i) for i in range(3)], producer=producer, models=models,
+                    batching={"max_batch_size": 3, "max_wait_ms": 500})  # fmt: skip
+    with running(w) as result:
+        assert wait_for(lambda: "rc" in result, timeout_s=10)
+    assert result["rc"] == 1
+    assert isinstance(w._fatal, KafkaTimeoutError)
+    assert producer.dead_letters == 2  # the first letter, then the one that raised: nothing sent again
+    assert producer.results() == []
+    assert w._inflight_count >= 0
+    assert max(committed(w), default=0) <= 1  # at most the first dead letter's record, which was acked

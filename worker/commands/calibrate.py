@@ -107,13 +107,7 @@ def _write(args: argparse.Namespace, card: Any, result: Any, precision: str) -> 
 
     settings = load_settings()
     client = make_redis(settings.redis)
-    store = ThresholdStore(
-        client,
-        settings.redis.key_prefix,
-        settings.thresholds.history_max,
-        min_value=settings.thresholds.min_value,
-        max_value=settings.thresholds.max_value,
-    )
+    store = ThresholdStore.from_settings(client, settings)
     note = args.note if args.note is not None else f"space calibrate{_scored_in(precision)}: {result.summary()}"
     try:
         return store.set(

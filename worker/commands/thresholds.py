@@ -88,13 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "set" and args.model_version is not None:
         _require_model_version(args, settings)
     client = make_redis(settings.redis)
-    store = ThresholdStore(
-        client,
-        settings.redis.key_prefix,
-        settings.thresholds.history_max,
-        min_value=settings.thresholds.min_value,
-        max_value=settings.thresholds.max_value,
-    )
+    store = ThresholdStore.from_settings(client, settings)
     try:
         return _dispatch(args, store)
     except redis.exceptions.RedisError as exc:

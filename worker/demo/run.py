@@ -508,8 +508,8 @@ def _collect(
     Raises:
         DemoError: Sending failed, or the worker exited (nothing more can come back).
     """
+    from schemas import header_text
     from schemas.result import InspectionResult
-    from worker.kafka_clients import header_text
 
     received: list[Received] = []
     dead: list[dict[str, Any]] = []
