@@ -14,6 +14,7 @@ from schemas.deadletter import (
     build_dead_letter,
     dead_letter_headers,
     parse_dead_letter_headers,
+    record_size_bytes,
     truncate_dead_letter_value,
 )
 from schemas.export import json_schemas, render_json_schemas
@@ -88,6 +89,7 @@ __all__ = [
     "normalize_score",
     "parse_dead_letter_headers",
     "parse_request",
+    "record_size_bytes",
     "render_json_schemas",
     "truncate_dead_letter_value",
 ]

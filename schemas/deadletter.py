@@ -17,6 +17,11 @@ Contract:
   dead letter carries only its first ``max_value_bytes`` bytes (enough to see the magic number or
   the start of the JSON) and ``error-value-truncated: <original length in bytes>``. Without that
   header the value is byte-identical to the original. A truncated dead letter cannot be replayed.
+* Record limit: when the caller gives ``max_record_bytes`` (the producer's ``max_request_size``) and
+  the key, value and headers would not fit in it, original headers are left out, largest first, and
+  ``error-headers-dropped: <count>`` says how many; if that is not enough the value is cut further.
+  A dead letter that cannot be produced would stop every worker that meets its record in turn. One
+  with headers dropped cannot be replayed either.
 """
 
 from __future__ import annotations
@@ -54,11 +59,19 @@ __all__ = [
     "dead_letter_headers_json_schema",
     "is_error_header",
     "parse_dead_letter_headers",
+    "record_size_bytes",
     "truncate_dead_letter_value",
 ]
 
 ERROR_HEADER_PREFIX: Final = "error-"
 MAX_DETAIL_BYTES: Final = 1024
+#: Upper bound of Kafka's framing around one record: record batch header (61 bytes), record attributes,
+#: timestamp and offset deltas and the length varints, with room to spare.
+RECORD_FRAMING_BYTES: Final = 256
+#: Upper bound of the framing of one header (two length varints).
+HEADER_FRAMING_BYTES: Final = 10
+#: Upper bound of one added count header (``error-headers-dropped`` or ``error-value-truncated``).
+_COUNT_HEADER_BYTES: Final = 64
 
 
 class DeadLetterReason(StrEnum):
@@ -149,6 +162,12 @@ class DeadLetterInfo(WireModel):
         ge=0,
         description="Original value length in bytes, when truncated (error-value-truncated).",
     )
+    headers_dropped: int | None = Field(
+        default=None,
+        ge=1,
+        description="How many original headers were left out to keep the record under the producer's "
+        "size limit, largest first (error-headers-dropped).",
+    )
 
 
 class DeadLetter(NamedTuple):
@@ -169,7 +188,11 @@ _FIELD_HEADERS: Final[dict[str, str]] = {
     "source_partition": "error-source-partition",
     "source_offset": "error-source-offset",
     "value_truncated_from": "error-value-truncated",
+    "headers_dropped": "error-headers-dropped",
 }
+
+
+_OPTIONAL_FIELDS: Final = frozenset({"value_truncated_from", "headers_dropped"})
 
 
 def _header_text(info: DeadLetterInfo, field: str) -> str | None:
@@ -243,18 +266,55 @@ def truncate_dead_letter_value(value: bytes | None, max_value_bytes: int) -> tup
     return bytes(value[:max_value_bytes]), len(value)
 
 
+def record_size_bytes(key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes | None]]) -> int:
+    """An upper bound of the bytes a record takes in a producer request (what ``max_request_size`` limits)."""
+    size = RECORD_FRAMING_BYTES + len(key or b"") + len(value or b"")
+    return size + sum(
+        len(name.encode("utf-8", "replace")) + len(v or b"") + HEADER_FRAMING_BYTES for name, v in headers
+    )
+
+
 def build_dead_letter(
     original_headers: Sequence[tuple[str, bytes | None]],
     value: bytes | None,
     info: DeadLetterInfo,
     *,
     max_value_bytes: int,
+    max_record_bytes: int | None = None,
+    key: bytes | None = None,
 ) -> DeadLetter:
-    """The complete dead letter: payload limit applied and recorded in ``error-value-truncated``."""
+    """The complete dead letter, within the payload limit and (given ``max_record_bytes``) the record limit.
+
+    Args:
+        original_headers: the failed record's headers.
+        value: its value.
+        info: what the ``error-*`` headers say.
+        max_value_bytes: the dead-letter payload limit (``error-value-truncated`` when applied).
+        max_record_bytes: the producer's request limit; None: headers are kept whole, whatever their size.
+        key: the record key the dead letter is produced with (counted against ``max_record_bytes``).
+    """
     kept_value, original_size = truncate_dead_letter_value(value, max_value_bytes)
     if original_size is not None:
         info = info.model_copy(update={"value_truncated_from": original_size})
-    return DeadLetter(dead_letter_headers(original_headers, info), kept_value)
+    headers = dead_letter_headers(original_headers, info)
+    if max_record_bytes is None or record_size_bytes(key, kept_value, headers) <= max_record_bytes:
+        return DeadLetter(headers, kept_value)
+    # Too large for the producer: leave out original headers, largest first, then cut the value.
+    originals = [(name, v) for name, v in original_headers if not is_error_header(name)]
+    sizes = [record_size_bytes(None, None, [h]) - RECORD_FRAMING_BYTES for h in originals]
+    excess = record_size_bytes(key, kept_value, headers) + _COUNT_HEADER_BYTES - max_record_bytes
+    dropped: set[int] = set()
+    for i in sorted(range(len(originals)), key=sizes.__getitem__, reverse=True):
+        if excess <= 0:
+            break
+        dropped.add(i)
+        excess -= sizes[i]
+    info = info.model_copy(update={"headers_dropped": len(dropped) or None})
+    if excess > 0 and kept_value:
+        info = info.model_copy(update={"value_truncated_from": len(value or b"")})
+        kept_value = bytes(kept_value[: max(0, len(kept_value) - excess - _COUNT_HEADER_BYTES)])
+    headers = dead_letter_headers([h for i, h in enumerate(originals) if i not in dropped], info)
+    return DeadLetter(headers, kept_value)
 
 
 def dead_letter_headers_json_schema() -> dict[str, Any]:
@@ -271,9 +331,10 @@ def dead_letter_headers_json_schema() -> dict[str, Any]:
         "source_partition": INTEGER_HEADER_SCHEMA,
         "source_offset": INTEGER_HEADER_SCHEMA,
         "value_truncated_from": INTEGER_HEADER_SCHEMA,
+        "headers_dropped": INTEGER_HEADER_SCHEMA,
     }
     specs = [
-        HeaderSpec(header, str(fields[field].description), schemas[field], required=field != "value_truncated_from")
+        HeaderSpec(header, str(fields[field].description), schemas[field], required=field not in _OPTIONAL_FIELDS)
         for field, header in _FIELD_HEADERS.items()
     ]
     return headers_json_schema(

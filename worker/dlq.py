@@ -108,11 +108,16 @@ class DeadLetterRecord:
         return f"{self.topic}/{self.partition}/{self.offset}"
 
     def replay_blocker(self) -> str | None:
-        """Why this dead letter cannot be replayed (``value-truncated``, ``unreadable-error-headers``), or None."""
+        """Why this dead letter cannot be replayed, or None.
+
+        ``value-truncated`` or ``headers-dropped`` (an incomplete record), ``unreadable-error-headers``.
+        """
         if self.info is None:
             return "unreadable-error-headers"
         if self.info.value_truncated_from is not None:
             return "value-truncated"
+        if self.info.headers_dropped is not None:
+            return "headers-dropped"
         return None
 
     def replay_headers(self) -> list[tuple[str, bytes]]:

@@ -15,7 +15,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from worker.errors import ConfigError
-from worker.settings import RedisSettings
+from worker.settings import RedisSettings, redact_url
 
 __all__ = ["make_redis", "redis_kwargs"]
 
@@ -66,6 +66,13 @@ def make_redis(settings: RedisSettings) -> redis.Redis:
         A ``redis.Redis`` with ``decode_responses=True`` (all replies are ``str``).
 
     Raises:
-        ConfigError: inconsistent TLS settings.
+        ConfigError: inconsistent TLS settings, or a URL redis-py cannot parse (shown redacted: redis-py's
+            own message may quote part of it, a password included).
     """
-    return redis.Redis.from_url(settings.url, **redis_kwargs(settings))
+    kwargs = redis_kwargs(settings)
+    try:
+        return redis.Redis.from_url(settings.url, **kwargs)
+    except (ValueError, TypeError) as exc:  # `from None`: no traceback shows redis-py's message
+        raise ConfigError(
+            f"SPACE_REDIS__URL: {redact_url(settings.url)} is not a valid Redis URL ({type(exc).__name__})"
+        ) from None

@@ -1058,9 +1058,11 @@ class Worker:
             source_partition=item.tp.partition,
             source_offset=item.offset,
         )
+        k = self.settings.kafka
         letter = build_dead_letter(
-            item.headers, item.value, info, max_value_bytes=self.settings.kafka.dlq_max_value_bytes
-        )
+            item.headers, item.value, info, max_value_bytes=k.dlq_max_value_bytes,
+            max_record_bytes=k.max_request_size, key=item.key,
+        )  # fmt: skip
         self._send_all(
             item, [(self.settings.kafka.dlq_topic, item.key, letter.value or b"", letter.headers)], on_done=lambda: None
         )

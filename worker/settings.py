@@ -53,6 +53,9 @@ def _split_list(value: Any) -> Any:
     return value
 
 
+#: Largest batch a model is called with (``SPACE_BATCHING__MAX_BATCH_SIZE``, warm-up batch sizes).
+MAX_BATCH_SIZE = 1024
+
 StrList = Annotated[tuple[str, ...], NoDecode, BeforeValidator(_split_list)]
 IntList = Annotated[tuple[int, ...], NoDecode, BeforeValidator(_split_list)]
 
@@ -71,15 +74,29 @@ def redact_url(url: str) -> str:
     ``redis://user:pw@host:6379/0?password=pw&db=1`` becomes ``redis://***@host:6379/0?password=***&db=1``.
     Everything up to the last ``@`` counts as user info, so a password holding ``/`` or ``?`` is hidden too.
     """
-    scheme, slashes, rest = url.partition("://")
-    if not slashes:
-        scheme, rest = "", url
-    if "@" in rest:
-        rest = "***@" + rest.rpartition("@")[2]
+    prefix, userinfo, rest = _split_userinfo(url)
+    if userinfo is not None:
+        rest = "***@" + rest
     location, sep, query = rest.partition("?")
     if sep:
         query = "&".join(_redact_query_pair(pair) for pair in query.split("&"))
-    return scheme + slashes + location + sep + query
+    return prefix + location + sep + query
+
+
+def _split_userinfo(url: str) -> tuple[str, str | None, str]:
+    """``url`` as (``scheme://``, user info or None, the rest), the user info being everything up to the last ``@``.
+
+    Deliberately wider than RFC 3986 (user info ends at the first ``/``, ``?`` or ``#``): an unencoded
+    ``/``, ``?`` or ``#`` in a password would otherwise leave the rest of it in the path or query.
+    :func:`redact_url` hides exactly this part and the Redis URL check refuses it, so the two agree.
+    """
+    scheme, slashes, rest = url.partition("://")
+    if not slashes:
+        scheme, rest = "", url
+    if "@" not in rest:
+        return scheme + slashes, None, rest
+    userinfo, _, rest = rest.rpartition("@")
+    return scheme + slashes, userinfo, rest
 
 
 def _redact_query_pair(pair: str) -> str:
@@ -223,7 +240,7 @@ class RedisSettings(_Section):
     def _check_url(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
-        if "@" in value.split("//", 1)[1].split("/", 1)[0]:
+        if _split_userinfo(value)[1] is not None:  # any @: a password may hold / ? or # (redis://u:p/w@host)
             raise ValueError("put credentials in SPACE_REDIS__USERNAME/PASSWORD, not in the URL")
         query = value.partition("?")[2].partition("#")[0]
         names = {name.lower() for name, _ in parse_qsl(query, keep_blank_values=True)}
@@ -238,7 +255,7 @@ class RedisSettings(_Section):
 class BatchingSettings(_Section):
     """Dynamic batcher: a batch leaves when full or when its oldest image waited ``max_wait_ms``."""
 
-    max_batch_size: int = Field(16, ge=1, le=1024, description="Images per model call.")
+    max_batch_size: int = Field(16, ge=1, le=MAX_BATCH_SIZE, description="Images per model call.")
     max_wait_ms: float = Field(20.0, ge=0, le=10_000, description="Longest wait of the oldest queued image.")
     max_queue_images: int = Field(1024, ge=1, description="Bound of each (line, model version) queue.")
     max_inflight_images: int = Field(512, ge=1, description="Polled but not yet acknowledged images (pause above).")
@@ -333,7 +350,17 @@ class ModelSettings(_Section):
     preload: StrList = Field((), description="Lines loaded and warmed at start-up; /readyz waits for them.")
     negative_ttl_s: float = Field(5.0, ge=0, le=3_600, description="Remember an unknown or failing line this long.")
     swap_retry_s: float = Field(30.0, ge=0, le=86_400, description="Retry a failed promoted version after this.")
-    warmup_batch_sizes: IntList = Field((1,), description="Batch sizes run once before a model serves.")
+    warmup_batch_sizes: IntList = Field(
+        (1,), description=f"Batch sizes run once before a model serves (each 1 to {MAX_BATCH_SIZE})."
+    )
+
+    @field_validator("warmup_batch_sizes")
+    @classmethod
+    def _check_warmup_batch_sizes(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        # A size below 1 made every model load fail (each image dead-lettered model-unavailable).
+        if any(not 1 <= size <= MAX_BATCH_SIZE for size in value):
+            raise ValueError(f"each batch size must be 1 to {MAX_BATCH_SIZE} (SPACE_BATCHING__MAX_BATCH_SIZE's range)")
+        return value
 
     @model_validator(mode="after")
     def _check_branches(self) -> ModelSettings:
@@ -412,8 +439,23 @@ class ThresholdSettings(_Section):
     watch_backoff_max_s: float = Field(
         5.0, gt=0, le=600, description="Longest wait between reconnects of the pub/sub invalidation watcher."
     )
-    min_value: float | None = Field(None, description="Lowest value `space thresholds set` takes without --force.")
-    max_value: float | None = Field(None, description="Highest value `space thresholds set` takes without --force.")
+    min_value: float | None = Field(
+        None,
+        allow_inf_nan=False,
+        description="Lowest value `space thresholds set` takes without --force (finite, at most max_value).",
+    )
+    max_value: float | None = Field(
+        None, allow_inf_nan=False, description="Highest value `space thresholds set` takes without --force (finite)."
+    )
+
+    @model_validator(mode="after")
+    def _check_value_bounds(self) -> ThresholdSettings:
+        if self.min_value is not None and self.max_value is not None and self.min_value > self.max_value:
+            raise ValueError(
+                f"SPACE_THRESHOLDS__MIN_VALUE ({self.min_value}) must be at most SPACE_THRESHOLDS__MAX_VALUE "
+                f"({self.max_value}): no threshold could be set without --force"
+            )
+        return self
 
 
 class HttpSettings(_Section):

@@ -19,6 +19,7 @@ from schemas import (
     build_dead_letter,
     dead_letter_headers,
     parse_dead_letter_headers,
+    record_size_bytes,
     truncate_dead_letter_value,
 )
 
@@ -48,9 +49,7 @@ def make_info(**overrides: Any) -> DeadLetterInfo:
 def test_headers_keep_the_original_and_append_error_headers() -> None:
     headers = dead_letter_headers(ORIGINAL, make_info())
     assert headers[: len(ORIGINAL)] == [(n, b"" if v is None else v) for n, v in ORIGINAL]
-    assert all(
-        type(name) is str and type(value) is bytes for name, value in headers
-    )  # what KafkaProducer takes
+    assert all(type(name) is str and type(value) is bytes for name, value in headers)  # what KafkaProducer takes
     assert headers[len(ORIGINAL) :] == [
         ("error-class", b"DecodeError"),
         ("error-reason", b"corrupt-image"),
@@ -139,6 +138,38 @@ def test_build_dead_letter_records_truncation_in_a_header() -> None:
     whole = build_dead_letter(ORIGINAL, b"x" * 10, make_info(), max_value_bytes=10)
     assert whole.value == b"x" * 10
     assert "error-value-truncated" not in dict(whole.headers)
+
+
+def test_a_dead_letter_over_the_record_limit_leaves_out_the_largest_original_headers() -> None:
+    # The request fitted; its dead letter (same headers, same value, plus error-*) would not, and a
+    # dead letter the producer refuses stops every worker that meets the record.
+    headers = [*ORIGINAL, ("x-blob", b"b" * 50_000), ("x-note", b"n" * 2_000)]
+    limit = record_size_bytes(b"key", b"v" * 1_000, headers) + 100
+    letter = build_dead_letter(
+        headers, b"v" * 1_000, make_info(), max_value_bytes=10_000, max_record_bytes=limit, key=b"key"
+    )
+    assert record_size_bytes(b"key", letter.value, letter.headers) <= limit
+    names = [name for name, _ in letter.headers]
+    assert "x-blob" not in names and "x-note" in names and names[:4] == [name for name, _ in ORIGINAL]
+    assert letter.value == b"v" * 1_000  # whole: dropping the header was enough
+    info = parse_dead_letter_headers(letter.headers)
+    assert (info.headers_dropped, info.value_truncated_from) == (1, None)
+
+
+def test_a_dead_letter_cuts_its_value_when_dropping_every_original_header_is_not_enough() -> None:
+    limit = 1_500
+    letter = build_dead_letter(ORIGINAL, b"v" * 4_000, make_info(), max_value_bytes=10_000, max_record_bytes=limit)
+    assert record_size_bytes(None, letter.value, letter.headers) <= limit
+    info = parse_dead_letter_headers(letter.headers)
+    assert info.value_truncated_from == 4_000 and info.headers_dropped == len(ORIGINAL)
+    assert letter.value and set(letter.value) == {ord("v")}
+
+
+def test_a_dead_letter_within_the_record_limit_keeps_every_header() -> None:
+    limit = record_size_bytes(None, b"v" * 100, ORIGINAL) + 2_000  # room for the error-* headers
+    within = build_dead_letter(ORIGINAL, b"v" * 100, make_info(), max_value_bytes=10_000, max_record_bytes=limit)
+    assert within == build_dead_letter(ORIGINAL, b"v" * 100, make_info(), max_value_bytes=10_000)
+    assert "error-headers-dropped" not in dict(within.headers)
 
 
 def test_every_request_reason_is_a_dead_letter_reason() -> None:

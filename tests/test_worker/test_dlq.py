@@ -289,3 +289,33 @@ def test_a_scan_whose_partition_never_fetches_fails_instead_of_waiting_forever()
 
     with pytest.raises(SpaceError, match=r"dlq made no progress for 30 s .*0 at 0 of 5"):
         list(scan_dead_letters(StuckConsumer(), "dlq", since_ms=None, cutoff_ms=10**13, idle_s=1.0, clock=clock))  # type: ignore[arg-type]
+
+
+def test_record_size_bound_is_never_below_what_the_producer_counts() -> None:
+    # kafka-python refuses a record whose estimate exceeds max_request_size; the dead letter's bound must
+    # be at least that estimate, or a letter it lets through could still be refused.
+    from kafka.record.default_records import DefaultRecordBatchBuilder
+
+    from schemas import record_size_bytes
+
+    cases = [
+        (None, b"", []),
+        (b"k" * 300, b"v" * 70_000, [("ce_id", b"m" * 200), ("x", None), ("\u00e9t\u00e9", b"\x00" * 5)]),
+        (b"cam-1", b"v" * 20, [(f"h{i}", b"x" * i) for i in range(300)]),
+    ]
+    for key, value, headers in cases:
+        assert record_size_bytes(key, value, headers) >= DefaultRecordBatchBuilder.estimate_size_in_bytes(
+            key, value, [(name, v or b"") for name, v in headers]
+        )
+
+
+def test_a_letter_with_headers_dropped_is_not_replayed() -> None:
+    info = DeadLetterInfo(error_class="DecodeError", reason=DeadLetterReason.CORRUPT_IMAGE, detail="truncated",
+                          worker_id="w-1", time=NOW, source_topic="inspection.requests", source_partition=2,
+                          source_offset=40)  # fmt: skip
+    headers = [*REQUEST_HEADERS, ("x-blob", b"b" * 4_000)]
+    dead = build_dead_letter(headers, b"\x89PNG....", info, max_value_bytes=1024, max_record_bytes=2_500)
+    letter = read_dead_letter("inspection.dlq", 0, 8, 1_000, b"cam-1", dead.value, dead.headers)
+    assert letter.info is not None and letter.info.headers_dropped == 1
+    assert letter.replay_blocker() == "headers-dropped"
+    assert make_letter().replay_blocker() is None

@@ -239,3 +239,16 @@ def test_models_cli_errors_are_one_line(cli_root: Path, capsys: pytest.CaptureFi
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 3 and all(e.startswith("space: error: ") for e in errors)
     assert "no version 'v7' (have: v1, v2)" in errors[1]
+
+
+def test_models_cli_show_of_a_card_that_is_not_json_is_one_line(
+    cli_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (cli_root / "brick" / "v2" / "model.json").write_text("{not json")
+    assert main(["models", "show", "brick", "v2"]) == 1  # was a JSONDecodeError traceback
+    captured = capsys.readouterr()
+    (err,) = captured.err.strip().splitlines()
+    assert err.startswith("space: error: line 'brick' version 'v2': invalid model card: Expecting property name")
+    assert captured.out == ""
+    assert main(["models", "list"]) == 0  # list already reported it in its row
+    assert "invalid model card" in capsys.readouterr().out

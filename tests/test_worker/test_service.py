@@ -602,3 +602,37 @@ def test_a_dead_letter_send_failing_after_scoring_stops_the_worker_instead_of_fa
     assert producer.results() == []
     assert w._inflight_count >= 0
     assert max(committed(w), default=0) <= 1  # at most the first dead letter's record, which was acked
+
+
+@dataclass
+class _SizeCheckingProducer(FakeProducer):
+    """Refuses records over ``max_request_size`` as kafka-python's send() does (MessageSizeTooLargeError)."""
+
+    max_request_size: int = 16 * 1024 * 1024
+
+    def send(self, topic: str, *, key: bytes | None, value: bytes, headers: list[Any]) -> _Acked:
+        from kafka.errors import MessageSizeTooLargeError
+        from kafka.record.default_records import DefaultRecordBatchBuilder
+
+        if DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers) > self.max_request_size:
+            raise MessageSizeTooLargeError("The message is larger than max_request_size")
+        return super().send(topic, key=key, value=value, headers=headers)
+
+
+def test_a_request_whose_dead_letter_would_be_too_large_is_dead_lettered_without_its_largest_header(tmp_path) -> None:
+    # The request fits in a request (8 MB header + 8 MiB corrupt value); with the error-* headers added its
+    # dead letter would not, and a refused dead letter stops every worker that meets the record in turn.
+    from kafka.record.default_records import DefaultRecordBatchBuilder
+
+    corrupt = PNG[:16] + b"\0" * (8 * 1024 * 1024 - 16)
+    headers = request(0).headers
+    fits = DefaultRecordBatchBuilder.estimate_size_in_bytes(b"c1", corrupt, [*headers, ("x-blob", b"")])
+    bad = Rec(0, b"c1", corrupt, [*headers, ("x-blob", b"b" * (16 * 1024 * 1024 - fits - 100))])
+    producer = _SizeCheckingProducer()
+    w = make_worker(tmp_path, [bad, request(1)], producer=producer)
+    with running(w) as result:
+        assert wait_for(lambda: committed(w)[-1:] == [2])
+    assert result["rc"] == 0 and w._fatal is None
+    letters = [value for topic, value in producer.sent if topic == "inspection.dlq"]
+    assert len(letters) == 1 and len(letters[0]) == len(corrupt)  # the value whole: dropping x-blob was enough
+    assert [r["message_id"] for r in producer.results()] == ["m1"]

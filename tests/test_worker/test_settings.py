@@ -62,6 +62,18 @@ def test_settings_are_frozen() -> None:
         ),
         # A typo in the section was silently ignored: the setting just did not apply.
         ("SPACE_MODEL__PRELOAD", "brick", "SPACE_MODEL__PRELOAD: no settings section 'model' (sections: batching,"),
+        # Warm-up sizes of 0 or less passed, then every model load failed and every image was dead-lettered.
+        (
+            "SPACE_MODELS__WARMUP_BATCH_SIZES",
+            "0",
+            "SPACE_MODELS__WARMUP_BATCH_SIZES: each batch size must be 1 to 1024",
+        ),
+        ("SPACE_MODELS__WARMUP_BATCH_SIZES", "1,-1", "SPACE_MODELS__WARMUP_BATCH_SIZES: each batch size must be 1 to"),
+        ("SPACE_MODELS__WARMUP_BATCH_SIZES", "[8, 1025]", "MAX_BATCH_SIZE's range) (got '[8, 1025]')"),
+        # nan silently disabled the bound check; min above max refused every value.
+        ("SPACE_THRESHOLDS__MIN_VALUE", "nan", "SPACE_THRESHOLDS__MIN_VALUE: Input should be a finite number"),
+        ("SPACE_THRESHOLDS__MAX_VALUE", "inf", "SPACE_THRESHOLDS__MAX_VALUE: Input should be a finite number"),
+        ("SPACE_THRESHOLDS__MAX_VALUE", "-inf", "SPACE_THRESHOLDS__MAX_VALUE: Input should be a finite number"),
     ],
 )
 def test_bad_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str, needle: str) -> None:
@@ -134,3 +146,41 @@ def test_cli_stops_with_one_line_on_bad_setting() -> None:
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines == ["space: error: SPACE_KAFKA__BOOTSTRAP_SERVERS: must list at least one host:port (got '')"]
+
+
+def test_warmup_batch_sizes_within_the_batch_size_bounds_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPACE_MODELS__WARMUP_BATCH_SIZES", "1, 8, 1024")
+    assert load_settings().models.warmup_batch_sizes == (1, 8, 1024)
+
+
+def test_threshold_bounds_must_be_ordered(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPACE_THRESHOLDS__MIN_VALUE", "0.9")
+    monkeypatch.setenv("SPACE_THRESHOLDS__MAX_VALUE", "0.1")
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    assert "SPACE_THRESHOLDS__MIN_VALUE (0.9) must be at most SPACE_THRESHOLDS__MAX_VALUE (0.1)" in str(info.value)
+    monkeypatch.setenv("SPACE_THRESHOLDS__MAX_VALUE", "0.9")
+    assert load_settings().thresholds.min_value == load_settings().thresholds.max_value == 0.9
+    monkeypatch.delenv("SPACE_THRESHOLDS__MAX_VALUE")
+    assert load_settings().thresholds.max_value is None
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://app:S3cr/etPass@host:6379/0",  # passed: only the text before the first / was checked
+        "redis://app:S3cr?etPass@host:6379/0",
+        "redis://app:S3cr#etPass@host:6379/0",
+        "rediss://:S3cr/et/Pass@host:6379",
+        "unix://app:S3cr/etPass@/run/redis.sock",
+    ],
+)
+def test_credentials_in_the_redis_url_are_refused_without_echoing_them(
+    monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    monkeypatch.setenv("SPACE_REDIS__URL", url)
+    with pytest.raises(ConfigError) as info:
+        load_settings()
+    message = str(info.value)
+    assert message.startswith("SPACE_REDIS__URL: put credentials in SPACE_REDIS__USERNAME/PASSWORD")
+    assert "S3cr" not in message and "etPass" not in message and "Pass" not in message

@@ -170,7 +170,10 @@ def _print_show(registry: ModelRegistry, line: str, version: str | None) -> None
         if pointer is None:
             raise RegistryError(f"product line {line!r} has no active model; name a VERSION to show")
         version = pointer.version
-    card = json.loads(registry.card_text(line, version))
+    try:
+        card = json.loads(registry.card_text(line, version))
+    except json.JSONDecodeError as exc:  # one line, as `models list` reports it
+        raise RegistryError(f"line {line!r} version {version!r}: invalid model card: {exc}") from exc
     doc = {
         "line": line,
         "version": version,
