@@ -4,7 +4,9 @@ Owns everything between a record's bytes and an ``(H, W, 3)`` uint8 RGB array:
 
 * :func:`probe_image` reads width, height, channels and bit depth from the JPEG SOF, PNG IHDR, BMP
   header or first TIFF IFD without decoding, so :func:`decode_image` can refuse a decompression bomb
-  (a few KB declaring 100000x100000 pixels) before OpenCV allocates anything.
+  (a few KB declaring 100000x100000 pixels) before OpenCV allocates anything. It walks a JPEG's
+  markers to EOI (refusing more than :data:`MAX_JPEG_SCANS` scans, each a pass of the decoder over the
+  image) and reads a TIFF's tile size (the decoder allocates one tile).
 * :func:`decode_image` checks size, sniffs the magic bytes against the declared content type, probes,
   decodes with ``cv2.IMREAD_UNCHANGED`` and normalises (gray -> 3 channels, 16-bit -> 8-bit, alpha
   dropped, BGR -> RGB). EXIF orientation is deliberately not applied: inspection cameras are fixed.
@@ -40,6 +42,9 @@ from worker.settings import DecodeSettings, S3Settings
 
 __all__ = [
     "CONTENT_TYPES",
+    "MAX_JPEG_MARKERS",
+    "MAX_JPEG_SCANS",
+    "TIFF_MAX_TILE_SIDE_FLOOR",
     "ClaimCheckFetcher",
     "DecodeError",
     "DecodeReason",
@@ -79,14 +84,49 @@ CONTENT_TYPES: dict[str, ImageFormat] = {
     "image/tif": "tiff",
 }
 
+#: Most scans (SOS markers) a JPEG may have. libjpeg makes a pass over the whole frame per progressive
+#: scan, so a file of thousands of tiny scans (44 bytes each, one end-of-band run) costs minutes of CPU:
+#: 37 s for 0.5 MB at 6000x6000 (0.55 s with 100 such scans). Encoders write 1 scan (baseline), about
+#: 10 (libjpeg's progressive script) or a few dozen (mozjpeg); nvImageCodec refuses more than 256.
+MAX_JPEG_SCANS = 100
+#: Most markers the probe's walk visits outside scan data (each is a step in Python; real files have a
+#: few dozen, a few hundred with many scans; restart markers inside scan data are not counted).
+MAX_JPEG_MARKERS = 10_000
+
 _JPEG_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_JPEG_SOS = 0xDA
+_JPEG_EOI = 0xD9
+#: Markers with a length that libjpeg reads between scans: SOFn, DHT, DAC, SOS, DQT, DNL, DRI, APPn, COM.
+_JPEG_SEGMENTS = _JPEG_SOF | {0xC4, 0xCC, 0xDA, 0xDB, 0xDC, 0xDD, 0xFE} | set(range(0xE0, 0xF0))
+#: Markers without a length that libjpeg skips between segments: TEM and RST0-7.
+_JPEG_PARAMETERLESS = frozenset({0x01, *range(0xD0, 0xD8)})
+#: A marker (its code in group 1) after any fill bytes.
+_JPEG_MARKER = re.compile(rb"\xff+([^\xff])")
+#: The end of entropy-coded data: FF then a code other than a stuffed zero, RSTn or fill.
+_JPEG_ENTROPY_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _DEPTHS_8_16 = frozenset({1, 2, 4, 8, 16})
 #: The first-IFD tags the probe reads (the suffix names them in error details).
-_TIFF_TAG_NAMES = {256: " (ImageWidth)", 257: " (ImageLength)", 258: " (BitsPerSample)", 277: " (SamplesPerPixel)"}
+_TIFF_TAG_NAMES = {
+    256: " (ImageWidth)",
+    257: " (ImageLength)",
+    258: " (BitsPerSample)",
+    277: " (SamplesPerPixel)",
+    322: " (TileWidth)",
+    323: " (TileLength)",
+}
 _TIFF_MAX_ENTRIES = 4096  # real files carry a few dozen
+#: struct formats of the integer types libtiff reads those tags as: BYTE, SHORT, LONG, SBYTE, SSHORT,
+#: SLONG (a 16000 TileWidth typed SLONG made OpenCV allocate its tile), and LONG8, SLONG8 in BigTIFF.
+_TIFF_INT_TYPES = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i"}
+_BIGTIFF_INT_TYPES = {**_TIFF_INT_TYPES, 16: "Q", 17: "q"}
+#: Pixels: a tile side up to this always passes (writers use 256 or 512, libtiff's default is 256); a
+#: longer side must not exceed the image's side rounded up to 16 (tile sides are multiples of 16). OpenCV
+#: decodes a tiled TIFF through a buffer of one whole tile: a 16x16 image declaring 16000x16000 tiles
+#: made it fill 1 GB.
+TIFF_MAX_TILE_SIDE_FLOOR = 1024
 
 
 class DecodeError(Exception):
@@ -114,6 +154,7 @@ class ImageInfo:
         height: pixels.
         channels: samples per pixel as stored (None when the header does not say simply).
         bit_depth: bits per sample (None when unknown).
+        tile: ``(width, height)`` of a tiled TIFF's tiles (the decoder allocates one), None otherwise.
     """
 
     format: ImageFormat
@@ -121,6 +162,7 @@ class ImageInfo:
     height: int
     channels: int | None
     bit_depth: int | None
+    tile: tuple[int, int] | None = None
 
     @property
     def pixels(self) -> int:
@@ -145,31 +187,75 @@ def _corrupt(fmt: str, detail: str) -> DecodeError:
     return DecodeError("corrupt-image", f"{fmt}: {detail}")
 
 
+def _jpeg_not_a_marker(data: bytes, pos: int) -> DecodeError:
+    found = data[pos : pos + 2].hex(" ").upper()
+    return _corrupt("jpeg", f"expected a marker at byte {pos}, found {found}")
+
+
 def _probe_jpeg(data: bytes) -> ImageInfo:
-    pos = 2
+    """Walk the marker structure from SOI to EOI as libjpeg reads it; the size is the frame header's.
+
+    Segments are skipped by their length (an EXIF thumbnail inside APP1 is never read), entropy-coded
+    data by a compiled search for the next marker, so a 15 MB file is walked in milliseconds. Refused
+    as ``corrupt-image``: bytes that are not a marker where one is expected (libjpeg skips them,
+    ``FF 00`` included, so a walk that read them as a segment could take a fake frame header hidden in
+    an APP segment for the real one), markers libjpeg does not read, a second frame header, a scan
+    before the frame header, more than :data:`MAX_JPEG_SCANS` scans or :data:`MAX_JPEG_MARKERS` markers.
+    A file that ends before EOI is left to the decoder (libjpeg decodes what is there).
+    """
     size = len(data)
-    while pos + 4 <= size:
-        if data[pos] != 0xFF:
-            raise _corrupt("jpeg", f"expected a marker at byte {pos}")
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
+    pos = 2
+    frame: ImageInfo | None = None
+    scans = markers = 0
+    while pos < size:
+        found = _JPEG_MARKER.match(data, pos)  # fill bytes (FF FF ...) may precede a marker
+        if found is None:
+            if data[pos] != 0xFF:
+                raise _jpeg_not_a_marker(data, pos)
+            break  # only fill bytes up to the end
+        marker, start, pos = found.group(1)[0], found.start(1) - 1, found.end()
+        markers += 1
+        if markers > MAX_JPEG_MARKERS:
+            raise _corrupt("jpeg", f"more than {MAX_JPEG_MARKERS} markers (the limit; real files have a few dozen)")
+        if marker == _JPEG_EOI:
+            break
+        if marker in _JPEG_PARAMETERLESS:
             continue
-        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
-            pos += 2
-            continue
-        if marker in (0xD9, 0xDA):
-            raise _corrupt("jpeg", "no frame header before the scan data")
-        (length,) = struct.unpack_from(">H", data, pos + 2)
+        if marker not in _JPEG_SEGMENTS:
+            if marker == 0x00:
+                raise _jpeg_not_a_marker(data, start)
+            raise _corrupt("jpeg", f"marker FF {marker:02X} at byte {start} is not one a JPEG decoder reads here")
+        if pos + 2 > size:
+            break
+        (length,) = struct.unpack_from(">H", data, pos)
         if length < 2:
-            raise _corrupt("jpeg", f"segment length {length} at byte {pos}")
+            raise _corrupt("jpeg", f"segment length {length} at byte {start}")
+        end = pos + length
         if marker in _JPEG_SOF:
-            if pos + 10 > size:
+            if frame is not None:
+                raise _corrupt("jpeg", f"a second frame header at byte {start}")
+            if length < 8:
+                raise _corrupt("jpeg", f"frame header length {length} at byte {start}")
+            if pos + 8 > size:
                 break
-            precision, height, width, components = struct.unpack_from(">BHHB", data, pos + 4)
-            return ImageInfo("jpeg", width, height, components, precision)
-        pos += 2 + length
-    raise _corrupt("jpeg", "truncated before the frame header")
+            precision, height, width, components = struct.unpack_from(">BHHB", data, pos + 2)
+            frame = ImageInfo("jpeg", width, height, components, precision)
+        elif marker == _JPEG_SOS:
+            if frame is None:
+                raise _corrupt("jpeg", "no frame header before the scan data")
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                raise _corrupt(
+                    "jpeg", f"more than {MAX_JPEG_SCANS} scans (the limit; each costs a pass over the image)"
+                )
+            entropy_end = _JPEG_ENTROPY_END.search(data, end)
+            if entropy_end is None:
+                break  # truncated in the scan data
+            end = entropy_end.start()
+        pos = end
+    if frame is None:
+        raise _corrupt("jpeg", "no frame header before the end of the data")
+    return frame
 
 
 def _probe_png(data: bytes) -> ImageInfo:
@@ -240,22 +326,39 @@ def _tiff_entries(data: bytes, order: str, big: bool) -> Iterator[tuple[int, int
 def _probe_tiff(data: bytes) -> ImageInfo:
     order = "<" if data[:2] == b"II" else ">"
     big = data[2:4] in (b"+\x00", b"\x00+")
+    int_types = _BIGTIFF_INT_TYPES if big else _TIFF_INT_TYPES
     tags: dict[int, int] = {}
     for tag, kind, value_at in _tiff_entries(data, order, big):
         if tag not in _TIFF_TAG_NAMES:
             continue
-        if kind == 3:  # SHORT: the first value sits at the start of the value field
-            (tags[tag],) = struct.unpack_from(order + "H", data, value_at)
-        elif kind == 4:
-            (tags[tag],) = struct.unpack_from(order + "I", data, value_at)
-        elif kind == 16 and big:
-            (tags[tag],) = struct.unpack_from(order + "Q", data, value_at)
+        if kind not in int_types:  # libtiff reads any integer type: one the probe skipped could hide a bomb
+            readable = ", ".join(map(str, int_types))
+            raise _corrupt("tiff", f"tag {tag}{_TIFF_TAG_NAMES[tag]} has type {kind} (read: types {readable})")
+        # The first value sits at the start of the value field.
+        (value,) = struct.unpack_from(order + int_types[kind], data, value_at)
+        if value < 0:
+            raise _corrupt("tiff", f"tag {tag}{_TIFF_TAG_NAMES[tag]} is {value}")
+        tags[tag] = value
     if 256 not in tags or 257 not in tags:
         raise _corrupt("tiff", "no ImageWidth/ImageLength in the first IFD")
+    width, height = tags[256], tags[257]
     samples = tags.get(277, 1)
     # With several samples BitsPerSample is an offset to an array, not a value: report it when simple.
     depth = tags.get(258, 1) if samples == 1 else None
-    return ImageInfo("tiff", tags[256], tags[257], samples, depth)
+    tile = None
+    if 322 in tags or 323 in tags:
+        tile = (tags.get(322, width), tags.get(323, height))
+        limit = (
+            max(TIFF_MAX_TILE_SIDE_FLOOR, -(-width // 16) * 16),
+            max(TIFF_MAX_TILE_SIDE_FLOOR, -(-height // 16) * 16),
+        )
+        if tile[0] > limit[0] or tile[1] > limit[1]:
+            raise _corrupt(
+                "tiff",
+                f"tiles of {tile[0]}x{tile[1]} pixels for a {width}x{height} image (at most {limit[0]}x{limit[1]}: "
+                f"{TIFF_MAX_TILE_SIDE_FLOOR} or the image side rounded up to 16)",
+            )
+    return ImageInfo("tiff", width, height, samples, depth, tile)
 
 
 _PROBES: dict[ImageFormat, Callable[[bytes], ImageInfo]] = {
@@ -335,6 +438,9 @@ def check_image(data: bytes, content_type: str | None, *, max_pixels: int, max_v
     info = probe_image(data)
     if info.pixels > max_pixels:
         raise DecodeError("too-many-pixels", f"{info.width}x{info.height} is over the limit of {max_pixels} pixels")
+    if info.tile is not None and info.tile[0] * info.tile[1] > max_pixels:
+        tile_w, tile_h = info.tile
+        raise DecodeError("too-many-pixels", f"tiles of {tile_w}x{tile_h} are over the limit of {max_pixels} pixels")
     _check_depth(info)
     return info
 

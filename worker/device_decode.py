@@ -31,7 +31,7 @@ import structlog
 import torch
 
 from models.preprocess import resize_on_device
-from worker.decode import ImageInfo
+from worker.decode import DecodeError, ImageInfo, probe_image
 from worker.errors import ConfigError
 
 log = structlog.get_logger(__name__)
@@ -112,18 +112,38 @@ class DeviceJpegDecoder:
             self._local.stream = stream
         return torch.cuda.stream(stream)
 
-    def decode_prepared(self, data: bytes, size_hw: tuple[int, int]) -> np.ndarray:
+    def decode_prepared(
+        self, data: bytes, size_hw: tuple[int, int], probed_hw: tuple[int, int] | None = None
+    ) -> np.ndarray:
         """JPEG bytes -> (h, w, 3) uint8 RGB at ``size_hw`` (what ``decode_image`` + ``prepare`` give).
 
+        Args:
+            data: a JPEG the guards of :mod:`worker.decode` accepted.
+            size_hw: the model's input size.
+            probed_hw: the ``(height, width)`` its header declares (:func:`worker.decode.check_image`);
+                None probes the header here.
+
         Raises:
-            DeviceDecodeError: nvJPEG refused the data (decode it on the CPU instead).
+            DeviceDecodeError: nvJPEG refused the data, or decoded another size than the header declares
+                (a decoder that read another frame than the probe; the CPU path has the pixel checks).
         """
+        if probed_hw is None:
+            try:
+                info = probe_image(data)
+            except DecodeError as exc:
+                raise DeviceDecodeError(f"the header probe refused it ({exc})") from exc
+            probed_hw = (info.height, info.width)
         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         try:
             with self._on_own_stream():
                 image = self._decode(encoded)
                 if image.ndim != 3 or image.shape[0] != 3:
                     raise DeviceDecodeError(f"nvJPEG returned shape {tuple(image.shape)}")
+                if tuple(image.shape[1:]) != tuple(probed_hw):
+                    decoded = f"{image.shape[2]}x{image.shape[1]}"
+                    raise DeviceDecodeError(
+                        f"nvJPEG decoded {decoded} pixels, the header declares {probed_hw[1]}x{probed_hw[0]}"
+                    )
                 out = resize_on_device(image, size_hw).cpu()  # waits for this thread's stream only
         except RuntimeError as exc:
             raise DeviceDecodeError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc

@@ -1,4 +1,4 @@
-"""Two small, isolated fixes for kafka-python 3.0.x, applied at import (before any consumer exists).
+"""Three small, isolated fixes for kafka-python 3.0.x, applied at import (before any consumer exists).
 
 1. **resume() after pause() can starve a partition.** Records of a paused partition that were already
    fetched are parked; after ``resume()`` the fetcher restores parked records only when
@@ -16,6 +16,13 @@
    same generation. The Java client fixed the same flaw in KAFKA-12983 (reset ``needsJoinPrepare``
    with the generation); so does this (``rejoining`` is kafka-python's name for it).
    ``tests/reliability/test_group_ownership.py`` fails without it.
+3. **A header name that is not UTF-8 makes the partition unreadable.** Kafka header names are strings,
+   but a non-Java producer can write any bytes. kafka-python decodes them strictly and raises
+   ``CorruptRecordError`` from ``poll()`` without saying where; the position stays on the record, so
+   every poll fails again and each worker that takes the partition over stops the same way (a poison
+   pill for the group). The Java client decodes such names with U+FFFD replacement characters; so does
+   this, on the failing record only. The worker then treats the name like any header it does not know.
+   ``tests/test_worker/test_kafka_patches.py`` fails without it.
 """
 
 from __future__ import annotations
@@ -24,9 +31,11 @@ from typing import Any
 
 from kafka.consumer.fetcher import Fetcher
 from kafka.coordinator.base import BaseCoordinator
+from kafka.record.default_records import DefaultRecordBatch
 
 _original_fetched_records = Fetcher.fetched_records
 _original_reset_generation = BaseCoordinator.reset_generation
+_original_read_msg = DefaultRecordBatch._read_msg
 
 
 def _fetched_records(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -43,9 +52,44 @@ def _reset_generation(self: Any, *args: Any, **kwargs: Any) -> Any:
     return result
 
 
+class _ReplacingBytes(bytes):
+    """Bytes whose ``decode`` replaces what is not valid (U+FFFD), whatever error handler is asked for."""
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return bytes.decode(self, encoding, "replace")
+
+
+class _ReplacingBuffer:
+    """A record batch buffer seen through :class:`_ReplacingBytes`: indexing as before, slices decode leniently."""
+
+    def __init__(self, buffer: Any) -> None:
+        self._buffer = buffer
+
+    def __len__(self) -> int:
+        return len(self._buffer)
+
+    def __getitem__(self, index: Any) -> Any:
+        item = self._buffer[index]
+        return _ReplacingBytes(item) if isinstance(index, slice) else item
+
+
+def _read_msg(self: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return _original_read_msg(self, *args, **kwargs)
+    except UnicodeDecodeError:
+        # The original moves ``_pos`` only once a record is read whole: read this one again, leniently.
+        buffer = self._buffer
+        self._buffer = _ReplacingBuffer(buffer)
+        try:
+            return _original_read_msg(self, *args, **kwargs)
+        finally:
+            self._buffer = buffer
+
+
 _FIXES: list[tuple[type, str, Any, Any]] = [
     (Fetcher, "fetched_records", _fetched_records, _original_fetched_records),
     (BaseCoordinator, "reset_generation", _reset_generation, _original_reset_generation),
+    (DefaultRecordBatch, "_read_msg", _read_msg, _original_read_msg),
 ]
 
 

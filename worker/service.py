@@ -689,7 +689,7 @@ class Worker:
         if decoder is None or not decoder.accepts(info):
             return None
         try:
-            image = decoder.decode_prepared(data, model.detector.input_size)
+            image = decoder.decode_prepared(data, model.detector.input_size, probed_hw=(info.height, info.width))
         except DeviceDecodeError as exc:
             self.metrics.decode_fallbacks.inc()
             log.info("device_decode_fallback", error=str(exc)[:200])

@@ -205,3 +205,33 @@ def _name_of(letter, cases: list[corpus.Case]) -> str:
         ) == (c.value or b""):
             return c.name
     return f"unmatched-{letter.offset}"
+
+
+class _RawName(str):
+    """A header name kafka-python's producer writes as bytes that are not UTF-8 (what a non-Java client may send)."""
+
+    def encode(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        return b"\xff\xfe" + str.encode(self, encoding, errors)
+
+
+@pytest.mark.kafka
+@pytest.mark.redis
+def test_a_header_name_that_is_not_utf8_neither_stops_the_partition_nor_the_worker(make_settings, topics, trained_model) -> None:
+    # Before the fix kafka-python raised CorruptRecordError from every poll at that offset: the worker exited,
+    # and each worker that took the partition over did the same.
+    good = corpus.png(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    settings = make_settings(topics, models={"root": str(trained_model.root), "preload": (trained_model.line,)})
+    records = []
+    for message_id, data in (("odd-name-ok", good), ("odd-name-corrupt", good[:40]), ("after", good)):
+        key, value, headers = request_record(None, line=trained_model.line, camera="c1", message_id=message_id, data=data)
+        records.append((key, value, [*headers, (_RawName("x-vendor"), b"1")] if message_id != "after" else headers))
+    with running_worker(settings) as app:
+        produce(settings, topics.requests, records)
+        results = collect(settings, topics.results, expected=2, timeout_s=60)
+        letters = collect(settings, topics.dlq, expected=1, timeout_s=60)
+        assert app.worker._fatal is None
+    import json
+
+    assert sorted(json.loads(r.value)["message_id"] for r in results) == ["after", "odd-name-ok"]
+    assert header(letters[0], "ce_id") == "odd-name-corrupt" and header(letters[0], "error-reason") == "corrupt-image"
+    assert ("\ufffd\ufffdx-vendor", b"1") in letters[0].headers  # kept, as the Java client would read it

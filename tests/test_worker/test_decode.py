@@ -23,10 +23,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from worker.decode import (
+    MAX_JPEG_MARKERS,
+    MAX_JPEG_SCANS,
     ClaimCheckFetcher,
     DecodeError,
     DecodeReason,
     ImageInfo,
+    check_image,
     decode_image,
     probe_image,
     sniff_format,
@@ -177,6 +180,240 @@ def test_tiff_tags_out_of_ascending_order_are_refused():
     assert "not in ascending order (256 after 257)" in info.value.detail
     in_order = tiff_from_entries(gray_tiff_entries(40, 30), zlib.compress(bytes(40 * 30)))
     assert decode_image(in_order, "image/tiff", **LIMITS).shape == (30, 40, 3)
+
+
+# --- JPEG marker walk (scan count, non-markers) and TIFF tiles ---------------------------------
+
+
+def jpeg_with_tiny_scans(extra_scans: int, side: int = 256) -> bytes:
+    """A gray progressive JPEG cut after its DC scan, then ``extra_scans`` 12-byte AC scans and EOI.
+
+    Each added scan is one end-of-band run over all ``(side / 8)²`` blocks (``side`` a power of two
+    from 8 to 256): a few bytes that libjpeg answers with a pass over the whole frame.
+    """
+    ok, enc = cv2.imencode(".jpg", np.full((side, side), 128, np.uint8), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    assert ok
+    data = enc.tobytes()
+    first_scan = data.index(b"\xff\xda")
+    end = first_scan + 2 + struct.unpack_from(">H", data, first_scan + 2)[0]
+    while not (data[end] == 0xFF and data[end + 1] not in (0x00, *range(0xD0, 0xD8))):
+        end += 1
+    run_bits = (side // 8 * side // 8).bit_length() - 1  # EOBn covers 2**n blocks
+    dht = b"\xff\xc4\x00\x14\x10" + bytes([1] + [0] * 15) + bytes([run_bits << 4])  # one AC code "0"
+    bits = "0" + "0" * run_bits
+    bits += "1" * (-len(bits) % 8)  # pad the last byte with 1s
+    entropy = int(bits, 2).to_bytes(len(bits) // 8, "big")
+    scan = b"\xff\xda\x00\x08\x01\x01\x00\x01\x3f\x00" + entropy  # component 1, AC 1-63, first pass
+    return data[:end] + dht + scan * extra_scans + b"\xff\xd9"
+
+
+def jpeg_with_hidden_frame(width: int, height: int) -> bytes:
+    """A JPEG whose ``FF 00`` where a marker belongs, read as a segment, leads to a fake 16x16 frame header.
+
+    libjpeg skips the ``FF 00`` and the bytes after it and decodes the real ``width`` x ``height`` frame;
+    the fake one sits in an APP15 segment after it (from the review's reproduction).
+    """
+    real = encode(".jpg", np.full((height, width, 3), 128, np.uint8))
+    sof_at = real.index(b"\xff\xc0")
+    sof_end = sof_at + 2 + struct.unpack_from(">H", real, sof_at + 2)[0]
+    sof = real[sof_at:sof_end]
+    fake_sof = b"\xff\xc0" + struct.pack(">HBHHB", len(sof) - 2, 8, 16, 16, 3) + sof[10:]
+    app15 = b"\xff\xef" + struct.pack(">H", 2 + len(fake_sof)) + fake_sof
+    skip = 2 + len(sof) + 4  # from the fake length: over the real SOF and APP15's marker and length
+    return real[:sof_at] + b"\xff\x00" + struct.pack(">H", skip) + sof + app15 + real[sof_end:]
+
+
+def jpeg_with_exif_thumbnail(image: np.ndarray, thumbnail: np.ndarray) -> bytes:
+    """``image`` as a JPEG whose APP1 Exif segment carries ``thumbnail`` as a JPEG (IFD1), as cameras write."""
+    thumb = encode(".jpg", thumbnail)
+    ifd1 = struct.pack("<HHHII", 2, 0x0201, 4, 1, 44) + struct.pack("<HHII", 0x0202, 4, 1, len(thumb))  # offset, length
+    exif = b"Exif\x00\x00" + b"II*\x00" + struct.pack("<IHI", 8, 0, 14) + ifd1 + struct.pack("<I", 0) + thumb
+    main = encode(".jpg", image)
+    return main[:2] + b"\xff\xe1" + struct.pack(">H", 2 + len(exif)) + exif + main[2:]
+
+
+def tiled_tiff(
+    image: np.ndarray, tile: tuple[int, int], *, declared_tile: tuple[int, int] | None = None, tile_type: int = 4
+) -> bytes:
+    """An uncompressed little-endian tiled TIFF of a uint8 gray or RGB image, tiles row by row.
+
+    ``declared_tile`` writes other TileWidth/TileLength values than the tiles stored (a lying header),
+    ``tile_type`` their TIFF type (3 SHORT, 4 LONG, 8 SSHORT, 9 SLONG, 11 FLOAT).
+    """
+    height, width = image.shape[:2]
+    samples = 1 if image.ndim == 2 else image.shape[2]
+    tile_w, tile_h = tile
+    tiles = []
+    for y in range(0, height, tile_h):
+        for x in range(0, width, tile_w):
+            block = np.zeros((tile_h, tile_w, samples), np.uint8)
+            part = image[y : y + tile_h, x : x + tile_w].reshape(-1, min(tile_w, width - x), samples)
+            block[: part.shape[0], : part.shape[1]] = part
+            tiles.append(block.tobytes())
+    declared_w, declared_h = declared_tile or tile
+    n = len(tiles)
+    # (tag, type, values); arrays over 4 bytes go to the data area after the IFD.
+    entries = [(256, 4, [width]), (257, 4, [height]), (258, 3, [8] * samples), (259, 3, [1]),
+               (262, 3, [1 if samples == 1 else 2]), (277, 3, [samples]), (284, 3, [1]),
+               (322, tile_type, [declared_w]), (323, tile_type, [declared_h]), (324, 4, [0] * n), (325, 4, [len(t) for t in tiles])]  # fmt: skip
+    formats = {3: "H", 4: "I", 8: "h", 9: "i", 11: "f"}
+
+    def pack(kind: int, values: list[int]) -> bytes:
+        return struct.pack(f"<{len(values)}{formats[kind]}", *values)
+
+    extra_at = 8 + 2 + 12 * len(entries) + 4
+    tile_at = extra_at + sum(len(pack(k, v)) for _, k, v in entries if len(pack(k, v)) > 4)
+    offsets = [tile_at + sum(len(t) for t in tiles[:i]) for i in range(n)]
+    ifd, arrays = struct.pack("<H", len(entries)), b""
+    for tag, kind, declared in entries:
+        values = offsets if tag == 324 else declared
+        packed = pack(kind, values)
+        if len(packed) > 4:
+            ifd += struct.pack("<HHII", tag, kind, len(values), extra_at + len(arrays))
+            arrays += packed
+        else:
+            ifd += struct.pack("<HHI", tag, kind, len(values)) + packed.ljust(4, b"\x00")
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + b"\x00" * 4 + arrays + b"".join(tiles)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        encode(".jpg", BGR),
+        cv2.imencode(".jpg", BGR, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes(),
+        cv2.imencode(".jpg", BGR[:, :, 0].copy(), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes(),
+        cv2.imencode(".jpg", BGR, [cv2.IMWRITE_JPEG_OPTIMIZE, 1, cv2.IMWRITE_JPEG_RST_INTERVAL, 1])[1].tobytes(),
+        jpeg_with_exif_thumbnail(BGR, np.zeros((8, 8, 3), np.uint8)),
+        SAMPLES["jpeg"] + b"trailing bytes after EOI \xff\x00\xff\xda",
+    ],
+    ids=["baseline", "progressive", "progressive-gray", "restart-markers", "exif-thumbnail", "after-eoi"],
+)
+def test_the_marker_walk_passes_real_jpegs(data):
+    info = probe_image(data)
+    assert (info.width, info.height) == (48, 32)
+    assert decode_image(data, "image/jpeg", **LIMITS).shape == (32, 48, 3)
+
+
+def test_the_marker_walk_passes_what_libjpeg_skips_between_segments():
+    dht = SAMPLES["jpeg"].index(b"\xff\xc4")
+    for inserted in (b"\xff\xff\xff", b"\xff\xd3", b"\xff\x01"):  # fill bytes, an RST and a TEM marker
+        data = SAMPLES["jpeg"][:dht] + inserted + SAMPLES["jpeg"][dht:]
+        assert probe_image(data).pixels == 48 * 32
+        assert decode_image(data, "image/jpeg", **LIMITS).shape == (32, 48, 3)
+    sos = SAMPLES["jpeg"].index(b"\xff\xda")
+    filled = SAMPLES["jpeg"][:-2] + b"\xff" * 5 + b"\xff\xd9"  # fill bytes before EOI in the scan data
+    assert probe_image(filled).pixels == 48 * 32
+    # Truncated in the scan data or before EOI: left to the decoder (OpenCV refuses it, libjpeg alone would not).
+    assert probe_image(SAMPLES["jpeg"][: sos + 30]).pixels == 48 * 32
+    assert probe_image(SAMPLES["jpeg"][:-2]).pixels == 48 * 32
+
+
+def test_a_jpeg_with_more_scans_than_the_limit_is_refused_before_decoding():
+    at_limit = jpeg_with_tiny_scans(MAX_JPEG_SCANS - 1)  # the DC scan + 99
+    assert decode_image(at_limit, "image/jpeg", **LIMITS).shape == (256, 256, 3)
+    over = jpeg_with_tiny_scans(MAX_JPEG_SCANS)
+    with pytest.raises(DecodeError) as info:
+        probe_image(over)
+    assert info.value.reason == "corrupt-image"
+    assert info.value.detail == f"jpeg: more than {MAX_JPEG_SCANS} scans (the limit; each costs a pass over the image)"
+    many = jpeg_with_tiny_scans(5000)  # 60 KB; at 6000x6000 pixels such a file kept libjpeg busy for minutes
+    started = time.perf_counter()
+    assert reason_of(many, "image/jpeg") == "corrupt-image"
+    assert time.perf_counter() - started < 0.1
+
+
+def test_a_jpeg_with_more_markers_than_the_limit_is_refused():
+    dht = SAMPLES["jpeg"].index(b"\xff\xc4")
+    comments = b"\xff\xfe\x00\x02" * MAX_JPEG_MARKERS
+    data = SAMPLES["jpeg"][:dht] + comments + SAMPLES["jpeg"][dht:]
+    assert reason_of(data, "image/jpeg") == "corrupt-image"
+    fewer = SAMPLES["jpeg"][:dht] + comments[: 4 * (MAX_JPEG_MARKERS - 20)] + SAMPLES["jpeg"][dht:]
+    assert probe_image(fewer).pixels == 48 * 32
+
+
+def test_a_frame_header_hidden_behind_ff00_is_refused():
+    data = jpeg_with_hidden_frame(300, 200)
+    with pytest.raises(DecodeError) as info:
+        probe_image(data)
+    assert info.value.reason == "corrupt-image"
+    assert info.value.detail.startswith("jpeg: expected a marker at byte ")
+    assert info.value.detail.endswith(", found FF 00")
+    assert reason_of(data, "image/jpeg", max_pixels=1000) == "corrupt-image"
+
+
+@pytest.mark.parametrize(
+    ("edit", "detail"),
+    [
+        (lambda d, sof: d[:sof] + b"\x00" + d[sof:], "expected a marker at byte"),
+        (lambda d, sof: d[:sof] + b"\xff\x02" + d[sof:], "marker FF 02 at byte"),
+        (lambda d, sof: d[:sof] + b"\xff\xd8" + d[sof:], "marker FF D8 at byte"),
+        (lambda d, sof: d[:sof] + d[sof : sof + 19] + d[sof:], "a second frame header at byte"),
+        (lambda d, sof: d[:sof] + b"\xff\xda\x00\x02" + d[sof:], "no frame header before the scan data"),
+        (lambda d, sof: d[:sof] + b"\xff\xd9" + d[sof:], "no frame header before the end of the data"),
+    ],
+    ids=["stray-byte", "unknown-marker", "second-soi", "second-sof", "scan-before-frame", "eoi-before-frame"],
+)
+def test_the_marker_walk_refuses_what_is_not_a_jpeg_structure(edit, detail):
+    sof = SAMPLES["jpeg"].index(b"\xff\xc0")
+    with pytest.raises(DecodeError) as info:
+        probe_image(edit(SAMPLES["jpeg"], sof))
+    assert info.value.reason == "corrupt-image"
+    assert detail in info.value.detail
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+def test_small_tiled_tiffs_with_ordinary_tiles_decode(samples):
+    image = RNG.integers(0, 256, (16, 16, samples)[: 2 if samples == 1 else 3], dtype=np.uint8)
+    data = tiled_tiff(image, (256, 256))
+    assert probe_image(data).tile == (256, 256)
+    out = decode_image(data, "image/tiff", **LIMITS)
+    np.testing.assert_array_equal(out, np.dstack([image] * 3) if samples == 1 else image)
+    wide = RNG.integers(0, 256, (40, 300, 3), dtype=np.uint8)  # two tiles across, cut at the image edge
+    np.testing.assert_array_equal(decode_image(tiled_tiff(wide, (256, 256)), "image/tiff", **LIMITS), wide)
+
+
+def probe_error(data: bytes) -> str:
+    with pytest.raises(DecodeError) as info:
+        probe_image(data)
+    assert info.value.reason == "corrupt-image"
+    return info.value.detail
+
+
+def test_tiff_tiles_far_larger_than_the_image_are_refused_before_decoding():
+    image = np.zeros((16, 16), np.uint8)
+    data = tiled_tiff(image, (4096, 4096))  # 16 MB of tile for 256 pixels: OpenCV fills a 64 MB buffer
+    with pytest.raises(DecodeError) as info:
+        probe_image(data)
+    assert info.value.reason == "corrupt-image"
+    assert info.value.detail == (
+        "tiff: tiles of 4096x4096 pixels for a 16x16 image (at most 1024x1024: 1024 or the image side rounded up to 16)"
+    )
+    lying = tiled_tiff(image, (16, 16), declared_tile=(16000, 16000))  # the review's 1 GB case, header only
+    assert reason_of(lying, "image/tiff", max_pixels=40_000_000) == "corrupt-image"
+    for tile_type in (3, 8, 9):  # libtiff reads TileWidth of any integer type
+        typed = tiled_tiff(image, (32, 32), declared_tile=(4096, 4096), tile_type=tile_type)
+        assert reason_of(typed, "image/tiff") == "corrupt-image"
+    assert "has type 11 (read: types 1, 3, 4, 6, 8, 9)" in probe_error(tiled_tiff(image, (32, 32), tile_type=11))
+    tall = tiled_tiff(np.zeros((2001, 16), np.uint8), (16, 16), declared_tile=(16, 2016))  # rounded up: passes
+    assert probe_image(tall).tile == (16, 2016)
+
+
+def test_tiff_tiles_over_the_pixel_limit_are_refused():
+    data = tiled_tiff(np.zeros((64, 64), np.uint8), (16, 16), declared_tile=(1024, 1024))
+    assert reason_of(data, "image/tiff", max_pixels=100_000) == "too-many-pixels"
+    with pytest.raises(DecodeError, match=r"tiles of 1024x1024 are over the limit of 100000 pixels"):
+        check_image(data, "image/tiff", max_pixels=100_000, max_value_bytes=10**6)
+
+
+def test_tiff_rows_per_strip_beyond_the_image_height_decodes_without_inflating_memory():
+    # Measured with OpenCV 5.0: strips are read into a buffer sized by RowsPerStrip, but libtiff fills only
+    # the image's rows (the pages are never touched) and OpenCV refuses buffers of 1 GB or more, so the
+    # probe does not limit RowsPerStrip.
+    entries = [(t, k, 4_000_000 if t == 278 else v) for t, k, v in gray_tiff_entries(64, 1)]
+    data = tiff_from_entries(entries, zlib.compress(bytes(64)))
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert decode_image(data, "image/tiff", **LIMITS).shape == (1, 64, 3)
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024 < 50
 
 
 # --- decode: success paths ---------------------------------------------------------------------

@@ -100,6 +100,32 @@ def test_a_refused_jpeg_is_a_device_decode_error_for_the_cpu_to_retry() -> None:
         decoder.decode_prepared(jpeg[:200], (64, 64))
 
 
+def test_a_decode_of_another_size_than_the_header_declares_goes_back_to_the_cpu() -> None:
+    # A decoder that read another frame than the probe (the CPU path has the pixel checks).
+    def bigger(encoded: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(3, 2000, 3000, dtype=torch.uint8)
+
+    decoder = DeviceJpegDecoder(bigger, torch.device("cpu"))
+    jpeg = _jpeg(skdata.chelsea())  # 451x300
+    with pytest.raises(DeviceDecodeError, match="nvJPEG decoded 3000x2000 pixels, the header declares 451x300"):
+        decoder.decode_prepared(jpeg, (64, 64))
+    info = check_image(jpeg, "image/jpeg", **LIMITS)
+    with pytest.raises(DeviceDecodeError, match="the header declares 451x300"):
+        decoder.decode_prepared(jpeg, (64, 64), (info.height, info.width))
+    matching = DeviceJpegDecoder(_cv2_decode, torch.device("cpu"))
+    assert matching.decode_prepared(jpeg, (64, 64), (info.height, info.width)).shape == (64, 64, 3)
+    with pytest.raises(DeviceDecodeError, match="the header declares 16x16"):
+        matching.decode_prepared(jpeg, (64, 64), (16, 16))
+
+
+def test_a_jpeg_the_probe_refuses_is_left_to_the_cpu_path() -> None:
+    decoder = DeviceJpegDecoder(_cv2_decode, torch.device("cpu"))
+    jpeg = _jpeg(skdata.chelsea())
+    sof = jpeg.index(b"\xff\xc0")
+    with pytest.raises(DeviceDecodeError, match="the header probe refused it"):
+        decoder.decode_prepared(jpeg[:sof] + b"\xff\x00" + jpeg[sof:], (64, 64))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_NVJPEG, reason="needs torchvision with CUDA JPEG decoding")
 def test_nvjpeg_matches_opencv_and_refuses_corrupt_data() -> None:  # pragma: no cover - GPU hosts only
