@@ -5,6 +5,12 @@ Per partition the tracker remembers polled offsets in order and which of them ar
 offset below which every tracked record is acknowledged, so a crash never skips an image: after a
 restart the group resumes at the first unanswered record (duplicates of later ones are possible and
 carry the same idempotency key). Thread-safe; pure Python, no Kafka import.
+
+Each polled copy of a record gets a token, and an acknowledgement counts only with the token of the
+copy the tracker holds for that offset. When a position moves back (the consumer re-reads a partition
+after log truncation, or the partition is revoked and assigned again) while the earlier copy is still
+in flight, that copy's late acknowledgement must not answer for the new one: after an unclean leader
+election the new record at the same offset may be another message altogether.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ P = TypeVar("P", bound=Hashable)  # a partition key (kafka's TopicPartition in t
 class _PartitionState:
     pending: deque[int] = field(default_factory=deque)  # polled, in poll order
     acked: set[int] = field(default_factory=set)
+    tokens: dict[int, int] = field(default_factory=dict)  # pending offset -> token of the copy tracked
     next_commit: int | None = None  # offset to commit (one past the contiguous acked prefix)
     committed: int | None = None  # what the broker last accepted from us
 
@@ -32,6 +39,7 @@ class OffsetTracker(Generic[P]):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._parts: dict[P, _PartitionState] = {}
+        self._next_token = 1
 
     def assign(self, partitions: Iterable[P]) -> None:
         """Start tracking newly owned partitions (fresh state)."""
@@ -55,30 +63,50 @@ class OffsetTracker(Generic[P]):
         with self._lock:
             return list(self._parts)
 
-    def track(self, tp: P, offset: int) -> bool:
-        """Record a polled offset; False if the partition is not owned (record must be ignored)."""
+    def track(self, tp: P, offset: int) -> int | None:
+        """Record a polled offset.
+
+        Returns:
+            The token its acknowledgement must carry (a positive int), or None when the partition is not
+            owned (the record must be ignored).
+        """
         with self._lock:
             state = self._parts.get(tp)
             if state is None:
-                return False
+                return None
             if state.pending and offset <= state.pending[-1]:
-                # A seek back (e.g. after an error) re-delivers records: restart from here.
+                # A seek back re-delivers records: restart from here; copies in flight no longer count.
                 state.pending = deque(o for o in state.pending if o < offset)
                 state.acked = {o for o in state.acked if o < offset}
+                state.tokens = {o: t for o, t in state.tokens.items() if o < offset}
+            token = self._next_token
+            self._next_token += 1
             state.pending.append(offset)
-            return True
+            state.tokens[offset] = token
+            return token
 
-    def ack(self, tp: P, offset: int) -> None:
-        """Mark a record answered; advances the committable offset over the contiguous prefix."""
+    def ack(self, tp: P, offset: int, token: int | None = None) -> bool:
+        """Mark a record answered; advances the committable offset over the contiguous prefix.
+
+        Args:
+            tp: the partition.
+            offset: the record's offset.
+            token: what :meth:`track` returned for this copy; None acknowledges whichever copy is tracked.
+
+        Returns:
+            Whether the acknowledgement counted (False: the partition is not owned, or the copy is stale).
+        """
         with self._lock:
             state = self._parts.get(tp)
-            if state is None:
-                return
+            if state is None or (token is not None and state.tokens.get(offset) != token):
+                return False
             state.acked.add(offset)
             while state.pending and state.pending[0] in state.acked:
                 done = state.pending.popleft()
                 state.acked.discard(done)
+                state.tokens.pop(done, None)
                 state.next_commit = done + 1
+            return True
 
     def committable(self) -> dict[P, int]:
         """Offsets to commit now: partitions whose acknowledged prefix advanced since the last commit."""

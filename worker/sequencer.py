@@ -50,6 +50,14 @@ class Sequencer(Generic[T]):
                 released += 1
             return released
 
+    def drop_from(self, tp: Hashable, offset: int) -> None:
+        """Drop a partition's slots at ``offset`` and above (its position moved back: they are polled again)."""
+        with self._lock:
+            slots = self._slots.get(tp)
+            if slots is not None:
+                for stale in [o for o in slots if o >= offset]:
+                    del slots[stale]
+
     def forget(self, tp: Hashable) -> None:
         """Drop a revoked partition's slots."""
         with self._lock:

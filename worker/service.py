@@ -91,6 +91,7 @@ class Item:
     timestamp_ms: int
     polled_at: float
     nbytes: int
+    token: int | None = None  # the offset tracker's token of this copy (None: any copy)
     request: InspectionRequest | None = None
     model: LoadedModel | None = None
     image: np.ndarray | None = None
@@ -247,6 +248,7 @@ class Worker:
         # The lock makes "forget + finish" and "complete + release" of one item mutually exclusive.
         self._seq_lock = threading.Lock()
         self._registered: dict[TopicPartition, dict[int, Item]] = {}
+        self._last_polled: dict[TopicPartition, int] = {}  # consumer thread only
         self._decode_pool = ThreadPoolExecutor(settings.decode.workers, thread_name_prefix="decode")
         self._heatmap_pool = ThreadPoolExecutor(settings.heatmaps.threads, thread_name_prefix="heatmap")
         self._scored: queue.Queue[_Publishing | None] = queue.Queue(maxsize=2)
@@ -432,13 +434,18 @@ class Worker:
                 self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
 
     def _accept(self, tp: TopicPartition, rec: Any) -> None:
-        if not self.tracker.track(tp, rec.offset):
+        token = self.tracker.track(tp, rec.offset)
+        if token is None:
             return  # a record of a partition we no longer own
+        last = self._last_polled.get(tp)
+        self._last_polled[tp] = rec.offset
+        if last is not None and rec.offset <= last:
+            self._drop_from(tp, rec.offset, last)
         value = rec.value
         nbytes = len(value) if value else 0
         item = Item(
             tp=tp, offset=rec.offset, key=rec.key, value=value, headers=list(rec.headers or []),
-            timestamp_ms=self._record_timestamp_ms(tp, rec), polled_at=self._clock(), nbytes=nbytes,
+            timestamp_ms=self._record_timestamp_ms(tp, rec), polled_at=self._clock(), nbytes=nbytes, token=token,
         )  # fmt: skip
         with self._inflight_lock:
             self._inflight_count += 1
@@ -448,6 +455,26 @@ class Worker:
             self._registered.setdefault(tp, {})[rec.offset] = item
             self.sequencer.register(tp, rec.offset)
         self._decode_pool.submit(self._decode, item)
+
+    def _drop_from(self, tp: TopicPartition, offset: int, last: int) -> None:
+        """The partition's position moved back (kafka-python re-reads it after log truncation, or resets it
+        to the earliest offset): earlier copies of the records from ``offset`` on are polled again.
+
+        Copies not yet scored are dropped and finished here; those being scored or published finish as
+        usual, but their acknowledgements no longer count (the tracker's tokens), since after an unclean
+        leader election the record now at an offset may be another message.
+        """
+        log.warning("partition_position_moved_back", partition=f"{tp.topic}/{tp.partition}", offset=offset,
+                    last_polled=last)  # fmt: skip
+        with self._seq_lock:
+            self.sequencer.drop_from(tp, offset)
+            registered = self._registered.get(tp, {})
+            for stale in [o for o in registered if o >= offset]:
+                item = registered.pop(stale)
+                item._dropped = True  # its decode may still run: it must not be released, nor finished again
+                self._finish(item)
+        for item in self.batcher.remove(lambda it: it.tp == tp and it.offset >= offset):
+            self._finish(item)
 
     def _record_timestamp_ms(self, tp: TopicPartition, rec: Any) -> int:
         """The record's timestamp, or the time it was received when it is no representable date.
@@ -630,6 +657,7 @@ class Worker:
         with self._seq_lock:
             for tp in gone:
                 self.sequencer.forget(tp)
+                self._last_polled.pop(tp, None)
                 for item in self._registered.pop(tp, {}).values():
                     item._dropped = True  # its decode may still run: it must not be released, nor finished again
                     self._finish(item)
@@ -1025,7 +1053,7 @@ class Worker:
                 done = item._pending_sends == 0
             if done:
                 on_done()
-                self.tracker.ack(item.tp, item.offset)
+                self.tracker.ack(item.tp, item.offset, item.token)
                 self._finish(item)
 
         def on_error(exc: BaseException) -> None:

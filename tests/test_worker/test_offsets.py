@@ -79,3 +79,34 @@ def test_committed_offset_never_passes_an_unacked_record(n: int, rnd: random.Ran
             assert all(x in acked for x in range(commit))
             assert commit == n or commit not in acked
     assert t.committable() == {"p": n}
+
+
+def test_after_a_seek_back_only_the_new_copys_ack_counts() -> None:
+    # Offsets 2 and 3 are re-read while their first copies are still being scored (log truncation after an
+    # unclean leader election: the records there may now be other messages). The late acks of the first
+    # copies must not commit past the new copies.
+    t = OffsetTracker()
+    t.assign(["p"])
+    first = {o: t.track("p", o) for o in range(4)}
+    assert all(isinstance(token, int) and token > 0 for token in first.values())
+    assert len(set(first.values())) == 4
+    second = {o: t.track("p", o) for o in (2, 3)}
+    assert t.ack("p", 0, first[0]) and t.ack("p", 1, first[1])
+    assert not t.ack("p", 2, first[2]) and not t.ack("p", 3, first[3])
+    assert t.committable() == {"p": 2}
+    assert t.ack("p", 3, second[3]) and t.ack("p", 2, second[2])
+    assert t.committable() == {"p": 4}
+    assert t.inflight() == 0
+
+
+def test_a_late_ack_from_before_a_reassignment_does_not_count() -> None:
+    t = OffsetTracker()
+    t.assign(["p"])
+    before = t.track("p", 0)
+    t.revoke(["p"])
+    t.assign(["p"])
+    after = t.track("p", 0)
+    assert not t.ack("p", 0, before)
+    assert t.committable() == {}
+    assert t.ack("p", 0, after)
+    assert t.committable() == {"p": 1}

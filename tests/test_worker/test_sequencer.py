@@ -48,3 +48,20 @@ def test_concurrent_completion_keeps_order() -> None:
     for t in threads:
         t.join()
     assert out == list(range(n))
+
+
+def test_drop_from_removes_the_slots_a_seek_back_polls_again() -> None:
+    s: Sequencer[str] = Sequencer()
+    out: list[str] = []
+    for o in range(4):
+        s.register("p", o)
+    s.complete("p", 3, "old-3", out.append)  # waiting behind 0
+    s.drop_from("p", 2)
+    assert s.pending() == 2
+    s.register("p", 2)
+    s.register("p", 3)
+    assert s.complete("p", 3, "new-3", out.append) == 0
+    assert s.complete("p", 0, "a", out.append) == 1
+    assert s.complete("p", 1, "b", out.append) == 1
+    assert s.complete("p", 2, "new-2", out.append) == 2
+    assert out == ["a", "b", "new-2", "new-3"] and s.pending() == 0

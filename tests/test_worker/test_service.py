@@ -636,3 +636,74 @@ def test_a_request_whose_dead_letter_would_be_too_large_is_dead_lettered_without
     letters = [value for topic, value in producer.sent if topic == "inspection.dlq"]
     assert len(letters) == 1 and len(letters[0]) == len(corrupt)  # the value whole: dropping x-blob was enough
     assert [r["message_id"] for r in producer.results()] == ["m1"]
+
+
+# -- review 2026-12-01: a partition whose position moves back while its records are in flight ----------
+def _request_as(offset: int, message_id: str) -> Rec:
+    rec = request(offset)
+    headers = [(k, message_id.encode() if k == "ce_id" else v) for k, v in rec.headers]
+    return Rec(offset, rec.key, rec.value, headers, rec.timestamp)
+
+
+class _RereadConsumer(FakeConsumer):
+    """Delivers offsets 0-3, then 2-3 again with other messages once the first batch is being scored."""
+
+    def __init__(self, scoring: threading.Event) -> None:
+        super().__init__([_request_as(o, f"m{o}") for o in range(4)])
+        self.scoring = scoring
+        self.reread = False
+        self.producer: FakeProducer | None = None
+        self.sent_at_commit: list[tuple[int, set[str]]] = []
+
+    def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[TopicPartition, list[Rec]]:
+        if not self.reread and self.scoring.is_set():
+            self.reread = True
+            return {TP: [_request_as(2, "m2-after-truncation"), _request_as(3, "m3-after-truncation")]}
+        return super().poll(timeout_ms, max_records)
+
+    def commit(self, offsets: dict[TopicPartition, Any], timeout_ms: int | None = None) -> None:
+        super().commit(offsets, timeout_ms)
+        assert self.producer is not None
+        answered = {r["message_id"] for r in self.producer.results()}
+        self.sent_at_commit.append((offsets[TP].offset, answered))
+
+
+class _HeldDetector(FakeDetector):
+    """Its first batch is held until the consumer has re-read the partition."""
+
+    def __init__(self, scoring: threading.Event, reread: Callable[[], bool]) -> None:
+        self.scoring = scoring
+        self.reread = reread
+
+    def submit(self, images: list[np.ndarray]) -> Any:
+        pending = super().submit(images)
+        if self.scoring.is_set():
+            return pending
+        self.scoring.set()
+
+        def result() -> Any:
+            wait_for(self.reread, timeout_s=5)
+            time.sleep(0.1)  # the re-read records are accepted meanwhile
+            return pending.result()
+
+        return SimpleNamespace(result=result)
+
+
+def test_a_copy_scored_before_the_position_moved_back_does_not_commit_the_new_records(tmp_path) -> None:
+    scoring = threading.Event()
+    consumer = _RereadConsumer(scoring)
+    models = FakeModels()
+    models.detector = _HeldDetector(scoring, lambda: consumer.reread)
+    w = make_worker(tmp_path, [], models=models, batching={"max_batch_size": 4, "max_wait_ms": 200})
+    w.consumer = consumer
+    consumer.producer = w.producer
+    with running(w) as result:
+        assert wait_for(lambda: committed(w)[-1:] == [4])
+        assert wait_for(lambda: w._inflight_count == 0)
+    assert result["rc"] == 0
+    answered = {r["message_id"] for r in w.producer.results()}
+    assert {"m0", "m1", "m2-after-truncation", "m3-after-truncation"} <= answered
+    for offset, answered_then in consumer.sent_at_commit:
+        # At-least-once: offset 3 is committed only once the record now at 2 (4: at 3) was answered.
+        assert offset <= 2 or "m2-after-truncation" in answered_then, (offset, answered_then)
+        assert offset <= 3 or "m3-after-truncation" in answered_then, (offset, answered_then)
