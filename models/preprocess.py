@@ -6,7 +6,8 @@ architecture contract states).
 
 from __future__ import annotations
 
-import functools
+import threading
+from collections import OrderedDict
 
 import cv2
 import numpy as np
@@ -65,14 +66,41 @@ def _axis_weights(src: int, dst: int, *, area: bool) -> np.ndarray:
     return weights
 
 
-@functools.lru_cache(maxsize=64)
+#: Device memory the resize matrices of recently seen image sizes may keep. One size costs
+#: 4 x 256 x (H + W) bytes at 256 px (4.6 MB for a 2448x2048 camera); a plant has a few sizes, but
+#: 64 distinct 65500x610 images (within the pixel limit) would have kept 4 GiB with a count bound.
+RESIZE_CACHE_BYTES = 256 * 1024 * 1024
+
+_MatrixKey = tuple[tuple[int, int], tuple[int, int], str]
+_resize_cache: OrderedDict[_MatrixKey, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+_resize_cache_lock = threading.Lock()
+
+
+def _matrix_bytes(matrices: tuple[torch.Tensor, torch.Tensor]) -> int:
+    return sum(m.numel() * m.element_size() for m in matrices)
+
+
 def _resize_matrices(
     src_hw: tuple[int, int], dst_hw: tuple[int, int], device: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (rows, cols) weights for a size, from a least-recently-used cache bounded by :data:`RESIZE_CACHE_BYTES`."""
+    key = (src_hw, dst_hw, device)
+    with _resize_cache_lock:
+        found = _resize_cache.get(key)
+        if found is not None:
+            _resize_cache.move_to_end(key)
+            return found
     area = dst_hw[0] <= src_hw[0] and dst_hw[1] <= src_hw[1]
     rows = torch.from_numpy(_axis_weights(src_hw[0], dst_hw[0], area=area)).float().to(device)
     cols = torch.from_numpy(_axis_weights(src_hw[1], dst_hw[1], area=area)).float().T.contiguous().to(device)
-    return rows, cols
+    made = (rows, cols)
+    with _resize_cache_lock:
+        _resize_cache[key] = made
+        total = sum(_matrix_bytes(m) for m in _resize_cache.values())
+        while total > RESIZE_CACHE_BYTES and len(_resize_cache) > 1:
+            _, dropped = _resize_cache.popitem(last=False)
+            total -= _matrix_bytes(dropped)
+    return made
 
 
 def resize_on_device(image_chw: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
@@ -92,7 +120,7 @@ def resize_on_device(image_chw: torch.Tensor, size_hw: tuple[int, int]) -> torch
     if image_chw.is_cuda:
         # The cached matrices were made on the stream of whichever thread first missed the cache; read
         # on this thread's stream, they must not be reused by the allocator before this read is done
-        # when the cache drops them (another thread's 65th size) while this stream still runs.
+        # when the cache drops them (other sizes filled it) while this stream still runs.
         stream = torch.cuda.current_stream(image_chw.device)
         rows.record_stream(stream)
         cols.record_stream(stream)

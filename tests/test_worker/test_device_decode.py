@@ -25,11 +25,11 @@ def _jpeg(image_rgb: np.ndarray, quality: int = 95) -> bytes:
     return buf.tobytes()
 
 
-@pytest.mark.parametrize(
-    "src_shape", [(512, 512), (300, 451), (37, 53), (2048, 1224)], ids=lambda s: f"{s[0]}x{s[1]}"
-)
+@pytest.mark.parametrize("src_shape", [(512, 512), (300, 451), (37, 53), (2048, 1224)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("size", [(128, 128), (256, 256), (100, 150), (600, 500), (37, 53)])
-def test_resize_on_device_is_inter_area_within_one_grey_level(src_shape: tuple[int, int], size: tuple[int, int]) -> None:
+def test_resize_on_device_is_inter_area_within_one_grey_level(
+    src_shape: tuple[int, int], size: tuple[int, int]
+) -> None:
     rng = np.random.default_rng(sum(src_shape))
     image = rng.integers(0, 256, (*src_shape, 3), dtype=np.uint8)
     expected = prepare_image(image, size)
@@ -141,3 +141,19 @@ def test_nvjpeg_matches_opencv_and_refuses_corrupt_data() -> None:  # pragma: no
         assert diff.mean() < 1.0 and diff.max() <= 48
     with pytest.raises(DeviceDecodeError):
         decoder.decode_prepared(_jpeg(skdata.chelsea())[:300], (64, 64))
+
+
+def test_resize_matrices_are_cached_within_a_byte_budget(monkeypatch) -> None:
+    # A count bound let 64 extreme sizes (65500x610 is within the pixel limit) keep 4 GiB of device memory.
+    from models import preprocess
+
+    monkeypatch.setattr(preprocess, "RESIZE_CACHE_BYTES", 600_000)
+    monkeypatch.setattr(preprocess, "_resize_cache", type(preprocess._resize_cache)())
+    first = preprocess._resize_matrices((400, 300), (64, 64), "cpu")
+    assert preprocess._resize_matrices((400, 300), (64, 64), "cpu") is first  # a hit: the same tensors
+    for height in range(500, 1500, 100):  # 256 to 486 kB each
+        preprocess._resize_matrices((height, 500), (64, 64), "cpu")
+        sizes = [preprocess._matrix_bytes(m) for m in preprocess._resize_cache.values()]
+        assert sum(sizes) <= 600_000
+    assert ((400, 300), (64, 64), "cpu") not in preprocess._resize_cache  # the least recently used went first
+    assert ((1400, 500), (64, 64), "cpu") in preprocess._resize_cache
