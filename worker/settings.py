@@ -249,6 +249,10 @@ class RedisSettings(_Section):
                 "put credentials in SPACE_REDIS__USERNAME/PASSWORD, not in the URL's query "
                 f"({', '.join(sorted(names & _CREDENTIAL_QUERY_PARAMETERS))})"
             )
+        if not value.startswith("unix://"):
+            path = value.split("://", 1)[1].partition("?")[0].partition("#")[0].partition("/")[2]
+            if path and not path.isdigit():  # redis-py would quietly use database 0
+                raise ValueError(f"the path must be a database number (redis://host:6379/0), not /{path}")
         return value
 
 

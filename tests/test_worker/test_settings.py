@@ -42,6 +42,8 @@ def test_settings_are_frozen() -> None:
         ("SPACE_LOG__LEVEL", "loud", "SPACE_LOG__LEVEL:"),
         ("SPACE_BATCHING__MAX_BATCH_SIZE", "0", "SPACE_BATCHING__MAX_BATCH_SIZE:"),
         ("SPACE_REDIS__URL", "http://x", "SPACE_REDIS__URL: must start with redis://"),
+        # redis-py quietly used database 0 for a path that is no number.
+        ("SPACE_REDIS__URL", "redis://r:6379/cache", "SPACE_REDIS__URL: the path must be a database number"),
         ("SPACE_HEATMAPS__STORE_URI", "/tmp/x", "SPACE_HEATMAPS__STORE_URI: must start with file:// or s3://"),
         ("SPACE_HEATMAPS__STORE_URI", "s3://", "SPACE_HEATMAPS__STORE_URI: s3:// names no bucket"),
         ("SPACE_HEATMAPS__STORE_URI", "s3:///prefix", "SPACE_HEATMAPS__STORE_URI: s3:// names no bucket"),
