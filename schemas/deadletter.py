@@ -120,7 +120,8 @@ DEAD_LETTER_REASONS: Final[Mapping[DeadLetterReason, str]] = {
     DeadLetterReason.VALUE_TOO_LARGE: "The image (inline or fetched) has more bytes than the configured limit.",
     DeadLetterReason.CONTENT_TYPE_MISMATCH: "The bytes are a different image format than content-type "
     "(or the claim check's content_type) declares.",
-    DeadLetterReason.CORRUPT_IMAGE: "The bytes do not decode as an image (truncated or damaged file).",
+    DeadLetterReason.CORRUPT_IMAGE: "The bytes do not decode as an image (truncated or damaged file), or "
+    "their structure is refused before decoding (the request contract's JPEG and TIFF rules).",
     DeadLetterReason.TOO_MANY_PIXELS: "The image declares or decodes to more pixels than the configured limit.",
     DeadLetterReason.UNSUPPORTED_BIT_DEPTH: "The image's bit depth or channel layout cannot be "
     "normalised to 8-bit RGB.",
