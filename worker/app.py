@@ -31,6 +31,9 @@ from worker.thresholds import ThresholdCache, ThresholdStore, ThresholdWatcher
 
 log = structlog.get_logger(__name__)
 
+#: Seconds between heartbeats of the model-refresh loop while it waits for its next pass.
+_IDLE_BEAT_S = 1.0
+
 
 def load_detector(settings: Settings) -> Any:
     """A loader ``path -> Detector`` honoring the model runtime settings."""
@@ -94,7 +97,13 @@ class App:
     def _refresh_loop(self) -> None:
         interval = self.settings.models.refresh_interval_s
         beats = self.worker.heartbeats
-        while not self._stop.wait(interval):
+        due = time.monotonic() + interval
+        # The wait between passes beats each second: idle is healthy, whatever the interval (one of 60 s
+        # left the loop's last beat older than /healthz's 30 s for half of every minute).
+        while not self._stop.wait(min(_IDLE_BEAT_S, max(0.0, due - time.monotonic()))):
+            beats.beat("model-refresh")
+            if time.monotonic() < due:
+                continue
             start = time.monotonic()
             try:
                 # Registry reads and loads count as waiting: a slow store or a long warm-up is no reason
@@ -105,6 +114,7 @@ class App:
             except Exception:
                 log.exception("model_refresh_failed")
             took_s = time.monotonic() - start
+            due = time.monotonic() + interval
             if took_s > self.settings.http.healthy_after_s:
                 log.warning(
                     "model_refresh_slow", took_s=round(took_s, 1), healthy_after_s=self.settings.http.healthy_after_s

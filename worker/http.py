@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -70,6 +71,47 @@ class Heartbeats:
             return {k: round(now - v, 3) for k, v in self._beats.items()}
 
 
+#: Seconds a connection may take to send its request (a client that never finishes holds a thread).
+REQUEST_TIMEOUT_S = 5.0
+#: Connections served at once; more are closed at once (probes and scrapes need a handful).
+MAX_CONNECTIONS = 128
+
+
+class _ProbeServer(ThreadingHTTPServer):
+    """A thread per connection, at most :data:`MAX_CONNECTIONS` of them; IPv6 hosts serve IPv4 too."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        # "::" (IPv6 or dual-stack clusters, where the kubelet probes the pod's IPv6 address) needs an
+        # AF_INET6 socket; AF_INET refused it ("Address family for hostname not supported").
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(address, handler)
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6:
+            with contextlib.suppress(OSError):  # a kernel without IPv4 mapping serves IPv6 only
+                self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # refuse instead of growing threads without bound
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class HealthServer:
     """Serves the three endpoints on a daemon thread."""
 
@@ -85,6 +127,8 @@ class HealthServer:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = REQUEST_TIMEOUT_S  # socket timeout: a client that stops sending is dropped
+
             def do_GET(self) -> None:
                 if self.path == "/metrics":
                     body = generate_latest(registry)
@@ -116,8 +160,7 @@ class HealthServer:
             def log_message(self, format: str, *args: Any) -> None:
                 return  # probes every few seconds would flood the logs
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
+        self._server = _ProbeServer((host, port), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
         outer.port = int(self._server.server_address[1])
 

@@ -800,7 +800,7 @@ class Worker:
             log.exception("infer_loop_failed")
             self._fatal = exc
         finally:
-            self._scored.put(None)
+            self._hand_to_publish(None)
 
     def _submit(self, batch: Batch[Item]) -> _InFlight | None:
         """Drop revoked and late items, then hand the batch to the model (None if nothing is left)."""
@@ -865,7 +865,20 @@ class Worker:
         self.metrics.batches.labels(batch.reason).inc()
         for it in items:
             self.metrics.queue_seconds.observe(max(0.0, inflight.formed_at - it.released_at))
-        self._scored.put(self._prepare(_Scored(batch, items, scores, maps, infer_s, inflight.formed_at)))
+        self._hand_to_publish(self._prepare(_Scored(batch, items, scores, maps, infer_s, inflight.formed_at)))
+
+    def _hand_to_publish(self, publishing: _Publishing | None) -> None:
+        """Queue a prepared batch (None: the end) for the publish thread.
+
+        A full queue means the publish thread is busy, usually waiting on the heatmap store: the infer
+        loop then counts as waiting too, not as stalled, or a slow store would fail /healthz through it
+        and restart the pod (the publish loop's own heartbeat still catches a wedged publish thread).
+        """
+        try:
+            self._scored.put_nowait(publishing)
+        except queue.Full:
+            with self.heartbeats.waiting("infer", "publish queue"):
+                self._scored.put(publishing)
 
     def _fail_inference(self, model: LoadedModel, items: list[Item], exc: Exception) -> None:
         log.exception("inference_failed", product_line=model.line, model_version=model.version, size=len(items))

@@ -465,7 +465,10 @@ class ThresholdSettings(_Section):
 class HttpSettings(_Section):
     """/metrics, /healthz, /readyz."""
 
-    host: str = "0.0.0.0"  # noqa: S104 - pods expose probes on all interfaces
+    host: str = Field(
+        "0.0.0.0",  # noqa: S104 - pods expose probes on all interfaces
+        description="Listen address; `::` on IPv6 or dual-stack clusters (serves IPv4 as well).",
+    )
     port: int = Field(8080, ge=0, le=65_535, description="0 picks a free port.")
     enabled: bool = True
     healthy_after_s: float = Field(30.0, gt=0, description="/healthz fails when a loop stalls this long.")

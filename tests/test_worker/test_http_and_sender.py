@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 
+import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from worker.http import HealthServer, Heartbeats
@@ -66,6 +68,52 @@ def test_health_server_endpoints() -> None:
         assert code == 200
         assert b"space_test_total 3.0" in body
         assert _get(server.port, "/nope")[0] == 404
+    finally:
+        server.stop()
+
+
+def test_clients_that_never_finish_a_request_are_dropped_and_bounded(monkeypatch) -> None:
+    # ThreadingHTTPServer without a socket timeout kept a thread per idle connection for good: a port
+    # scanner could grow threads until the pod could start no more (decode pools, probes).
+    import socket
+    import threading
+
+    from worker import http
+
+    monkeypatch.setattr(http, "REQUEST_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(http, "MAX_CONNECTIONS", 8)
+    server = HealthServer("127.0.0.1", 0, CollectorRegistry(), Heartbeats(), 30.0, lambda: (True, {}))
+    server.start()
+    before = threading.active_count()
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(20)]
+    try:
+        idle[0].sendall(b"GET /healthz HTTP/1.1\r\n")  # a request that never ends
+        time.sleep(0.2)
+        assert threading.active_count() - before <= 8  # the rest were closed at once
+        time.sleep(0.8)
+        assert threading.active_count() <= before + 1  # the held ones timed out
+        assert _get(server.port, "/healthz")[0] == 200
+    finally:
+        for conn in idle:
+            conn.close()
+        server.stop()
+
+
+def test_an_ipv6_host_serves_ipv6_and_ipv4() -> None:
+    # Binding "::" failed at start ("Address family for hostname not supported"): no probe server on IPv6 clusters.
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError as exc:
+        pytest.skip(f"no IPv6 here ({exc})")
+    server = HealthServer("::", 0, CollectorRegistry(), Heartbeats(), 30.0, lambda: (True, {}))
+    server.start()
+    try:
+        assert _get(server.port, "/readyz")[0] == 200  # IPv4, through the dual-stack socket
+        with urllib.request.urlopen(f"http://[::1]:{server.port}/readyz", timeout=5) as resp:
+            assert resp.status == 200
     finally:
         server.stop()
 

@@ -134,3 +134,20 @@ def test_refresh_reports_each_registry_read_as_waiting(tmp_path: Any) -> None:
         "model registry, line brick",
         "model registry, line tile",
     ]
+
+
+def test_a_refresh_interval_longer_than_the_liveness_window_keeps_the_loop_fresh(
+    tmp_path: Any, refresh_loop: Any
+) -> None:
+    # The loop beat once per pass: with SPACE_MODELS__REFRESH_INTERVAL_S=60 its last beat was older than
+    # /healthz's 30 s for half of every minute, and liveness restarted every pod about once a minute.
+    registry = ModelRegistry(str(tmp_path))
+    manager = ModelManager(registry, FakeLoader(), warmup_batch_sizes=())
+    beats = Heartbeats()
+    app = refresh_app(manager, beats)
+    app.settings = load_settings(models={"refresh_interval_s": 60.0}, http={"healthy_after_s": 1.0})
+    beats.beat("model-refresh")
+    refresh_loop(app)
+    time.sleep(2.5)
+    assert beats.stale(1.5) == {}
+    assert beats.ages()["model-refresh"] < 1.5

@@ -323,7 +323,9 @@ def test_the_revoke_wait_awaits_the_network_loop_instead_of_blocking_it(tmp_path
     # past session_timeout_ms got the member evicted; tests/reliability/test_revoke_heartbeats.py).
     w = make_worker(tmp_path, [request(0)])
     # No periodic commit during the test: the one that shows up is the revoke's.
-    w.settings = w.settings.model_copy(update={"kafka": w.settings.kafka.model_copy(update={"commit_interval_ms": 600_000})})
+    w.settings = w.settings.model_copy(
+        update={"kafka": w.settings.kafka.model_copy(update={"commit_interval_ms": 600_000})}
+    )
     gate = threading.Event()
     decode = w._decode
     w._decode = lambda item: (gate.wait(30), decode(item))  # type: ignore[method-assign]  # in flight
@@ -496,6 +498,31 @@ def test_publish_waiting_on_a_slow_heatmap_store_is_not_a_stalled_loop(tmp_path)
             gate.set()
             assert wait_for(lambda: len(w.producer.sent) >= 1)
             assert "publish" not in w.heartbeats.waiting_on()
+    finally:
+        gate.set()
+
+
+def test_inference_held_up_by_a_slow_heatmap_store_is_waiting_not_stalled(tmp_path) -> None:
+    # With a backlog the queue to the publish thread fills while it waits on the store; the infer loop,
+    # blocked putting the next batch, went stale and /healthz restarted the pod before the breaker opened.
+    gate = threading.Event()
+
+    class SlowStore:
+        def put(self, key: str, data: bytes, content_type: str) -> str:
+            gate.wait(30)
+            return f"file:///heatmaps/{key}"
+
+    w = make_worker(tmp_path, [request(i) for i in range(8)], heatmap_store=SlowStore(),
+                    batching={"max_batch_size": 1, "max_wait_ms": 1})  # fmt: skip
+    try:
+        with running(w):
+            assert wait_for(lambda: "infer" in w.heartbeats.waiting_on())
+            assert w.heartbeats.waiting_on()["infer"]["on"] == "publish queue"
+            time.sleep(0.2)
+            assert w.heartbeats.stale(0.1) == {}  # consumer beats, publish and infer wait
+            gate.set()
+            assert wait_for(lambda: committed(w)[-1:] == [8])
+            assert "infer" not in w.heartbeats.waiting_on()
     finally:
         gate.set()
 
