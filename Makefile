@@ -10,10 +10,10 @@ PYTEST_ARGS ?=
 
 .PHONY: install test test-slow lint typecheck format demo bench clean
 
-$(STAMP): pyproject.toml $(CONSTRAINTS)
+$(STAMP): pyproject.toml $(CONSTRAINTS) constraints/runtime.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -c $(CONSTRAINTS) -e ".[dev]"
+	$(PIP) install --quiet -c $(CONSTRAINTS) -c constraints/runtime.txt -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

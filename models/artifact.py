@@ -17,7 +17,8 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from models.model import ModelConfig, migrate_stored_config
 
@@ -174,13 +175,16 @@ def verify_artifact(path: Path) -> ModelCard:
     weights = path / card.weights_file
     if not weights.is_file():
         raise ArtifactError(f"{weights}: weights file missing")
-    digest = sha256_file(weights)
+    _check_digest(weights, sha256_file(weights), card)
+    return card
+
+
+def _check_digest(weights: Path, digest: str, card: ModelCard) -> None:
     if digest != card.weights_sha256:
         raise ArtifactError(
             f"{weights}: sha256 {digest[:12]}… does not match the card's "
             f"{card.weights_sha256[:12]}… (tampered or mixed files)"
         )
-    return card
 
 
 def load_artifact(path: Path) -> tuple[ModelCard, dict[str, torch.Tensor]]:
@@ -195,10 +199,18 @@ def load_artifact(path: Path) -> tuple[ModelCard, dict[str, torch.Tensor]]:
     path = Path(path)
     if not path.is_dir():
         raise ArtifactError(f"{path}: artifact folder not found")
-    card = verify_artifact(path)
+    card = load_card(path)
     weights = path / card.weights_file
     try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as exc:
+        # One read: the bytes hashed are the bytes loaded, even if the folder is rewritten meanwhile.
+        data = weights.read_bytes()
+    except FileNotFoundError:
+        raise ArtifactError(f"{weights}: weights file missing") from None
+    except OSError as exc:
+        raise ArtifactError(f"{weights}: unreadable ({exc})") from exc
+    _check_digest(weights, hashlib.sha256(data).hexdigest(), card)
+    try:
+        state = load_safetensors(data)
+    except SafetensorError as exc:
         raise ArtifactError(f"{weights}: unreadable safetensors ({exc})") from exc
     return card, state

@@ -24,6 +24,7 @@ import torch
 
 from models.artifact import ArtifactError, ModelCard, load_artifact
 from models.gpu import TORCH_COMPILE_MODES, BranchStreams, BucketedRunner
+from models.hardware import cpu_has_native_bf16, cuda_has_native_bf16
 from models.model import SpaceModel
 from models.preprocess import prepare_image
 
@@ -77,11 +78,6 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def cpu_has_native_bf16() -> bool:
-    """oneDNN has bf16 kernels on this CPU (AVX-512 bf16 or AMX); elsewhere bf16 is emulated and slow."""
-    return bool(torch.backends.mkldnn.is_available()) and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype for ``precision`` on ``device`` (None = fp32); fp16 is cuda-only; resolve ``auto`` first."""
     if precision == "fp32":
@@ -93,6 +89,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise DetectorError("this CUDA device does not support bf16; use fp16 or fp32")
+        if device.type == "cuda" and not cuda_has_native_bf16(device):
+            log.warning("bf16_emulated_on_gpu", capability=".".join(map(str, torch.cuda.get_device_capability(device))))
         if device.type == "cpu" and not cpu_has_native_bf16():
             # Allowed (results are right), but emulated: 4-8x slower than fp32 on an AVX2-only EPYC.
             log.warning("bf16_emulated_on_cpu", cpu_capability=torch.backends.cpu.get_cpu_capability())
@@ -111,7 +109,7 @@ def native_precision(precision: str, device: torch.device) -> bool:
     if precision == "fp32":
         return True
     if device.type == "cuda":
-        return precision == "fp16" or (precision == "bf16" and torch.cuda.is_bf16_supported())
+        return precision == "fp16" or (precision == "bf16" and cuda_has_native_bf16(device))
     return precision == "bf16" and cpu_has_native_bf16()
 
 
@@ -119,9 +117,10 @@ def choose_precision(setting: str, calibrated: str, device: torch.device) -> str
     """The precision to serve a card at: ``setting``, or for ``auto`` the card's own where it runs natively.
 
     ``auto`` keeps scores where the card's default threshold was chosen (its training precision) when
-    the device has the kernels for it: a bf16 card serves in bf16 on a GPU or on a CPU with AVX-512 bf16
-    or AMX (1.8x fp32 on an AVX-512 bf16 EPYC), and in fp32 elsewhere (emulated bf16 is 4-8x slower),
-    which :meth:`Detector.load` then logs as ``precision_differs_from_calibration``.
+    the device has the kernels for it (:mod:`models.hardware`): a bf16 card serves in bf16 on an Ampere
+    or later GPU or on a CPU with AVX-512 bf16 or AMX (1.8x fp32 on an AVX-512 bf16 EPYC), and in fp32
+    elsewhere (emulated bf16 is 4-8x slower), which :meth:`Detector.load` then logs as
+    ``precision_differs_from_calibration``.
     """
     if setting != "auto":
         return setting
@@ -305,6 +304,8 @@ class Detector:
             return batch
         if isinstance(batch, np.ndarray) and batch.ndim != 4:
             raise DetectorError(f"expected (N, {h}, {w}, 3) uint8 or a list of images, got shape {batch.shape}")
+        if len(batch) == 0:
+            return np.zeros((0, h, w, 3), np.uint8)
         return np.stack([self.prepare(img) for img in batch])
 
     def predict(

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from models import data as dataset
 from models.artifact import ModelCard, Quantiles, ScoreStats, TeacherInfo, TrainingSummary, save_artifact
 from models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from models.hardware import cpu_has_native_bf16, cuda_has_native_bf16
 from models.losses import (
     ae_loss,
     color_augment,
@@ -153,13 +154,13 @@ def pick_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype for training: bf16 when the device supports it (``auto``), None for fp32."""
     if precision == "fp32":
         return None
-    if device.type == "cuda":
-        ok = torch.cuda.is_bf16_supported()
-    else:
-        ok = bool(torch.backends.mkldnn.is_available()) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if precision == "bf16" and not ok:
-        raise ValueError(f"bf16 is not supported on {device}")
-    return torch.bfloat16 if ok else None
+    if precision == "bf16":  # asked for: emulated bf16 is slow but right
+        supported = torch.cuda.is_bf16_supported() if device.type == "cuda" else torch.backends.mkldnn.is_available()
+        if not supported:
+            raise ValueError(f"bf16 is not supported on {device}")
+        return torch.bfloat16
+    native = cuda_has_native_bf16(device) if device.type == "cuda" else cpu_has_native_bf16()
+    return torch.bfloat16 if native else None
 
 
 def _load_images(paths: list[Path], size: tuple[int, int]) -> np.ndarray:

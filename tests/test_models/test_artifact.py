@@ -81,3 +81,29 @@ def test_a_card_naming_weights_outside_its_folder_is_refused(
     (path / CARD_FILE).write_text(json.dumps(doc))
     with pytest.raises(ArtifactError, match="weights_file must be a file name inside the artifact folder"):
         load_artifact(path)
+
+
+def test_the_weights_loaded_are_the_weights_hashed(
+    saved: tuple[Path, dict[str, torch.Tensor], ModelCard], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The file was hashed, then opened again to load: a version folder rewritten in between (train.py
+    # rewrites a reused --model-version in place) served weights that do not match the card.
+    import models.artifact as artifact_module
+
+    path, state, _ = saved
+    other = {k: torch.zeros_like(v) for k, v in state.items()}
+    hash_file = artifact_module.sha256_file
+
+    def hash_then_rewrite(p: Path) -> str:
+        digest = hash_file(p)
+        from safetensors.torch import save_file
+
+        save_file(other, str(path / WEIGHTS_FILE))
+        return digest
+
+    monkeypatch.setattr(artifact_module, "sha256_file", hash_then_rewrite)
+    try:
+        _, loaded = load_artifact(path)
+    except ArtifactError:
+        return  # refused: fine too
+    assert all(torch.equal(loaded[k], state[k]) for k in state)

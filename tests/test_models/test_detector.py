@@ -108,6 +108,14 @@ def test_submit_takes_a_list_of_images_like_the_stacked_array(detector: Detector
     np.testing.assert_allclose(detector.submit(larger).result().maps, expected.maps, rtol=1e-4, atol=1e-5)
 
 
+def test_an_empty_batch_gives_empty_results_in_every_form(detector: Detector) -> None:
+    # An empty list reached np.stack([]) ("need at least one array to stack") before the empty check.
+    h, w = detector.input_size
+    for batch in ([], np.zeros((0, h, w, 3), np.uint8)):
+        for prediction in (detector.predict(batch), detector.submit(batch).result()):
+            assert prediction.scores.shape == (0,) and prediction.maps.shape == (0, h, w)
+
+
 def test_list_input_and_original_map_size(detector: Detector) -> None:
     imgs = [np.zeros((90, 120), np.uint8), np.full((300, 200, 4), 128, np.uint8)]
     pred = detector.predict(imgs, map_size="original")
