@@ -95,3 +95,22 @@ def test_overwrite_replaces_the_whole_folder(root: Path, tmp_path: Path) -> None
     out = train(TrainConfig.model_validate({**cfg, "penalty": "none", "device": "cpu", "overwrite": True}))
     card, _ = load_artifact(out)
     assert card.version == "v2" and not (out / "metrics.json").exists()  # nothing of the old v2 survives
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--data", "DATA", "--product-line", "brick", "--out", "s3://space-models/prod"],
+        ["calibrate", "--model", "s3://space-models/prod/brick/v1", "--data", "DATA"],
+        ["evaluate", "--model", "MODEL", "--data", "DATA", "--out", "s3://bucket/eval"],
+    ],
+)
+def test_a_url_where_a_local_folder_belongs_is_refused(argv: list[str], tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    # "--out s3://bucket/prod" became the local folder ./s3:/bucket/prod: the model was trained there and
+    # `space models promote` on the real root found no such version.
+    argv = [str(tmp_path) if a in ("DATA", "MODEL") else a for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "is a URL; this command reads and writes local folders" in capsys.readouterr().err
+    assert not (Path.cwd() / "s3:").exists()

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
+
+from worker.commands import local_folder
 
 NAME = "calibrate"
 HELP = "Choose a product line's decision threshold from data (quantile or F1); --write stores it in Redis."
@@ -35,8 +36,10 @@ def _positive_int(text: str) -> int:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the calibrate options."""
-    parser.add_argument("--model", required=True, type=Path, metavar="DIR", help="Model artifact folder.")
-    parser.add_argument("--data", required=True, type=Path, metavar="DIR", help="Dataset folder (MVTec layout).")
+    parser.add_argument("--model", required=True, type=local_folder, metavar="DIR", help="Model artifact folder.")
+    parser.add_argument(
+        "--data", required=True, type=local_folder, metavar="DIR", help="Dataset folder (MVTec layout)."
+    )
     parser.add_argument(
         "--method",
         choices=("quantile", "f1"),

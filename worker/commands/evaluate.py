@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from worker.commands import local_folder
+
 NAME = "evaluate"
 HELP = "Evaluate a trained model on an MVTec-layout test set: metrics.json, scores.csv, heatmap gallery."
 
@@ -37,11 +39,11 @@ def _fpr_limit(text: str) -> float:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the evaluate options."""
-    parser.add_argument("--model", required=True, type=Path, metavar="DIR", help="Model artifact folder.")
+    parser.add_argument("--model", required=True, type=local_folder, metavar="DIR", help="Model artifact folder.")
     parser.add_argument(
-        "--data", required=True, type=Path, metavar="DIR", help="Dataset folder with test/ (MVTec layout)."
+        "--data", required=True, type=local_folder, metavar="DIR", help="Dataset folder with test/ (MVTec layout)."
     )
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="Output folder (created).")
+    parser.add_argument("--out", required=True, type=local_folder, metavar="DIR", help="Output folder (created).")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="Default: auto.")
     parser.add_argument(
         "--precision",

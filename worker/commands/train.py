@@ -9,8 +9,8 @@ registry's rule, and an existing version is refused before training: versions ar
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from worker.commands import local_folder
 from worker.errors import SpaceError
 
 NAME = "train"
@@ -29,9 +29,9 @@ def _flag(parser: argparse.ArgumentParser, name: str, help_text: str) -> None:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the ``space train`` options."""
-    parser.add_argument("--data", type=Path, required=True, help="MVTec-layout folder (train/good required).")
+    parser.add_argument("--data", type=local_folder, required=True, help="MVTec-layout folder (train/good required).")
     parser.add_argument("--product-line", required=True, help="Product line name (artifact sub-folder).")
-    parser.add_argument("--out", type=Path, required=True, help="Model root; writes <out>/<line>/<version>.")
+    parser.add_argument("--out", type=local_folder, required=True, help="Model root; writes <out>/<line>/<version>.")
     parser.add_argument("--variant", choices=("space", "efficientad"), default="space")
     parser.add_argument("--size", choices=("s", "m"), default="s", help="PDN size (EfficientAD-S or -M).")
     parser.add_argument("--steps", type=int, default=70_000, help="Optimiser steps (paper: 70000).")
