@@ -103,6 +103,12 @@ class DeadLetterRecord:
         return header_text(self.headers, REPLAY_HEADER)
 
     @property
+    def identity(self) -> tuple[str, str] | None:
+        """The request's CloudEvents identity (``ce_source``, ``ce_id``), or None when a header is missing."""
+        source, event_id = header_text(self.headers, "ce_source"), header_text(self.headers, "ce_id")
+        return (source, event_id) if source is not None and event_id is not None else None
+
+    @property
     def ref(self) -> str:
         """``<topic>/<partition>/<offset>``: where this dead letter is."""
         return f"{self.topic}/{self.partition}/{self.offset}"
@@ -265,13 +271,16 @@ def scan_dead_letters(
                 f"(partition at position of end offset: {behind}): is the partition's leader available?"
             )
         batch = consumer.poll(timeout_ms=poll_timeout_ms)
-        if any(batch.values()):
-            progress.saw_records()
+        if not any(batch.values()):
+            continue
+        progress.saw_records()
         for tp, records in sorted(batch.items(), key=lambda item: item[0].partition):
             for record in records:
                 if progress.done(tp.partition):
                     break
                 if record.timestamp >= cutoff_ms:
+                    if record.offset < progress.end_offsets[tp.partition]:
+                        continue  # written before the scan began by a clock running ahead: later ones may be in
                     progress.passed_cutoff(tp.partition)
                     consumer.pause(tp)
                     break
@@ -280,23 +289,70 @@ def scan_dead_letters(
                 yield read_dead_letter(
                     topic, tp.partition, record.offset, record.timestamp, record.key, record.value, record.headers or ()
                 )
+        # The stall clock counts time spent polling only, not the caller's work on what was yielded (a
+        # slow pipe, a flush of acknowledgements): resuming here is progress too.
+        progress.saw_records()
+
+
+class ReplayFilter:
+    """What a replay would skip, and why: one rule for ``space dlq replay`` and the summary's count.
+
+    Skipped: letters that cannot be replayed (:meth:`DeadLetterRecord.replay_blocker`); with
+    ``source_topic`` set, letters whose ``error-source-topic`` is another topic (``other-source-topic``:
+    a forged or foreign header must not steer records elsewhere); and letters of a request this run
+    already takes (``already-replayed``): the same CloudEvents identity (``ce_source``, ``ce_id``), or,
+    for letters without one, a ref or ``space-replay-of`` this run took or named. So a request that
+    failed again after earlier replays (A, its replay's letter B, B's replay's letter C, in any order)
+    goes out once per run.
+    """
+
+    def __init__(self, source_topic: str | None) -> None:
+        self.source_topic = source_topic
+        self._refs: set[str] = set()
+        self._identities: set[tuple[str, str]] = set()
+
+    def blocker(self, letter: DeadLetterRecord) -> str | None:
+        """Why ``letter`` is skipped, or None: then it counts as taken (later copies are skipped)."""
+        blocker = letter.replay_blocker()
+        if blocker is None and self.source_topic is not None:
+            assert letter.info is not None
+            blocker = "other-source-topic" if letter.info.source_topic != self.source_topic else None
+        identity = letter.identity
+        if blocker is None and (
+            (identity is not None and identity in self._identities)
+            or letter.ref in self._refs
+            or letter.replay_of in self._refs
+        ):
+            blocker = "already-replayed"
+        if blocker is None:
+            self._refs.add(letter.ref)
+            if letter.replay_of:
+                self._refs.add(letter.replay_of)
+            if identity is not None:
+                self._identities.add(identity)
+        return blocker
 
 
 @dataclass
 class Summary:
-    """Counts of dead letters by (reason, product line), with the replayable share and the time span."""
+    """Counts of dead letters by (reason, product line), with the replayable share and the time span.
+
+    Replayable: what ``space dlq replay`` over the same letters would send (:class:`ReplayFilter`, with
+    the requests topic as ``source_topic`` as replay has by default).
+    """
 
     counts: Counter[tuple[str, str]] = field(default_factory=Counter)
     replayable: Counter[tuple[str, str]] = field(default_factory=Counter)
     first_ms: int | None = None
     last_ms: int | None = None
     untimed: int = 0  # records without a timestamp (-1: a pre-0.10 message format), kept out of the span
+    replay_filter: ReplayFilter = field(default_factory=lambda: ReplayFilter(None))
 
     def add(self, letter: DeadLetterRecord) -> None:
         """Count one dead letter."""
         group = (letter.reason, letter.product_line)
         self.counts[group] += 1
-        if letter.replay_blocker() is None:
+        if self.replay_filter.blocker(letter) is None:
             self.replayable[group] += 1
         if letter.timestamp_ms < 0:
             self.untimed += 1
@@ -353,13 +409,9 @@ def replay_dead_letters(
 ) -> ReplayReport:  # fmt: skip
     """Produce each replayable letter to ``to_topic``; ``send=None`` is a dry run.
 
-    Skipped (counted in ``skipped``): letters that cannot be replayed (:meth:`DeadLetterRecord.replay_blocker`);
-    with ``source_topic`` set, letters whose ``error-source-topic`` is another topic (``other-source-topic``:
-    a forged or foreign header must not steer records elsewhere); and letters of a chain this run already
-    replayed (``already-replayed``): a letter is skipped when its ref or the ref in its ``space-replay-of``
-    header is one this run replayed or named, so neither a replay that fails again while the run reads
-    (a worker clock behind the operator's) nor an original and its re-dead-lettered replay in one
-    window send the request twice.
+    Skipped (counted in ``skipped``): what :class:`ReplayFilter` skips with ``source_topic``, so neither a
+    replay that fails again while the run reads (a worker clock behind the operator's) nor an original
+    and its re-dead-lettered replays in one window send the request twice.
 
     Acknowledgements are awaited every ``flush_every`` records or ``flush_bytes`` of values and at the end;
     ``on_replayed`` sees each acknowledged record (metadata ``None`` in a dry run). After the first failure
@@ -370,7 +422,7 @@ def replay_dead_letters(
     report = ReplayReport()
     window: list[tuple[DeadLetterRecord, str, _Future]] = []
     window_bytes = 0
-    chain: set[str] = set()
+    replay_filter = ReplayFilter(source_topic)
 
     def settle() -> None:
         nonlocal window_bytes
@@ -387,18 +439,10 @@ def replay_dead_letters(
 
     try:
         for letter in letters:
-            blocker = letter.replay_blocker()
-            if blocker is None and source_topic is not None:
-                assert letter.info is not None
-                blocker = "other-source-topic" if letter.info.source_topic != source_topic else None
-            if blocker is None and (letter.ref in chain or letter.replay_of in chain):
-                blocker = "already-replayed"
+            blocker = replay_filter.blocker(letter)
             if blocker is not None:
                 report.skipped[blocker] += 1
                 continue
-            chain.add(letter.ref)
-            if letter.replay_of:
-                chain.add(letter.replay_of)
             if send is None:
                 report.replayed += 1
                 on_replayed(letter, to_topic, None)

@@ -7,10 +7,11 @@ under a ``file://`` root. ``--rate`` paces the stream with a monotonic schedule 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import os
 import re
-import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from pydantic import TypeAdapter, ValidationError
 
@@ -162,13 +164,31 @@ class ClaimCheckUploader:
             raise SpaceError(f"--claim-check must be s3://bucket/prefix or file:///dir, not {base_uri!r}")
 
     def upload(self, path: Path, data: bytes, name: str) -> str:
-        """Store ``data`` and return its URI."""
-        if self.base_uri.startswith("file://"):
-            root = Path(self.base_uri.removeprefix("file://"))
-            root.mkdir(parents=True, exist_ok=True)
-            target = root / name
-            shutil.copyfile(path, target)
-            return f"file://{target.resolve()}"
+        """Store ``data`` (the bytes the claim check's sha256 was computed from) and return its URI.
+
+        Raises:
+            SpaceError: the store refused it (an OS error, missing S3 credentials, an S3 error).
+        """
+        try:
+            if self.base_uri.startswith("file://"):
+                return self._upload_file(data, name)
+            return self._upload_s3(data, name)
+        except SpaceError:
+            raise
+        except Exception as exc:  # OSError, botocore's errors: one line, no traceback
+            raise SpaceError(f"cannot store {path} at {self.base_uri}: {type(exc).__name__}: {exc}") from exc
+
+    def _upload_file(self, data: bytes, name: str) -> str:
+        root = Path(unquote(urlsplit(self.base_uri).path))
+        root.mkdir(parents=True, exist_ok=True)
+        target = root / name
+        # The bytes hashed, not the file read again: a camera rewriting it meanwhile would break the checksum.
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+        return target.resolve().as_uri()  # percent-encoded: '#', '%' or a space in the root survive
+
+    def _upload_s3(self, data: bytes, name: str) -> str:
         if self._s3 is None:
             if self._s3_factory is None:
                 raise SpaceError("an s3:// claim check needs S3 settings")
@@ -206,34 +226,55 @@ def send_images(
     """Publish one request per file and wait for every acknowledgement.
 
     ``on_sent`` is called for each request as soon as it (and every request before it) is
-    acknowledged, in sending order, so a failure part way still reports what went out.
+    acknowledged, in sending order. A failure part way (a refused send, an unreadable file, the claim
+    check store) stops sending, and every request already handed to the producer is still awaited and
+    reported, so the output lists exactly what went out.
+
+    Raises:
+        SpaceError: a file could not be read or stored.
+        Exception: the first refused acknowledgement's error (kafka-python's), once the others are awaited.
     """
     pending: list[tuple[str, Path, Any]] = []
     sent: list[SentRequest] = []
+    failed: list[BaseException] = []
 
     def acknowledge(*, wait: bool) -> None:
         while pending and (wait or pending[0][2].is_done):
             message_id, path, future = pending.pop(0)
-            meta = future.get(timeout=30)
+            try:
+                meta = future.get(timeout=30)
+            except Exception as exc:  # noqa: BLE001 - each request is reported on its own
+                failed.append(exc)
+                continue
             item = SentRequest(message_id, path, camera_id, meta.partition, meta.offset)
             sent.append(item)
             if on_sent is not None:
                 on_sent(item)
 
-    for path in paced(files, rate_hz):
-        data = path.read_bytes()
-        message_id = str(uuid.uuid4())
-        uri = uploader.upload(path, data, f"{message_id}{path.suffix.lower()}") if uploader else None
-        deadline = None
-        if deadline_ms is not None:
-            deadline = datetime.fromtimestamp(time.time() + deadline_ms / 1000, UTC)
-        request, value = build_request(
-            data=data, path=path, product_line=product_line, camera_id=camera_id, message_id=message_id,
-            claim_check_uri=uri, deadline=deadline,
-        )  # fmt: skip
-        future = producer.send(topic, key=camera_id.encode(), value=value, headers=build_request_headers(request))
-        pending.append((message_id, path, future))
-        acknowledge(wait=False)
-    producer.flush()
-    acknowledge(wait=True)
+    try:
+        for path in paced(files, rate_hz):
+            if failed:
+                break
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise SpaceError(f"cannot read {path}: {exc.strerror or exc}") from exc
+            message_id = str(uuid.uuid4())
+            uri = uploader.upload(path, data, f"{message_id}{path.suffix.lower()}") if uploader else None
+            deadline = None
+            if deadline_ms is not None:
+                deadline = datetime.fromtimestamp(time.time() + deadline_ms / 1000, UTC)
+            request, value = build_request(
+                data=data, path=path, product_line=product_line, camera_id=camera_id, message_id=message_id,
+                claim_check_uri=uri, deadline=deadline,
+            )  # fmt: skip
+            future = producer.send(topic, key=camera_id.encode(), value=value, headers=build_request_headers(request))
+            pending.append((message_id, path, future))
+            acknowledge(wait=False)
+    finally:
+        with contextlib.suppress(Exception):  # the acknowledgements below say what did not go out
+            producer.flush()
+        acknowledge(wait=True)
+    if failed:
+        raise failed[0]
     return sent

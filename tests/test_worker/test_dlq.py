@@ -175,6 +175,36 @@ def test_a_chain_is_replayed_once_whatever_order_its_letters_come_in() -> None:
         assert report.replayed == 1 and dict(report.skipped) == {"already-replayed": 1}
 
 
+def test_a_request_that_failed_after_two_replays_goes_out_once_in_any_order() -> None:
+    # A failed, its replay failed as B (space-replay-of A), B's replay failed as C (space-replay-of B). The
+    # chain check looked one step back: A then B then C sent A and C, the same request twice.
+    from itertools import permutations
+
+    headers = [("ce_source", b"plant/line-3/cam-1"), *REQUEST_HEADERS]
+    a = make_letter(offset=1, headers=headers)
+    b = make_letter(offset=5, headers=[*headers, (REPLAY_HEADER, b"inspection.dlq/0/1")])
+    c = make_letter(offset=9, headers=[*headers, (REPLAY_HEADER, b"inspection.dlq/0/5")])
+    for order in permutations([a, b, c]):
+        report = replay_dead_letters(order, None, to_topic="t", source_topic=None)
+        assert report.replayed == 1 and dict(report.skipped) == {"already-replayed": 2}, [x.ref for x in order]
+    summary = Summary()
+    for letter in (a, b, c):
+        summary.add(letter)
+    assert summary.render().splitlines()[-1].startswith("total 3 dead letters, 1 replayable")
+
+
+def test_the_summary_counts_as_replayable_what_a_replay_would_send() -> None:
+    foreign = make_letter(offset=4)
+    assert foreign.info is not None
+    foreign = replace(foreign, info=foreign.info.model_copy(update={"source_topic": "inspection.results"}))
+    from worker.dlq import ReplayFilter
+
+    summary = Summary(replay_filter=ReplayFilter("inspection.requests"))
+    for letter in (make_letter(offset=1), foreign):
+        summary.add(letter)
+    assert summary.render().splitlines()[-1].startswith("total 2 dead letters, 1 replayable")
+
+
 def test_a_failed_send_stops_the_replay_and_every_handed_record_is_reported() -> None:
     ok = SimpleNamespace(partition=0, offset=0)
     futures = iter([FakeFuture(ok), FakeFuture(error=TimeoutError("no ack")), FakeFuture(ok)])
@@ -220,7 +250,7 @@ def test_header_text_is_escaped_for_the_terminal() -> None:
 
 def test_summary_counts_by_reason_and_line() -> None:
     summary = Summary()
-    for letter in [make_letter(timestamp_ms=2_000), make_letter(timestamp_ms=1_000),
+    for letter in [make_letter(timestamp_ms=2_000, offset=1), make_letter(timestamp_ms=1_000, offset=2),
                    make_letter(reason=DeadLetterReason.CORRUPT_IMAGE, value=b"0123456789", max_value_bytes=4)]:  # fmt: skip
         summary.add(letter)
     table = summary.render().splitlines()
@@ -234,7 +264,7 @@ def test_records_without_a_timestamp_stay_out_of_the_span() -> None:
     summary = Summary()
     summary.add(make_letter(timestamp_ms=-1))  # a message-format v0 record: no time, not 1969
     assert summary.render().splitlines()[-1] == "total 1 dead letters, 1 replayable, 1 without a timestamp"
-    summary.add(make_letter(timestamp_ms=3_000))
+    summary.add(make_letter(timestamp_ms=3_000, offset=8))
     assert summary.render().splitlines()[-1] == (
         "total 2 dead letters, 2 replayable, from 1970-01-01T00:00:03Z to 1970-01-01T00:00:03Z, 1 without a timestamp"
     )
@@ -319,3 +349,59 @@ def test_a_letter_with_headers_dropped_is_not_replayed() -> None:
     assert letter.info is not None and letter.info.headers_dropped == 1
     assert letter.replay_blocker() == "headers-dropped"
     assert make_letter().replay_blocker() is None
+
+
+class _ListConsumer:
+    """Partition 0 holds ``records`` (offset, timestamp ms); each poll returns the next one."""
+
+    def __init__(self, records: list[tuple[int, int]], clock: FakeClock) -> None:
+        self.records, self.clock, self.pos = records, clock, 0
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return {0}
+
+    def assign(self, partitions: list[Any]) -> None: ...
+    def seek_to_beginning(self, *partitions: Any) -> None: ...
+    def pause(self, *partitions: Any) -> None: ...
+    def end_offsets(self, partitions: list[Any]) -> dict[Any, int]:
+        return {tp: len(self.records) for tp in partitions}
+
+    def position(self, partition: Any) -> int:
+        return self.pos
+
+    def poll(self, timeout_ms: int = 0) -> dict[Any, list[Any]]:
+        from kafka import TopicPartition
+
+        self.clock.now += 0.1
+        if self.pos >= len(self.records):
+            return {}
+        offset, timestamp = self.records[self.pos]
+        self.pos += 1
+        dead = build_dead_letter(REQUEST_HEADERS, b"v", DeadLetterInfo(error_class="E", reason=DeadLetterReason.CORRUPT_IMAGE, detail="d", worker_id="w", time=NOW, source_topic="inspection.requests", source_partition=0, source_offset=offset), max_value_bytes=10)  # fmt: skip
+        rec = SimpleNamespace(offset=offset, timestamp=timestamp, key=b"k", value=dead.value, headers=dead.headers)
+        return {TopicPartition("dlq", 0): [rec]}
+
+
+def test_a_letter_stamped_past_the_cutoff_does_not_hide_the_ones_after_it() -> None:
+    # A worker whose clock runs ahead wrote offset 1 "in the future": the partition ended there, and offsets
+    # 2 and 3 (inside the window) were never read, by summary nor replay.
+    from worker.dlq import scan_dead_letters
+
+    clock = FakeClock()
+    consumer = _ListConsumer([(0, 1_000), (1, 9_000), (2, 2_000), (3, 3_000)], clock)
+    got = list(scan_dead_letters(consumer, "dlq", since_ms=None, cutoff_ms=5_000, idle_s=1.0, clock=clock))  # type: ignore[arg-type]
+    assert [letter.offset for letter in got] == [0, 2, 3]
+
+
+def test_time_the_caller_spends_on_a_letter_is_not_a_stalled_partition() -> None:
+    # A dry run piped into a pager nobody scrolls, or a flush of acknowledgements taking over 30 s: the
+    # stall clock ran meanwhile and the scan aborted halfway (a re-run then duplicated what went out).
+    from worker.dlq import scan_dead_letters
+
+    clock = FakeClock()
+    consumer = _ListConsumer([(o, 1_000 + o) for o in range(4)], clock)
+    seen = []
+    for letter in scan_dead_letters(consumer, "dlq", since_ms=None, cutoff_ms=10**13, idle_s=1.0, clock=clock):  # type: ignore[arg-type]
+        seen.append(letter.offset)
+        clock.now += 45.0  # the caller is slow
+    assert seen == [0, 1, 2, 3]

@@ -210,3 +210,51 @@ def test_check_send_options_accepts_the_defaults() -> None:
     sender.check_send_options(
         product_line="A.b_c-1", camera_id="cam 1/x", topic="t", limit=0, rate_hz=0.5, deadline_ms=0
     )
+
+
+def test_a_file_claim_check_stores_the_bytes_it_hashed_under_a_uri_that_reads_back(tmp_path: Path) -> None:
+    # The file was copied again after hashing (a camera rewriting it meanwhile broke the checksum), and the
+    # URI was not percent-encoded: a root holding '#' made the worker read another path.
+    from urllib.parse import unquote, urlsplit
+
+    image = tmp_path / "part.png"
+    image.write_bytes(b"rewritten since")
+    root = tmp_path / "claims #1 100%"
+    uploader = sender.ClaimCheckUploader(root.as_uri())
+    uri = uploader.upload(image, b"the bytes hashed", "m-1.png")
+    assert Path(unquote(urlsplit(uri).path)).read_bytes() == b"the bytes hashed"
+    assert Path(unquote(urlsplit(uri).path)).parent == root.resolve()
+    assert not [p for p in root.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_failing_claim_check_store_stops_sending_and_reports_what_went_out(images: Path) -> None:
+    # S3 errors and OS errors escaped as tracebacks, and the requests already acknowledged were not printed.
+    class Store:
+        def put_object(self, **kwargs: Any) -> None:
+            if kwargs["Key"].startswith("p/") and len(puts) == 2:
+                raise PermissionError("AccessDenied")
+            puts.append(kwargs["Key"])
+
+    puts: list[str] = []
+    uploader = sender.ClaimCheckUploader("s3://bucket/p", lambda: Store())
+    producer = FakeProducer()
+    reported: list[int] = []
+    with pytest.raises(SpaceError, match=r"cannot store .*2\.png at s3://bucket/p: PermissionError: AccessDenied"):
+        sender.send_images(producer, "t", sorted(images.iterdir()), product_line="a", camera_id="c",
+                           uploader=uploader, on_sent=lambda s: reported.append(s.offset))  # fmt: skip
+    assert reported == [0, 1] and len(producer.sent) == 2
+
+
+def test_after_a_refused_ack_the_later_acknowledged_requests_are_still_reported(images: Path) -> None:
+    class SlowAcks(FakeProducer):
+        def send(self, *args: Any, **kwargs: Any) -> _Future:
+            future = super().send(*args, **kwargs)
+            future.is_done = False  # acknowledged only at the final flush
+            return future
+
+    producer = SlowAcks(fail_at=0)
+    reported: list[int] = []
+    with pytest.raises(KafkaTimeoutError):
+        sender.send_images(producer, "t", sorted(images.iterdir()), product_line="a", camera_id="c",
+                           on_sent=lambda s: reported.append(s.offset))  # fmt: skip
+    assert reported == [1, 2]

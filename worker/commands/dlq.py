@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
     from worker.dlq import (
         LetterFilter,
+        ReplayFilter,
         Summary,
         check_reasons,
         parse_when,
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
                 if chosen.matches(letter)
             )
             if args.action == "summary":
-                summary = Summary()
+                summary = Summary(replay_filter=ReplayFilter(settings.kafka.requests_topic))
                 for letter in letters:
                     summary.add(letter)
                 print(summary.render(), end="")
