@@ -70,6 +70,21 @@ def raw_throughput(detector: Any, batch: int, seconds: float) -> tuple[float, fl
     return n / (time.perf_counter() - start), statistics.mean(times)
 
 
+def pipelined_throughput(detector: Any, batch: int, seconds: float) -> float:
+    """Images/s of ``Detector.submit`` with one batch in flight while the next is submitted (as the worker runs)."""
+    h, w = detector.input_size
+    x = np.random.default_rng(0).integers(0, 255, (batch, h, w, 3), dtype=np.uint8)
+    detector.warmup((batch,))
+    pending = detector.submit(x)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        following = detector.submit(x)
+        pending.result()
+        pending, n = following, n + batch
+    pending.result()  # the last batch is timed, so it is counted too
+    return (n + batch) / (time.perf_counter() - start)
+
+
 def encoded_images(size: int, count: int, fmt: str = "png") -> list[bytes]:
     """``count`` encoded camera images (32 distinct ones, repeated) of ``size`` px."""
     from models.synthetic import render_good_image
@@ -201,7 +216,11 @@ def main() -> None:
     detector.warmup()
     raw_ips, batch_s = raw_throughput(detector, args.batch, args.raw_seconds)
     raw1_ips, _ = raw_throughput(detector, 1, args.raw_seconds / 2)
-    print(f"raw detector: {raw_ips:,.1f} images/s at batch {args.batch}, {raw1_ips:,.1f} at batch 1", flush=True)
+    # The worker keeps two batches in flight on an accelerator: on the H100 one-at-a-time was 1,169 images/s
+    # where the card did 1,934, so end to end over the one-at-a-time figure read 0.88 instead of 0.53.
+    model_ips = pipelined_throughput(detector, args.batch, args.raw_seconds)
+    print(f"raw detector: {raw_ips:,.1f} images/s at batch {args.batch} one at a time, {model_ips:,.1f} two in "
+          f"flight, {raw1_ips:,.1f} at batch 1", flush=True)  # fmt: skip
     del detector
 
     stack = Stack(work / "stack", redis_url=os.environ.get("SPACE_REDIS__URL", "redis://127.0.0.1:6379/0"))
@@ -216,6 +235,7 @@ def main() -> None:
         "device": str(torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")),
         "torch_threads": torch.get_num_threads(), "input_px": args.size, "batch": args.batch, "precision": args.precision,
         "raw_images_per_s": round(raw_ips, 1), "raw_batch_ms": round(batch_s * 1000, 2),
+        "model_pipelined_images_per_s": round(model_ips, 1),
         "raw_batch1_images_per_s": round(raw1_ips, 1), "format": args.format,
         "source_px": args.source_px or args.size, "cuda_graphs": args.cuda_graphs, "heatmaps": args.heatmaps,
         "heatmap_threads": args.heatmap_threads,
@@ -263,13 +283,15 @@ def main() -> None:
             return (len(recs) - 1) / elapsed
 
         e2e_ips = backlog(args.batch, "tput")
-        report.update(e2e_images_per_s=round(e2e_ips, 1), e2e_over_raw=round(e2e_ips / raw_ips, 3))
+        report.update(e2e_images_per_s=round(e2e_ips, 1), e2e_over_raw=round(e2e_ips / raw_ips, 3),
+                      e2e_over_model=round(e2e_ips / model_ips, 3))  # fmt: skip
         print(f"e2e decode={decode_devices[0]}: {e2e_ips:,.1f} images/s", flush=True)
         save()
         for dev in decode_devices[1:]:
             ips = backlog(args.batch, f"tput-{dev}", dev)
             report[f"e2e_images_per_s_decode_{dev}"] = round(ips, 1)
             report[f"e2e_over_raw_decode_{dev}"] = round(ips / raw_ips, 3)
+            report[f"e2e_over_model_decode_{dev}"] = round(ips / model_ips, 3)
             print(f"e2e decode={dev}: {ips:,.1f} images/s", flush=True)
             save()
         if not args.throughput_only:  # batch-1 backlog and paced latency runs
@@ -321,7 +343,10 @@ def main() -> None:
     for key, value in report.items():
         print(f"  {key:28} {value}")
     target = 0.80 if report["device"].startswith("cuda") else 0.85  # issue 9 (GPU pods), issue 3 (CPU)
-    summary = f"\n  end-to-end / raw = {report['e2e_over_raw']:.2f} (target >= {target:.2f})"
+    summary = (
+        f"\n  end-to-end / model (two batches in flight) = {report['e2e_over_model']:.2f} (target >= {target:.2f});"
+        f" / one batch at a time = {report['e2e_over_raw']:.2f}"
+    )
     if "p99_ms_at_50pct" in report:
         summary += (
             f"; p99 at 50% = {report['p99_ms_at_50pct']} ms (budget {report['p99_budget_ms']} ms);"

@@ -48,5 +48,7 @@ count=$(ls .whl/*.whl | wc -l)
 if git check-ignore -q .whl/probe.whl 2>/dev/null; then :; else
   echo "gpu-wheels.sh: warning: .whl/ is not git-ignored (the device's carry wants an ignored path)" >&2
 fi
+# The commit these wheels were built for: bench/gpu.sh records it in env.txt where the device has no .git.
+git rev-parse HEAD > .whl/COMMIT 2>/dev/null || true
 ls .whl
 du -sh .whl

@@ -57,7 +57,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.e2e import CONTENT_TYPE, encoded_images, requests, train_model
+from bench.e2e import CONTENT_TYPE, encoded_images, pipelined_throughput, requests, train_model
 from bench.fleet import Fleet, steady_rate
 
 PARTITIONS = 8
@@ -125,21 +125,6 @@ def recorded_maps(detector: Any, images: list[bytes], count: int) -> np.ndarray:
                for b in images[:count]]  # fmt: skip
     batch = np.stack([detector.prepare(img) for img in decoded])
     return np.asarray(detector.predict(batch).maps, dtype=np.float32)
-
-
-def pipelined_throughput(detector: Any, batch: int, seconds: float) -> float:
-    """Images/s of ``Detector.submit`` with one batch in flight while the next is submitted (as the worker runs)."""
-    h, w = detector.input_size
-    x = np.random.default_rng(0).integers(0, 255, (batch, h, w, 3), dtype=np.uint8)
-    detector.warmup((batch,))
-    pending = detector.submit(x)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        following = detector.submit(x)
-        pending.result()
-        pending, n = following, n + batch
-    pending.result()
-    return n / (time.perf_counter() - start)
 
 
 def read_results(settings: Any, expected: int, timeout_s: float, fleet: Fleet) -> tuple[list[dict[str, Any]], float]:
