@@ -19,6 +19,7 @@ promote`` calls it before moving the pointer, :meth:`ModelRegistry.promote` itse
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -70,9 +71,15 @@ class ActivePointer:
     updated_by: str
 
 
+class PointerConflict(RegistryError):
+    """The active pointer changed between this command's read and its write (another operator, or CI)."""
+
+
 class _Backend(Protocol):
     def read_text(self, key: str) -> str | None: ...
     def write_text(self, key: str, text: str) -> None: ...
+    def read_versioned(self, key: str) -> tuple[str | None, str | None]: ...
+    def write_text_if(self, key: str, text: str, token: str | None) -> bool: ...
     def list_dirs(self, prefix: str) -> list[str]: ...
     def exists(self, key: str) -> bool: ...
     def materialize(self, prefix: str, cache_dir: Path) -> Path: ...
@@ -98,6 +105,10 @@ def _io(action: str, where: str) -> Iterator[None]:
         yield
     except (OSError, UnicodeDecodeError, BotoCoreError, ClientError) as exc:
         raise RegistryError(f"cannot {action} {where}: {_reason(exc)}") from exc
+
+
+def _content_token(text: str | None) -> str | None:
+    return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 class _FileBackend:
@@ -126,6 +137,27 @@ class _FileBackend:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
+
+    def read_versioned(self, key: str) -> tuple[str | None, str | None]:
+        """The text and a token of its content (None, None when absent)."""
+        text = self.read_text(key)
+        return text, _content_token(text)
+
+    def write_text_if(self, key: str, text: str, token: str | None) -> bool:
+        """Write unless the content changed since ``token`` (None: unless it exists), under a lock file."""
+        path = self._path(key)
+        with _io("write", str(path)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Read-only is enough for flock, so operators running as other users share the lock file.
+            lock = os.open(path.parent / f".{path.name}.lock", os.O_RDONLY | os.O_CREAT, _FILE_MODE)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the descriptor closes
+                if _content_token(self.read_text(key)) != token:
+                    return False
+                self.write_text(key, text)
+                return True
+            finally:
+                os.close(lock)
 
     def list_dirs(self, prefix: str) -> list[str]:
         base = self._path(prefix) if prefix else self.root
@@ -170,6 +202,31 @@ class _S3Backend:
             self.client.put_object(
                 Bucket=self.bucket, Key=self._key(key), Body=text.encode(), ContentType="application/json"
             )
+
+    def read_versioned(self, key: str) -> tuple[str | None, str | None]:
+        """The text and its ETag (None, None when absent)."""
+        with _io("read", self._uri(key)):
+            try:
+                obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            except self.client.exceptions.NoSuchKey:
+                return None, None
+            return str(obj["Body"].read().decode("utf-8")), str(obj["ETag"])
+
+    def write_text_if(self, key: str, text: str, token: str | None) -> bool:
+        """A conditional PUT: If-Match the ETag read, or If-None-Match when there was nothing."""
+        condition = {"IfMatch": token} if token is not None else {"IfNoneMatch": "*"}
+        with _io("write", self._uri(key)):
+            try:
+                self.client.put_object(
+                    Bucket=self.bucket, Key=self._key(key), Body=text.encode(), ContentType="application/json",
+                    **condition,
+                )  # fmt: skip
+            except ClientError as exc:
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                if status in (409, 412):  # PreconditionFailed, ConditionalRequestConflict
+                    return False
+                raise
+        return True
 
     def list_dirs(self, prefix: str) -> list[str]:
         full = self._key(prefix).rstrip("/") + "/" if prefix or self.prefix else ""
@@ -270,7 +327,10 @@ class ModelRegistry:
             RegistryError: the pointer exists but is not valid JSON of the expected shape.
         """
         check_name("product line", line)
-        text = self._backend.read_text(f"{line}/{POINTER}")
+        return self._parse_pointer(line, self._backend.read_text(f"{line}/{POINTER}"))
+
+    @staticmethod
+    def _parse_pointer(line: str, text: str | None) -> ActivePointer | None:
         if text is None:
             return None
         try:
@@ -300,8 +360,9 @@ class ModelRegistry:
         promoting is always the way out of a broken pointer.
         """
         self._require_version(line, version)
+        text, token = self._backend.read_versioned(f"{line}/{POINTER}")
         try:
-            current = self.pointer(line)
+            current = self._parse_pointer(line, text)
         except RegistryError as exc:
             log.warning("model_pointer_replaced", product_line=line, error=str(exc))
             current = None
@@ -310,11 +371,13 @@ class ModelRegistry:
             history = [current.version, *current.history][:HISTORY_MAX]
         elif current is not None:
             history = list(current.history)
-        return self._write_pointer(line, version, history, by)
+        return self._write_pointer(line, version, history, by, token)
 
     def rollback(self, line: str, *, by: str = "unknown") -> ActivePointer:
         """Go back to the previous active version (which must still exist)."""
-        current = self.pointer(line)
+        check_name("product line", line)
+        text, token = self._backend.read_versioned(f"{line}/{POINTER}")
+        current = self._parse_pointer(line, text)
         if current is None or not current.history:
             raise RegistryError(f"line {line!r} has no previous version to roll back to")
         previous, *rest = current.history
@@ -322,7 +385,7 @@ class ModelRegistry:
             raise RegistryError(
                 f"line {line!r}: previous version {previous!r} no longer exists; promote a version instead"
             )
-        return self._write_pointer(line, previous, rest, by)
+        return self._write_pointer(line, previous, rest, by, token)
 
     def card_text(self, line: str, version: str) -> str:
         """The raw ``model.json`` of a version, read without fetching the weights."""
@@ -375,10 +438,25 @@ class ModelRegistry:
         if version not in versions:
             raise RegistryError(f"line {line!r} has no version {version!r} (have: {', '.join(versions) or 'none'})")
 
-    def _write_pointer(self, line: str, version: str, history: list[str], by: str) -> ActivePointer:
+    def _write_pointer(self, line: str, version: str, history: list[str], by: str, token: str | None) -> ActivePointer:
+        """Write the pointer unless it changed since it was read as ``token`` (compare-and-set).
+
+        Raises:
+            PointerConflict: another promote or rollback wrote in between; nothing was written (two
+                operators rolling back at once would otherwise both step back, or one lose history).
+        """
         pointer = ActivePointer(version, tuple(history), self._clock().isoformat(), by)
         doc = {"version": version, "history": history, "updated_at": pointer.updated_at, "updated_by": by}
-        self._backend.write_text(f"{line}/{POINTER}", json.dumps(doc, indent=2))
+        if not self._backend.write_text_if(f"{line}/{POINTER}", json.dumps(doc, indent=2), token):
+            try:
+                now = self.pointer(line)
+                where = f"now version {now.version!r} by {now.updated_by}" if now else "now removed"
+            except RegistryError:
+                where = "now unreadable"
+            raise PointerConflict(
+                f"the active pointer of line {line!r} changed while this command ran ({where}); "
+                "nothing was written: check `space models show` and run it again if still wanted"
+            )
         return pointer
 
     def local_path(self, line: str, version: str) -> Path:

@@ -236,3 +236,27 @@ def test_refresh_blocked_on_a_hung_s3_keeps_liveness(
     assert set(codes) == {200}, f"/healthz failed {codes.count(503)} of {len(codes)} times"
     assert {"model registry, line brick", "model registry, line tile"} <= set(waits)
     assert {line: m.version for line, m in manager.loaded().items()} == {"brick": "v1", "tile": "v1"}
+
+
+def test_s3_pointer_writes_are_compare_and_set(s3_root: str, s3_client: Any, tmp_path: Path) -> None:
+    # A conditional PUT (If-Match the ETag read; If-None-Match for a first promote): another operator's
+    # promote between this command's read and write makes it fail instead of overwriting that promote.
+    from worker.registry import PointerConflict
+
+    registry, other = _registry(s3_root, s3_client, tmp_path), _registry(s3_root, s3_client, tmp_path / "b")
+    read = registry._backend.read_versioned
+
+    def read_then_someone_writes(key: str) -> tuple[str | None, str | None]:
+        found = read(key)
+        other.promote("brick", "v1", by="bob")
+        return found
+
+    registry._backend.read_versioned = read_then_someone_writes  # type: ignore[method-assign]
+    with pytest.raises(PointerConflict, match="now version 'v1' by bob"):
+        registry.promote("brick", "v2", by="alice")  # the first promote of the line: If-None-Match
+    with pytest.raises(PointerConflict):
+        registry.promote("brick", "v2", by="alice")  # If-Match the ETag it read
+    registry._backend.read_versioned = read  # type: ignore[method-assign]
+    pointer = registry.pointer("brick")
+    assert pointer is not None and (pointer.version, pointer.updated_by) == ("v1", "bob")
+    assert registry.promote("brick", "v2", by="alice").history == ("v1",)

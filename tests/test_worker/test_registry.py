@@ -133,7 +133,8 @@ def test_corrupt_pointer_is_a_clear_error_and_promote_repairs_it(
 def test_pointer_write_is_atomic_and_leaves_no_temporary_file(registry: ModelRegistry, tmp_path: Path) -> None:
     registry.promote("brick", "v1")
     registry.promote("brick", "v2")
-    assert sorted(p.name for p in (tmp_path / "brick").iterdir()) == [POINTER, "v1", "v2", "v3"]
+    # The lock file of the pointer's compare-and-set stays (hidden: listings skip dot names).
+    assert sorted(p.name for p in (tmp_path / "brick").iterdir()) == [f".{POINTER}.lock", POINTER, "v1", "v2", "v3"]
 
 
 def test_verify_accepts_a_good_artifact_and_refuses_corrupt_or_mismatched_ones(artifact: Path, tmp_path: Path) -> None:
@@ -252,3 +253,30 @@ def test_models_cli_show_of_a_card_that_is_not_json_is_one_line(
     assert captured.out == ""
     assert main(["models", "list"]) == 0  # list already reported it in its row
     assert "invalid model card" in capsys.readouterr().out
+
+
+def test_a_promote_racing_another_writer_fails_and_keeps_the_other_write(
+    registry: ModelRegistry, tmp_path: Path
+) -> None:
+    # promote and rollback read the pointer, then wrote it whole: two operators at once lost one's change
+    # (or, both rolling back, stepped back twice). Now the write is a compare-and-set.
+    from worker.registry import PointerConflict
+
+    registry.promote("brick", "v1", by="alice")
+    other = ModelRegistry(str(tmp_path))
+    read = registry._backend.read_versioned
+
+    def read_then_someone_writes(key: str) -> tuple[str | None, str | None]:
+        found = read(key)
+        other.promote("brick", "v3", by="bob")  # lands between this command's read and its write
+        return found
+
+    registry._backend.read_versioned = read_then_someone_writes  # type: ignore[method-assign]
+    with pytest.raises(PointerConflict, match=r"changed while this command ran \(now version 'v3' by bob\)"):
+        registry.promote("brick", "v2", by="carol")
+    with pytest.raises(PointerConflict):
+        registry.rollback("brick", by="carol")
+    registry._backend.read_versioned = read  # type: ignore[method-assign]
+    pointer = registry.pointer("brick")
+    assert pointer is not None and (pointer.version, pointer.history, pointer.updated_by) == ("v3", ("v1",), "bob")
+    assert registry.promote("brick", "v2", by="carol").history == ("v3", "v1")  # no race: it goes through

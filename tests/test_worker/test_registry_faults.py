@@ -143,7 +143,7 @@ def test_s3_access_denied_is_a_registry_error_without_credentials(tmp_path: Path
         registry.active_version("brick")
     assert str(info.value) == "cannot read s3://models/root/brick/ACTIVE.json: AccessDenied: Access Denied"
     with pytest.raises(RegistryError, match=r"cannot write s3://models/root/brick/ACTIVE\.json: AccessDenied") as info:
-        registry._write_pointer("brick", "v1", [], "ops")
+        registry._write_pointer("brick", "v1", [], "ops", None)
     with pytest.raises(RegistryError, match="cannot list s3://models/root/brick/: AccessDenied") as listing:
         registry.versions("brick")
     for exc in (info.value, listing.value):
