@@ -479,40 +479,39 @@ def test_a_record_timestamp_past_year_9999_is_scored_without_crashing_the_worker
         assert captured_at == captured
 
 
+class _GatedStore:
+    """A heatmap store whose puts wait until ``gate`` is set (an object store timing out and retrying)."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+
+    def put(self, key: str, data: bytes, content_type: str) -> str:
+        self.gate.wait(30)
+        return f"file:///heatmaps/{key}"
+
+
 def test_publish_waiting_on_a_slow_heatmap_store_is_not_a_stalled_loop(tmp_path) -> None:
     # An object store that takes its time (timeouts, retries) must not read as a wedged publish thread
     # in /healthz: a restart would not make the store faster, and the results go out when it answers.
-    gate = threading.Event()
-
-    class SlowStore:
-        def put(self, key: str, data: bytes, content_type: str) -> str:
-            gate.wait(30)
-            return f"file:///heatmaps/{key}"
-
-    w = make_worker(tmp_path, [request(0)], heatmap_store=SlowStore())
+    store = _GatedStore()
+    w = make_worker(tmp_path, [request(0)], heatmap_store=store)
     try:
         with running(w):
             assert wait_for(lambda: "publish" in w.heartbeats.waiting_on())
             assert w.heartbeats.waiting_on()["publish"]["on"] == "heatmap store"
             assert "publish" not in w.heartbeats.stale(0.0)  # waiting, not stale, however long it takes
-            gate.set()
+            store.gate.set()
             assert wait_for(lambda: len(w.producer.sent) >= 1)
             assert "publish" not in w.heartbeats.waiting_on()
     finally:
-        gate.set()
+        store.gate.set()
 
 
 def test_inference_held_up_by_a_slow_heatmap_store_is_waiting_not_stalled(tmp_path) -> None:
     # With a backlog the queue to the publish thread fills while it waits on the store; the infer loop,
     # blocked putting the next batch, went stale and /healthz restarted the pod before the breaker opened.
-    gate = threading.Event()
-
-    class SlowStore:
-        def put(self, key: str, data: bytes, content_type: str) -> str:
-            gate.wait(30)
-            return f"file:///heatmaps/{key}"
-
-    w = make_worker(tmp_path, [request(i) for i in range(8)], heatmap_store=SlowStore(),
+    store = _GatedStore()
+    w = make_worker(tmp_path, [request(i) for i in range(8)], heatmap_store=store,
                     batching={"max_batch_size": 1, "max_wait_ms": 1})  # fmt: skip
     try:
         with running(w):
@@ -520,11 +519,11 @@ def test_inference_held_up_by_a_slow_heatmap_store_is_waiting_not_stalled(tmp_pa
             assert w.heartbeats.waiting_on()["infer"]["on"] == "publish queue"
             time.sleep(0.2)
             assert w.heartbeats.stale(0.1) == {}  # consumer beats, publish and infer wait
-            gate.set()
+            store.gate.set()
             assert wait_for(lambda: committed(w)[-1:] == [8])
             assert "infer" not in w.heartbeats.waiting_on()
     finally:
-        gate.set()
+        store.gate.set()
 
 
 # -- review 2026-12-01: shutdown races and a dead letter that fails after scoring ------------------
