@@ -24,9 +24,12 @@ cv2; it is a second line of defence: the probe is the guard that always applies.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import stat
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +110,8 @@ _JPEG_ENTROPY_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+#: Bytes per read of a claim-check download (between deadline checks).
+_FETCH_CHUNK_BYTES = 1024 * 1024
 _DEPTHS_8_16 = frozenset({1, 2, 4, 8, 16})
 #: The first-IFD tags the probe reads (the suffix names them in error details).
 _TIFF_TAG_NAMES = {
@@ -525,7 +530,10 @@ class ClaimCheckFetcher:
     def from_settings(cls, decode: DecodeSettings, s3: S3Settings) -> ClaimCheckFetcher:
         """A fetcher whose S3 client is built from ``s3`` with ``decode.fetch_timeout_ms`` as timeout."""
         timeout_s = decode.fetch_timeout_ms / 1000.0
-        return cls(decode, lambda: make_s3_client(s3, timeout_s=timeout_s, max_attempts=2))
+        return cls(
+            decode,
+            lambda: make_s3_client(s3, timeout_s=timeout_s, max_attempts=2, max_pool_connections=decode.workers),
+        )
 
     def fetch(self, uri: str, sha256: str) -> bytes:
         """Download a claim-check image and verify it.
@@ -544,7 +552,10 @@ class ClaimCheckFetcher:
         expected = sha256.strip().lower()
         if not _SHA256_HEX.fullmatch(expected):
             raise DecodeError("claim-check-checksum-mismatch", f"{sha256!r} is not a sha256 hex digest")
-        scheme = urlsplit(uri).scheme.lower()
+        try:
+            scheme = urlsplit(uri).scheme.lower()
+        except ValueError as exc:  # e.g. "Invalid IPv6 URL" for s3://[x/k
+            raise DecodeError("claim-check-denied", f"{uri!r} is not a URI: {exc}") from None
         if scheme in ("http", "https"):
             raise DecodeError("claim-check-denied", f"{scheme}:// claim checks are not supported")
         if scheme not in self._settings.claim_check_schemes:
@@ -584,21 +595,41 @@ class ClaimCheckFetcher:
         if buckets and bucket not in buckets:
             raise DecodeError("claim-check-denied", f"bucket {bucket!r} is not in the allowed claim-check buckets")
         limit = self._settings.max_value_bytes
+        # botocore's timeouts bound each socket read, not the download: a server sending a byte every
+        # half second held a decode thread for minutes. The body is read in chunks against a deadline.
+        deadline = time.monotonic() + 2 * self._settings.fetch_timeout_ms / 1000.0
         try:
             response = self._client().get_object(Bucket=bucket, Key=key)
-            size = int(response.get("ContentLength") or 0)
+            announced = response.get("ContentLength")
+            size = int(announced or 0)
             if size > limit:
                 response["Body"].close()
                 raise self._too_large(uri, size)
             body = response["Body"]
+            chunks: list[bytes] = []
+            received = 0
             try:
-                data: bytes = body.read(limit + 1)
+                while received <= limit:
+                    chunk = body.read(min(_FETCH_CHUNK_BYTES, limit + 1 - received))
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    received += len(chunk)
+                    if time.monotonic() > deadline:
+                        raise DecodeError(
+                            "claim-check-fetch-failed",
+                            f"{uri}: {received} bytes after {2 * self._settings.fetch_timeout_ms} ms "
+                            "(twice SPACE_DECODE__FETCH_TIMEOUT_MS): too slow",
+                        )
             finally:
                 body.close()
         except (BotoCoreError, ClientError) as exc:
             raise DecodeError("claim-check-fetch-failed", f"{uri}: {exc}") from exc
+        data = b"".join(chunks)
         if len(data) > limit:
             raise self._too_large(uri, len(data))
+        if announced is not None and len(data) != size:  # the connection ended early: not a checksum problem
+            raise DecodeError("claim-check-fetch-failed", f"{uri}: {len(data)} of {size} bytes received")
         return data
 
     def _fetch_file(self, uri: str) -> bytes:
@@ -618,10 +649,45 @@ class ClaimCheckFetcher:
             raise DecodeError("claim-check-denied", f"{path} is outside the claim-check root {self._file_root}")
         limit = self._settings.max_value_bytes
         try:
-            with path.open("rb") as file:
-                data = file.read(limit + 1)
+            # O_NONBLOCK: opening a FIFO must not wait for a writer; O_NOFOLLOW: not a link made since resolve().
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
-            raise DecodeError("claim-check-fetch-failed", f"{uri}: {exc}") from exc
+            raise DecodeError("claim-check-fetch-failed", f"{uri}: {exc.strerror or exc}") from exc
+        try:
+            opened = _opened_path(fd)
+            if opened is not None and not opened.is_relative_to(self._file_root):
+                # A folder swapped for a link between resolve() and open(): refused, its bytes unread.
+                raise DecodeError("claim-check-denied", f"{uri} led outside the claim-check root {self._file_root}")
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block or never end
+                raise DecodeError("claim-check-denied", f"{path} is not a regular file")
+            if info.st_size > limit:
+                raise self._too_large(uri, info.st_size)
+            data = _read_up_to(fd, limit + 1)
+        except OSError as exc:
+            raise DecodeError("claim-check-fetch-failed", f"{uri}: {exc.strerror or exc}") from exc
+        finally:
+            os.close(fd)
         if len(data) > limit:
             raise self._too_large(uri, len(data))
         return data
+
+
+def _opened_path(fd: int) -> Path | None:
+    """The path the kernel opened for ``fd`` (Linux ``/proc``), or None where it cannot say."""
+    try:
+        return Path(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return None
+
+
+def _read_up_to(fd: int, size: int) -> bytes:
+    chunks: list[bytes] = []
+    left = size
+    while left > 0:
+        chunk = os.read(fd, min(left, _FETCH_CHUNK_BYTES))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)

@@ -550,7 +550,8 @@ def open_heatmap_store(heatmaps: HeatmapSettings, s3: S3Settings, *, s3_client: 
         inner = FileHeatmapStore(uri.removeprefix("file://"))
     else:
         bucket, prefix = parse_s3_uri(uri)
-        inner = S3HeatmapStore(bucket, prefix, s3_client if s3_client is not None else make_s3_client(s3))
+        client = s3_client if s3_client is not None else make_s3_client(s3, max_pool_connections=heatmaps.threads)
+        inner = S3HeatmapStore(bucket, prefix, client)
     return RetryingHeatmapStore(
         inner,
         heatmaps.retries,

@@ -8,7 +8,6 @@ and bounded timeouts and retries so that a slow object store cannot stall a deco
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
@@ -18,13 +17,17 @@ from worker.settings import S3Settings
 __all__ = ["make_s3_client", "parse_s3_uri"]
 
 
-def make_s3_client(settings: S3Settings, *, timeout_s: float = 10.0, max_attempts: int = 2) -> Any:
+def make_s3_client(
+    settings: S3Settings, *, timeout_s: float = 10.0, max_attempts: int = 2, max_pool_connections: int = 10
+) -> Any:
     """Build a boto3 S3 client.
 
     Args:
         settings: the ``s3`` settings section.
         timeout_s: connect and read timeout of each request.
         max_attempts: total attempts per request made by botocore (its own retries, standard mode).
+        max_pool_connections: kept-alive connections; at least the threads sharing the client, or
+            connections are dropped and opened again ("Connection pool is full").
 
     Returns:
         A ``botocore`` S3 client (thread-safe; share one per process).
@@ -35,6 +38,7 @@ def make_s3_client(settings: S3Settings, *, timeout_s: float = 10.0, max_attempt
             connect_timeout=timeout_s,
             read_timeout=timeout_s,
             retries={"max_attempts": max_attempts, "mode": "standard"},
+            max_pool_connections=max(10, max_pool_connections),
             # Path-style addressing works with MinIO and moto endpoints and with AWS.
             s3={"addressing_style": "path"} if settings.endpoint_url else None,
         ),
@@ -58,8 +62,13 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 
     Raises:
         ValueError: not an ``s3://`` URI or no bucket.
+
+    The key is taken as written: ``?`` and ``#`` are characters of S3 keys, not a query or a fragment
+    (read as one, ``s3://allowed/a.png?x=../b.png`` fetched ``allowed/a.png``).
     """
-    parts = urlsplit(uri)
-    if parts.scheme != "s3" or not parts.netloc:
+    if uri[:5].lower() != "s3://":
         raise ValueError(f"{uri!r} is not an s3://bucket/key URI")
-    return parts.netloc, parts.path.lstrip("/")
+    bucket, _, key = uri[5:].partition("/")
+    if not bucket:
+        raise ValueError(f"{uri!r} is not an s3://bucket/key URI")
+    return bucket, key.lstrip("/")

@@ -301,7 +301,9 @@ class DecodeSettings(_Section):
     claim_check_file_root: Path | None = Field(
         None, description="If set, file:// claim checks are allowed only under this directory."
     )
-    fetch_timeout_ms: int = Field(5_000, ge=10, description="Claim-check download timeout.")
+    fetch_timeout_ms: int = Field(
+        5_000, ge=10, description="Claim-check timeout of each connect and read; a whole download gets twice this."
+    )
 
     @field_validator("claim_check_schemes")
     @classmethod
@@ -430,6 +432,14 @@ class S3Settings(_Section):
     region: str = "us-east-1"
     access_key_id: SecretStr | None = None
     secret_access_key: SecretStr | None = None
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        # botocore quotes the endpoint in its errors, which reach logs and dead-letter details.
+        if value is not None and _split_userinfo(value)[1] is not None:
+            raise ValueError("put credentials in SPACE_S3__ACCESS_KEY_ID/SECRET_ACCESS_KEY, not in the URL")
+        return value
 
 
 class ThresholdSettings(_Section):

@@ -10,6 +10,7 @@ import resource
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -54,14 +55,10 @@ def png_bomb(width: int, height: int) -> bytes:
     """A valid-looking gray PNG of a few KB that declares width x height pixels."""
     rows = zlib.compress(b"\x00" * (width + 1) * 8, 9)
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", rows) + png_chunk(b"IEND", b"")
-    )
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", rows) + png_chunk(b"IEND", b"")
 
 
-def patch_jpeg_sof(
-    data: bytes, *, width: int | None = None, height: int | None = None, precision: int | None = None
-):
+def patch_jpeg_sof(data: bytes, *, width: int | None = None, height: int | None = None, precision: int | None = None):
     pos = data.index(b"\xff\xc0")
     out = bytearray(data)
     if precision is not None:
@@ -487,9 +484,7 @@ def test_reason_unsupported_content_type_for_unknown_bytes_without_a_declared_ty
     assert reason_of(b"RIFF\x00\x00\x00\x00WEBPVP8 ", None) == "unsupported-content-type"
 
 
-@pytest.mark.parametrize(
-    ("fmt", "declared"), [("png", "image/jpeg"), ("jpeg", "image/png"), ("bmp", "image/tiff")]
-)
+@pytest.mark.parametrize(("fmt", "declared"), [("png", "image/jpeg"), ("jpeg", "image/png"), ("bmp", "image/tiff")])
 def test_reason_content_type_mismatch(fmt, declared):
     assert reason_of(SAMPLES[fmt], declared) == "content-type-mismatch"
 
@@ -678,9 +673,7 @@ def test_file_claim_check_needs_a_root_and_the_scheme(claim_root):
     assert claim_reason(default, uri, digest) == "claim-check-denied"
 
 
-@pytest.mark.parametrize(
-    "uri", ["http://10.0.0.1/img.png", "https://example.com/a.png", "ftp://x/y", "img.png"]
-)
+@pytest.mark.parametrize("uri", ["http://10.0.0.1/img.png", "https://example.com/a.png", "ftp://x/y", "img.png"])
 def test_other_schemes_are_denied_even_when_listed(claim_root, uri):
     # Listing them is refused at load (test_settings); were they listed anyway, the fetcher still denies them.
     listed = DecodeSettings.model_construct(claim_check_schemes=("s3", "http", "https", "ftp"))
@@ -715,9 +708,7 @@ def test_file_claim_check_size_cap_missing_and_empty(claim_root):
     missing = (claim_root / "missing.png").as_uri()
     assert claim_reason(file_fetcher(claim_root), missing, digest) == "claim-check-fetch-failed"
     (claim_root / "empty.png").write_bytes(b"")
-    assert (
-        claim_reason(file_fetcher(claim_root), (claim_root / "empty.png").as_uri(), sha(b"")) == "empty-value"
-    )
+    assert claim_reason(file_fetcher(claim_root), (claim_root / "empty.png").as_uri(), sha(b"")) == "empty-value"
 
 
 class FakeBody(io.BytesIO):
@@ -761,22 +752,85 @@ def test_s3_bucket_allow_list_is_checked_before_any_request():
     ],
 )
 def test_s3_errors_become_fetch_failed(error):
-    assert (
-        claim_reason(s3_fetcher(FakeS3(error=error)), "s3://b-1/k", sha(b"x")) == "claim-check-fetch-failed"
-    )
+    assert claim_reason(s3_fetcher(FakeS3(error=error)), "s3://b-1/k", sha(b"x")) == "claim-check-fetch-failed"
 
 
 def test_s3_size_cap_uses_the_declared_length_and_the_bytes_read():
     declared_big = FakeS3(b"tiny", length=10**9)
-    assert (
-        claim_reason(s3_fetcher(declared_big, max_value_bytes=1000), "s3://b-1/k", sha(b"tiny"))
-        == "value-too-large"
-    )
+    assert claim_reason(s3_fetcher(declared_big, max_value_bytes=1000), "s3://b-1/k", sha(b"tiny")) == "value-too-large"
     lying = FakeS3(b"x" * 2000, length=10)
-    assert (
-        claim_reason(s3_fetcher(lying, max_value_bytes=1000), "s3://b-1/k", sha(b"x" * 2000))
-        == "value-too-large"
+    assert claim_reason(s3_fetcher(lying, max_value_bytes=1000), "s3://b-1/k", sha(b"x" * 2000)) == "value-too-large"
+
+
+def test_a_fifo_or_device_under_the_root_is_denied_without_blocking(claim_root):
+    # Opening a FIFO waited for a writer for good: two such records stopped every decode thread.
+    os.mkfifo(claim_root / "pipe.png")
+    fetcher = file_fetcher(claim_root)
+    done: list[str] = []
+    thread = threading.Thread(
+        target=lambda: done.append(claim_reason(fetcher, (claim_root / "pipe.png").as_uri(), sha(b"x")))
     )
+    thread.start()
+    thread.join(5)
+    assert done == ["claim-check-denied"]
+
+
+def test_a_folder_swapped_for_a_link_after_the_check_is_not_read(claim_root, tmp_path, monkeypatch):
+    # resolve() then open(): a writer of the shared root could swap a folder for a link in between.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "img.png").write_bytes(SAMPLES["png"])
+    (claim_root / "cam").mkdir()
+    (claim_root / "cam" / "img.png").write_bytes(SAMPLES["png"])
+    real_resolve = Path.resolve
+
+    def resolve_then_swap(self: Path, strict: bool = False) -> Path:
+        resolved = real_resolve(self, strict)
+        if self.name == "img.png" and (claim_root / "cam").is_dir() and not (claim_root / "cam").is_symlink():
+            (claim_root / "cam" / "img.png").unlink()
+            (claim_root / "cam").rmdir()
+            (claim_root / "cam").symlink_to(outside)
+        return resolved
+
+    monkeypatch.setattr(Path, "resolve", resolve_then_swap)
+    reason = claim_reason(file_fetcher(claim_root), (claim_root / "cam" / "img.png").as_uri(), sha(SAMPLES["png"]))
+    assert reason == "claim-check-denied"
+
+
+@pytest.mark.parametrize("uri", ["s3://[x/k", "file://[/p"])
+def test_a_uri_urlsplit_cannot_read_is_denied_not_a_processing_failure(uri):
+    assert claim_reason(s3_fetcher(FakeS3()), uri, sha(b"x")) == "claim-check-denied"
+
+
+def test_s3_keys_keep_question_marks_and_hashes():
+    client = FakeS3(SAMPLES["png"])
+    s3_fetcher(client, claim_check_buckets=("plant-a",)).fetch(
+        "s3://plant-a/q.png?x=../../secret/x.png", sha(SAMPLES["png"])
+    )
+    assert client.calls == [("plant-a", "q.png?x=../../secret/x.png")]
+
+
+def test_a_download_cut_short_is_a_fetch_failure_not_a_checksum_mismatch():
+    short = FakeS3(b"x" * 10, length=100)  # Content-Length 100, the connection closed after 10 bytes
+    assert claim_reason(s3_fetcher(short), "s3://b-1/k", sha(b"x" * 100)) == "claim-check-fetch-failed"
+
+
+def test_a_download_slower_than_its_budget_is_cut_off():
+    # botocore's timeouts bound each read: a server sending a byte at a time kept a decode thread for minutes.
+    class Dripping(io.RawIOBase):
+        def read(self, size: int = -1) -> bytes:
+            time.sleep(0.05)
+            return b"x"
+
+        def close(self) -> None: ...
+
+    class SlowS3(FakeS3):
+        def get_object(self, Bucket: str, Key: str) -> dict[str, Any]:
+            return {"ContentLength": 10_000, "Body": Dripping()}
+
+    start = time.monotonic()
+    reason = claim_reason(s3_fetcher(SlowS3(), fetch_timeout_ms=200), "s3://b-1/k", sha(b"x"))
+    assert reason == "claim-check-fetch-failed" and time.monotonic() - start < 2.0
 
 
 def test_every_reason_is_a_dead_letter_reason():
