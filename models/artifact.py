@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -131,26 +133,46 @@ def sha256_file(path: Path) -> str:
 
 
 def save_artifact(out_dir: Path, card: ModelCard, state: dict[str, torch.Tensor]) -> Path:
-    """Write ``model.safetensors`` then ``model.json`` (with the weights' sha256) into ``out_dir``.
+    """Write ``model.safetensors`` and ``model.json`` (with the weights' sha256) as the folder ``out_dir``.
 
-    Both files are written to temporary names and renamed, so a reader never sees half an artifact.
+    Everything is written into a temporary folder beside it, which then takes ``out_dir``'s place: a
+    reader never sees half an artifact, a failed write (a full disk) leaves no folder behind, and an
+    existing ``out_dir`` (an overwrite) is replaced whole only once the new one is complete. Files are
+    0644: workers may run as another user than the trainer.
 
     Returns:
         The artifact folder.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    weights = out_dir / WEIGHTS_FILE
-    tmp = out_dir / f".{WEIGHTS_FILE}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt", "card": CARD_FILE})
-    digest = sha256_file(tmp)
-    os.replace(tmp, weights)
-    card = card.model_copy(update={"weights_file": WEIGHTS_FILE, "weights_sha256": digest})
-    tmp_card = out_dir / f".{CARD_FILE}.tmp"
-    tmp_card.write_text(card.model_dump_json(indent=2) + "\n")
-    os.replace(tmp_card, out_dir / CARD_FILE)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        tmp.chmod(0o755)  # mkdtemp creates 0700
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+        # One metadata key: safetensors orders several differently from run to run, so identical weights
+        # hashed differently.
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / WEIGHTS_FILE).chmod(0o644)  # safetensors creates 0600
+        digest = sha256_file(tmp / WEIGHTS_FILE)
+        card = card.model_copy(update={"weights_file": WEIGHTS_FILE, "weights_sha256": digest})
+        (tmp / CARD_FILE).write_text(card.model_dump_json(indent=2) + "\n")
+        (tmp / CARD_FILE).chmod(0o644)
+        _publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out_dir
+
+
+def _publish(new: Path, out_dir: Path) -> None:
+    """Put the complete folder ``new`` at ``out_dir``; an existing one is removed only after the swap."""
+    if not out_dir.exists():
+        os.replace(new, out_dir)
+        return
+    old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old-"))
+    os.replace(out_dir, old / out_dir.name)
+    os.replace(new, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_card(path: Path) -> ModelCard:

@@ -1,9 +1,10 @@
-"""Resumable training checkpoints: ``checkpoint.safetensors`` (tensors) + ``checkpoint.json`` (the rest).
+"""Resumable training checkpoints: one ``checkpoint.safetensors`` (tensors, and the rest as JSON metadata).
 
 Owns :func:`save_checkpoint` / :func:`load_checkpoint`. Model weights, Adam moments and the torch RNG
 states (CPU, and one per CUDA device for a CUDA run) are tensors; step, numpy RNG state and run metadata
-are JSON. Nothing is pickled. A checkpoint is only resumed when its run fingerprint (config + data hash)
-matches, so a changed run starts afresh.
+are JSON in the file's header, so one atomic rename publishes a checkpoint whole. Nothing is pickled. A
+checkpoint is only resumed when its run fingerprint (config + data hash) matches, so a changed run
+starts afresh.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from typing import Any
 
 import structlog
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 log = structlog.get_logger(__name__)
 
 TENSORS = "checkpoint.safetensors"
-META = "checkpoint.json"
+_META_KEY = "space.checkpoint"  # header metadata: the run fingerprint, step, RNG and optimizer groups
 _CUDA_RNG = "rng.cuda."
 
 
@@ -47,7 +49,7 @@ def save_checkpoint(
     *,
     cuda_rng: Sequence[torch.Tensor] = (),
 ) -> None:
-    """Write a checkpoint atomically (tensors first, then the JSON that points at them).
+    """Write a checkpoint atomically (one file: tensors and, in its header, the JSON of the rest).
 
     ``cuda_rng`` is ``torch.cuda.get_rng_state_all()`` of a CUDA run (dropout on CUDA draws from those
     generators), stored as ``rng.cuda.<device>``.
@@ -60,22 +62,26 @@ def save_checkpoint(
     tensors["rng.torch"] = torch_rng.contiguous()
     for i, state in enumerate(cuda_rng):
         tensors[f"{_CUDA_RNG}{i}"] = state.detach().cpu().contiguous()
-    tmp = folder / f".{TENSORS}.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, folder / TENSORS)
     doc = {"fingerprint": fingerprint, "param_groups": optimizer_state["param_groups"], **meta}
-    tmp_meta = folder / f".{META}.tmp"
-    tmp_meta.write_text(json.dumps(doc))
-    os.replace(tmp_meta, folder / META)
+    # The metadata travels in the tensors' file: one rename publishes both (with two files, a save cut off
+    # between them resumed step-10 weights as step 5).
+    tmp = folder / f".{TENSORS}.tmp"
+    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(doc)})
+    os.replace(tmp, folder / TENSORS)
     log.info("checkpoint_saved", folder=str(folder), step=meta.get("step"))
 
 
 def load_checkpoint(folder: Path, fingerprint: str) -> Checkpoint | None:
     """Return the checkpoint in ``folder`` if it belongs to the run ``fingerprint``, else None."""
-    meta_path, tensor_path = folder / META, folder / TENSORS
-    if not meta_path.is_file() or not tensor_path.is_file():
+    tensor_path = folder / TENSORS
+    if not tensor_path.is_file():
         return None
-    meta = json.loads(meta_path.read_text())
+    with safe_open(str(tensor_path), framework="pt") as file:
+        stored = (file.metadata() or {}).get(_META_KEY)
+    if stored is None:  # a checkpoint of the two-file layout, or not one of ours
+        log.warning("checkpoint_ignored", folder=str(folder), reason="no run metadata in the checkpoint")
+        return None
+    meta = json.loads(stored)
     if meta.get("fingerprint") != fingerprint:
         log.warning("checkpoint_ignored", folder=str(folder), reason="different run configuration or data")
         return None

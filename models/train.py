@@ -9,6 +9,7 @@ validation normals and write the artifact (:mod:`models.artifact`). Everything r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -306,11 +307,14 @@ def _load_data(cfg: TrainConfig) -> _Data:
     index = dataset.scan_dataset(cfg.data)
     train_paths, val_paths, val_source = split_validation(index, cfg.seed)
     size = (cfg.input_size, cfg.input_size)
+    # The run's data: train/good and, when the split uses it, validation/good (images added there changed
+    # the calibration set of a resumed run without a word).
+    used = index.train_good + (index.validation_good if val_source == "validation_good" else [])
     return _Data(
         _load_images(train_paths, size),
         _load_images(val_paths, size),
         val_source,  # type: ignore[arg-type]
-        dataset.dataset_fingerprint(index.train_good, root=cfg.data),
+        dataset.dataset_fingerprint(used, root=cfg.data),
     )
 
 
@@ -440,7 +444,8 @@ def train(cfg: TrainConfig) -> Path:
         )
     penalty = PenaltySource((cfg.input_size, cfg.input_size), cfg.penalty)
     fingerprint = _run_fingerprint(cfg, data.data_hash)
-    ckpt_dir = Path(cfg.out) / cfg.product_line / ".checkpoint"
+    # One folder per run: another run of the line (other steps, seed or data) neither takes nor deletes it.
+    ckpt_dir = Path(cfg.out) / cfg.product_line / ".checkpoint" / fingerprint[:16]
     resumed = _same_split(load_checkpoint(ckpt_dir, fingerprint), data, ckpt_dir)
     model, teacher_info = _build_model(cfg, data, penalty, device, resumed)
     params = list(model.student.parameters()) + list(model.ae.parameters())
@@ -493,10 +498,10 @@ def train(cfg: TrainConfig) -> Path:
     }
     card = _make_card(cfg, model, teacher_info, data, penalty, stats, extra)
     folder = _version_dir(cfg, card.version)
-    if folder.exists():  # overwrite: no file of the old version (e.g. metrics.json) may outlive it
-        shutil.rmtree(folder)
-    out = save_artifact(folder, card, model.state_dict())
+    out = save_artifact(folder, card, model.state_dict())  # an overwrite replaces the folder whole, once complete
     shutil.rmtree(ckpt_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        ckpt_dir.parent.rmdir()  # .checkpoint/ once no other run of the line has one
     log.info(
         "train_finished",
         artifact=str(out),

@@ -107,3 +107,44 @@ def test_the_weights_loaded_are_the_weights_hashed(
     except ArtifactError:
         return  # refused: fine too
     assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_files_are_readable_by_other_users_and_identical_weights_hash_identically(
+    saved: tuple[Path, dict[str, torch.Tensor], ModelCard], tmp_path: Path
+) -> None:
+    # safetensors created the weights 0600 (workers running as another user could not read them), and its
+    # two metadata keys came out in either order, so the same weights hashed differently.
+    path, state, card = saved
+    assert (path / WEIGHTS_FILE).stat().st_mode & 0o777 == 0o644
+    assert (path / CARD_FILE).stat().st_mode & 0o777 == 0o644
+    assert path.stat().st_mode & 0o777 == 0o755
+    digests = {
+        json.loads((save_artifact(tmp_path / f"again{i}" / "v1", card, state) / CARD_FILE).read_text())[
+            "weights_sha256"
+        ]
+        for i in range(4)
+    }
+    assert len(digests) == 1
+
+
+def test_a_failed_save_leaves_no_folder_and_an_overwrite_keeps_the_old_version(
+    saved: tuple[Path, dict[str, torch.Tensor], ModelCard], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full disk while saving left an empty version folder (re-running was refused: "already exists"), and
+    # --overwrite deleted the old version before the new one was written.
+    import models.artifact as artifact_module
+
+    path, state, card = saved
+    before = (path / WEIGHTS_FILE).read_bytes()
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(artifact_module, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_artifact(tmp_path / "brick" / "v2", card, state)
+    with pytest.raises(OSError, match="No space left"):
+        save_artifact(path, card, state)  # an overwrite of v1
+    assert sorted(p.name for p in (tmp_path / "brick").iterdir()) == ["v1"]  # no v2, no temporary folder
+    assert (path / WEIGHTS_FILE).read_bytes() == before
+    load_artifact(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -188,3 +189,19 @@ def test_quantile_falls_back_to_train_good_when_the_holdout_cannot_be_rebuilt(ho
     assert grown.normal_source == "train" and grown.n_normal == 21
     assert "cannot be rebuilt: train/good holds 21 images, the model's training listing had 20" in grown.warnings[0]
     assert any("has seen" in w for w in grown.warnings)
+
+
+def test_space_calibrate_skips_a_corrupt_image_as_training_does(dataset: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    # calibrate listed images without reading them, then stopped at the first it could not decode
+    # ("cannot decode image"), where train and evaluate skip it with a warning.
+    from models.artifact import save_artifact
+    from tests.test_models.model_fixtures import make_card, make_model
+    from worker.cli import main
+
+    model = make_model()
+    artifact = save_artifact(tmp_path / "models" / "brick" / "v1", make_card(model), model.state_dict())
+    good = (dataset / "validation" / "good" / "000.png").read_bytes()
+    (dataset / "validation" / "good" / "IMG_9.PNG").write_bytes(good[: len(good) // 2])  # truncated
+    assert main(["calibrate", "--model", str(artifact), "--data", str(dataset), "--json", "--precision", "fp32"]) == 0
+    printed = capsys.readouterr().out
+    assert json.loads(printed[printed.index("{\n") :])["n_normal"] == 5

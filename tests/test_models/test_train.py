@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from structlog.testing import capture_logs
 
 from models import data as dataset
@@ -60,11 +61,28 @@ def test_cli_trains_efficientad_with_holdout_validation(line_dir: Path, tmp_path
     data = tmp_path / "data"
     (data / "train").mkdir(parents=True)
     (data / "train" / "good").symlink_to(line_dir / "train" / "good")
-    rc = cli_main([
-        "train", "--data", str(data), "--product-line", "p1", "--out", str(tmp_path / "models"),
-        "--variant", "efficientad", "--steps", "2", "--input-size", "128", "--penalty", "none",
-        "--model-version", "v7", "--no-progress",
-    ])
+    rc = cli_main(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--product-line",
+            "p1",
+            "--out",
+            str(tmp_path / "models"),
+            "--variant",
+            "efficientad",
+            "--steps",
+            "2",
+            "--input-size",
+            "128",
+            "--penalty",
+            "none",
+            "--model-version",
+            "v7",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     out = Path(capsys.readouterr().out.strip().splitlines()[-1])  # logs may precede it
     card, state = load_artifact(out)
@@ -85,15 +103,23 @@ def test_cli_operator_errors_are_one_line(tmp_path: Path, capsys) -> None:
     rc = cli_main(["train", "--data", str(tmp_path / "empty"), "--product-line", "x", "--out", str(tmp_path)])
     err = capsys.readouterr().err
     assert rc != 0 and err.startswith("space: error:") and err.count("\n") == 1
-    rc = cli_main(["train", "--data", str(tmp_path), "--product-line", "x", "--out", str(tmp_path),
-                   "--input-size", "100"])
+    rc = cli_main(
+        ["train", "--data", str(tmp_path), "--product-line", "x", "--out", str(tmp_path), "--input-size", "100"]
+    )
     assert rc != 0 and "input_size" in capsys.readouterr().err
 
 
 def test_resume_after_interruption_gives_identical_weights(
     line_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    kw = {"variant": "space", "steps": 2, "checkpoint_every": 1, "model_version": "v1", "penalty": "none", "input_size": 64}
+    kw = {
+        "variant": "space",
+        "steps": 2,
+        "checkpoint_every": 1,
+        "model_version": "v1",
+        "penalty": "none",
+        "input_size": 64,
+    }
     straight = train(_cfg(line_dir, tmp_path / "a", **kw))
 
     import models.train as train_mod
@@ -109,7 +135,9 @@ def test_resume_after_interruption_gives_identical_weights(
     monkeypatch.setattr(train_mod, "save_checkpoint", crash_after_first)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(line_dir, tmp_path / "b", **kw))
-    state = json.loads((tmp_path / "b" / LINE / ".checkpoint" / "checkpoint.json").read_text())
+    (saved,) = (tmp_path / "b" / LINE / ".checkpoint").glob("*/checkpoint.safetensors")  # one folder per run
+    with safe_open(str(saved), framework="pt") as file:
+        state = json.loads(file.metadata()["space.checkpoint"])
     assert state["step"] == 1 and calls["n"] == 1
     monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
     resumed = train(_cfg(line_dir, tmp_path / "b", **kw))
@@ -118,6 +146,35 @@ def test_resume_after_interruption_gives_identical_weights(
     assert set(a) == set(b)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_another_run_of_the_line_neither_takes_nor_deletes_an_interrupted_runs_checkpoint(
+    line_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # All runs of a line shared .checkpoint/: a second run (other steps or seed) overwrote the first's
+    # checkpoint and deleted it when done, so the first started over from step 0.
+    import models.train as train_mod
+
+    kw = {"variant": "space", "checkpoint_every": 1, "penalty": "none", "input_size": 64}
+    real_save = train_mod.save_checkpoint
+
+    def crash_after_first(*args: object, **kwargs: object) -> None:
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(line_dir, tmp_path, steps=3, model_version="a", **kw))
+    monkeypatch.setattr(train_mod, "save_checkpoint", real_save)
+    first = list((tmp_path / LINE / ".checkpoint").glob("*/checkpoint.safetensors"))
+    assert len(first) == 1
+    train(_cfg(line_dir, tmp_path, steps=2, seed=1, model_version="b", **kw))
+    assert first[0].is_file()  # the other run left it alone
+    with capture_logs() as logs:
+        train(_cfg(line_dir, tmp_path, steps=3, model_version="a", **kw))
+    started = [e for e in logs if e["event"] == "train_started"]
+    assert started and started[0]["start_step"] == 1  # resumed, not started over
+    assert not (tmp_path / LINE / ".checkpoint").exists()  # both runs done: nothing left
 
 
 def test_default_threshold_is_q99_plus_a_quarter_of_the_spread_with_50_or_more_images() -> None:
@@ -159,8 +216,19 @@ def test_training_with_each_teacher_source(source: str, line_dir: Path, tmp_path
         spec = "distill:tests.test_models.test_teacher:tiny_backbone"
     else:
         spec = "random-pdn"
-    out = train(_cfg(line_dir, tmp_path, variant="space", steps=1, input_size=64, penalty="none", teacher=spec,
-                     distill_steps=1, model_version="v1"))
+    out = train(
+        _cfg(
+            line_dir,
+            tmp_path,
+            variant="space",
+            steps=1,
+            input_size=64,
+            penalty="none",
+            teacher=spec,
+            distill_steps=1,
+            model_version="v1",
+        )
+    )
     card, state = load_artifact(out)
     assert card.teacher.source == source
     assert card.config.teacher_kind == "pdn"

@@ -114,3 +114,19 @@ def test_a_url_where_a_local_folder_belongs_is_refused(argv: list[str], tmp_path
     assert exc.value.code == 2
     assert "is a URL; this command reads and writes local folders" in capsys.readouterr().err
     assert not (Path.cwd() / "s3:").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"), [(["--threads", "-1"], "--threads must be 0"), (["OUT_IS_A_FILE"], "is a file, not a folder")]
+)
+def test_train_refuses_bad_threads_and_a_file_as_out_before_training(
+    empty_data: Path, tmp_path: Path, capsys, extra, message
+) -> None:  # type: ignore[no-untyped-def]
+    # Both were tracebacks, the second only once the whole training was done.
+    out = tmp_path / "models"
+    if extra == ["OUT_IS_A_FILE"]:
+        out, extra = tmp_path / "afile", []
+        out.write_text("not a folder")
+    assert main(["train", "--data", str(empty_data), "--product-line", "brick", "--out", str(out), *extra]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.model.is_dir():
         raise SpaceError(f"--model {args.model} is not a folder")
     try:
-        index = scan_dataset(args.data, check_readable=False, require_train=False)
+        index = scan_dataset(args.data, require_train=False)  # corrupt images skipped with a warning, as train does
         detector = Detector.load(args.model, device=args.device, precision=args.precision)
         result = calibrate(
             detector,

@@ -1,7 +1,7 @@
 """``space train``: train a SPACE or EfficientAD model on an MVTec-layout folder and write its artifact.
 
 The artifact lands in ``<out>/<product-line>/<version>`` (the worker's model-root layout). Re-running the
-same command after an interruption resumes from ``<out>/<product-line>/.checkpoint``. Names follow the
+same command after an interruption resumes from ``<out>/<product-line>/.checkpoint/<run>``. Names follow the
 registry's rule, and an existing version is refused before training: versions are immutable, and
 ``--overwrite`` (for a version nobody serves yet) never replaces the line's active version.
 """
@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     """Train and print the artifact folder."""
     import torch
     from pydantic import ValidationError
+    from safetensors import SafetensorError
 
     from models.data import DatasetError
     from models.teacher import TeacherError
@@ -141,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
         raise SpaceError(str(exc)) from exc
     except ValueError as exc:  # device/precision/penalty-folder problems
         raise SpaceError(str(exc)) from exc
+    except (OSError, SafetensorError) as exc:  # a full disk while saving: the version folder is not left behind
+        raise SpaceError(f"cannot write under {args.out}: {exc}") from exc
     print(out)
     return 0
 
@@ -150,6 +153,10 @@ def _check_output(args: argparse.Namespace) -> None:
     from worker.registry import ModelRegistry, check_name
 
     check_name("product line", args.product_line)
+    if args.threads < 0:
+        raise SpaceError(f"--threads must be 0 (torch's default) or more, not {args.threads}")
+    if args.out.exists() and not args.out.is_dir():  # found only when saving, after the whole training
+        raise SpaceError(f"--out {args.out} is a file, not a folder")
     if args.model_version is None:
         if args.overwrite:
             raise SpaceError("--overwrite needs --model-version (the default version is a new timestamp)")
