@@ -960,6 +960,7 @@ class Worker:
         scored, model, threshold = publishing.scored, publishing.model, publishing.threshold
         verdicts, futures = publishing.verdicts, publishing.heatmaps
         start = time.monotonic()  # publish_ms: this thread's time on the batch, not its wait in the queue
+        heatmaps_due = start + self.settings.heatmaps.wait_s
         k = self.settings.kafka
         anomalous = 0
         for i, it in enumerate(scored.items):
@@ -978,8 +979,12 @@ class Worker:
                 )
                 try:
                     with waiting:
-                        stored = future.result()
+                        stored = future.result(timeout=max(0.0, heatmaps_due - time.monotonic()))
                     heatmap = HeatmapRef(uri=stored.uri, width=stored.width, height=stored.height, sha256=stored.sha256)
+                except TimeoutError:  # the put goes on in the pool; the result does not wait for it
+                    self.metrics.heatmap_failures.inc()
+                    heatmap_error = f"not stored within SPACE_HEATMAPS__WAIT_S={self.settings.heatmaps.wait_s:g} s"
+                    log.warning("heatmap_not_stored", message_id=it.request.message_id, error=heatmap_error)
                 except (HeatmapStoreError, OSError) as exc:
                     self.metrics.heatmap_failures.inc()
                     heatmap_error = str(exc)[:1000]

@@ -402,6 +402,13 @@ class HeatmapSettings(_Section):
     breaker_cooldown_s: float = Field(
         30.0, ge=0, le=3_600, description="How long the heatmap store is not asked once puts keep failing."
     )
+    wait_s: float = Field(
+        60.0,
+        gt=0,
+        le=3_600,
+        description="Longest a batch's results wait for their heatmaps; then they go out with heatmap_error (a "
+        "store answering a byte at a time is slow within every per-request timeout).",
+    )
     max_side_px: int | None = Field(
         None,
         ge=8,

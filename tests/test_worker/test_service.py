@@ -160,11 +160,12 @@ class FakeThresholds:
 def make_worker(
     tmp_path: Any, records: list[Rec], *, producer: FakeProducer | None = None, models: FakeModels | None = None,
     grace_s: float = 10.0, batching: dict[str, Any] | None = None, heatmap_store: Any = None,
+    heatmaps: dict[str, Any] | None = None,
 ) -> Worker:  # fmt: skip
     settings = load_settings(
         worker={"state_dir": str(tmp_path), "shutdown_grace_s": grace_s},
         decode={"workers": 1},  # one decode thread: records decode (and meet the model manager) in order
-        heatmaps={"policy": "none" if heatmap_store is None else "all"},
+        heatmaps={"policy": "none" if heatmap_store is None else "all", **(heatmaps or {})},
         kafka={"poll_timeout_ms": 10, "commit_interval_ms": 10},
         batching={"max_wait_ms": 1, **(batching or {})},
     )
@@ -512,6 +513,22 @@ def test_publish_waiting_on_a_slow_heatmap_store_is_not_a_stalled_loop(tmp_path)
             store.gate.set()
             assert wait_for(lambda: len(w.producer.sent) >= 1)
             assert "publish" not in w.heartbeats.waiting_on()
+    finally:
+        store.gate.set()
+
+
+def test_results_wait_for_their_heatmaps_at_most_wait_s(tmp_path) -> None:
+    # A store answering a byte at a time stays within every per-request timeout: the results waited for it
+    # without end (the publish thread counting as waiting, so no liveness restart either).
+    store = _GatedStore()  # never opened
+    w = make_worker(tmp_path, [request(i) for i in range(3)], heatmap_store=store, heatmaps={"wait_s": 0.5},
+                    batching={"max_batch_size": 3, "max_wait_ms": 200})  # fmt: skip
+    try:
+        with running(w):
+            assert wait_for(lambda: committed(w)[-1:] == [3], timeout_s=5)
+        results = w.producer.results()
+        assert [r["message_id"] for r in results] == ["m0", "m1", "m2"]
+        assert all(r["heatmap"] is None and "SPACE_HEATMAPS__WAIT_S=0.5 s" in r["heatmap_error"] for r in results)
     finally:
         store.gate.set()
 
