@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import codec as kafka_codec
 from kafka.admin import NewTopic
 from kafka.coordinator.assignors.cooperative_sticky import (
     CooperativeStickyAssignor as _KafkaPythonCooperativeSticky,
@@ -21,6 +22,7 @@ from kafka.errors import TopicAlreadyExistsError
 from kafka.structs import TopicPartition
 
 import worker.kafka_patches  # noqa: F401 - kafka-python fixes, installed before any consumer exists
+from worker.errors import ConfigError
 from worker.settings import KafkaSettings
 
 
@@ -94,6 +96,8 @@ def make_consumer(settings: KafkaSettings, *, client_id: str | None = None, **ov
         "max_poll_records": settings.max_poll_records,
         "max_partition_fetch_bytes": settings.max_partition_fetch_bytes,
         "fetch_max_bytes": settings.fetch_max_bytes,
+        "request_timeout_ms": settings.request_timeout_ms,
+        "isolation_level": settings.isolation_level,
         "partition_assignment_strategy": [assignor],
     }
     kwargs.update(overrides)
@@ -114,7 +118,14 @@ def network_sleep(consumer: Any) -> Callable[[float], Awaitable[Any]] | None:
 
 
 def make_producer(settings: KafkaSettings, *, client_id: str | None = None, **overrides: Any) -> KafkaProducer:
-    """An idempotent producer (acks=all) sized for inline images."""
+    """An idempotent producer (acks=all) sized for inline images.
+
+    Raises:
+        ConfigError: the compression codec's library is not installed (kafka-python fails at the first send).
+    """
+    codec = settings.compression_type
+    if codec != "none" and not getattr(kafka_codec, f"has_{codec}", lambda: True)():
+        raise ConfigError(f"SPACE_KAFKA__COMPRESSION_TYPE: {codec} needs its library, which is not installed")
     kwargs: dict[str, Any] = {
         **settings.client_kwargs(),
         "client_id": client_id or settings.client_id,
@@ -132,7 +143,11 @@ def make_producer(settings: KafkaSettings, *, client_id: str | None = None, **ov
 
 
 def make_admin(settings: KafkaSettings, **overrides: Any) -> KafkaAdminClient:
-    """An admin client (topic creation for the embedded stack, tests and the demo)."""
+    """An admin client (topic creation for the embedded stack, tests and the demo).
+
+    ``request_timeout_ms`` is the setting (kafka-python's admin default is 30 s).
+    """
+    overrides = {"request_timeout_ms": settings.request_timeout_ms, **overrides}
     kwargs = {**settings.client_kwargs(), "client_id": f"{settings.client_id}-admin", **overrides}
     return _open(KafkaAdminClient, kwargs)
 

@@ -122,7 +122,14 @@ class KafkaSettings(_Section):
     auto_offset_reset: Literal["earliest", "latest"] = Field(
         "earliest", description="Where a new group starts; earliest never skips images."
     )
-    session_timeout_ms: int = Field(10_000, ge=1_000, le=300_000, description="Group session timeout.")
+    isolation_level: Literal["read_committed", "read_uncommitted"] = Field(
+        "read_committed",
+        description="Requests of aborted producer transactions are skipped (no cost for producers without them).",
+    )
+    session_timeout_ms: int = Field(
+        10_000, ge=6_000, le=300_000,
+        description="Group session timeout (brokers refuse less than group.min.session.timeout.ms, 6 s by default).",
+    )  # fmt: skip
     heartbeat_interval_ms: int = Field(
         1_000, ge=100, le=60_000, description="Group heartbeat interval; at most a third of the session timeout."
     )
@@ -141,7 +148,10 @@ class KafkaSettings(_Section):
         "none", description="Producer compression for results and dead letters."
     )
     linger_ms: int = Field(5, ge=0, le=1_000, description="Producer linger to batch results.")
-    request_timeout_ms: int = Field(30_000, ge=1_000, description="Client request timeout.")
+    request_timeout_ms: int = Field(
+        30_000, ge=1_000, le=539_000,
+        description="Request timeout of every client (kafka-python requires it below connections_max_idle_ms, 540 s).",
+    )  # fmt: skip
     bootstrap_timeout_ms: int = Field(
         30_000, ge=1_000, le=600_000,
         description="How long a client (worker, space send, space dlq) tries to reach the brokers before it fails.",
@@ -191,6 +201,23 @@ class KafkaSettings(_Section):
                 raise ValueError("sasl_mechanism is required when security_protocol is SASL_*")
             if not self.sasl_username or self.sasl_password is None:
                 raise ValueError("sasl_username and sasl_password are required for SASL")
+        # Options the protocol would silently ignore: a client that believes it authenticates, or encrypts,
+        # and does not.
+        unused = [
+            name
+            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password")
+            if not self.security_protocol.endswith("SSL") and getattr(self, name) is not None
+        ] + [
+            name
+            for name in ("sasl_mechanism", "sasl_username", "sasl_password")
+            if not self.security_protocol.startswith("SASL") and getattr(self, name) is not None
+        ]
+        if unused:
+            raise ValueError(
+                f"{', '.join(unused)} set, but security_protocol is {self.security_protocol}, which ignores them"
+            )
+        if (self.ssl_keyfile is not None or self.ssl_password is not None) and self.ssl_certfile is None:
+            raise ValueError("ssl_keyfile and ssl_password need ssl_certfile (the client certificate)")
         return self
 
     def client_kwargs(self) -> dict[str, Any]:

@@ -57,7 +57,10 @@ def _decode(data: bytes, content_type: str | None) -> None:
 
 
 @FUZZ
-@given(data=st.binary(max_size=4096), content_type=st.sampled_from([None, "image/png", "image/jpeg", "image/tiff", "image/bmp", "x/y"]))
+@given(
+    data=st.binary(max_size=4096),
+    content_type=st.sampled_from([None, "image/png", "image/jpeg", "image/tiff", "image/bmp", "x/y"]),
+)
 def test_decode_of_random_bytes_raises_only_decode_error(data: bytes, content_type: str | None) -> None:
     _decode(data, content_type)
 
@@ -68,7 +71,9 @@ def test_decode_of_random_bytes_raises_only_decode_error(data: bytes, content_ty
     edits=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 255)), min_size=1, max_size=24),
     cut=st.one_of(st.none(), st.integers(0, 1 << 20)),
 )
-def test_decode_of_mutated_images_raises_only_decode_error(base: int, edits: list[tuple[int, int]], cut: int | None) -> None:
+def test_decode_of_mutated_images_raises_only_decode_error(
+    base: int, edits: list[tuple[int, int]], cut: int | None
+) -> None:
     data, content_type = BASES[base]
     buf = bytearray(data)
     for pos, byte in edits:
@@ -86,12 +91,20 @@ _VALUES = st.one_of(st.none(), st.binary(max_size=300), st.text(max_size=300).ma
 @FUZZ
 @given(
     headers=st.lists(st.tuples(_NAMES | st.text(max_size=20), _VALUES), max_size=14),
-    value=st.one_of(st.none(), st.binary(max_size=200), st.sampled_from([b"{}", b'{"image_uri": "s3://b/k", "sha256": "x"}', b"[" * 5000])),
+    value=st.one_of(
+        st.none(),
+        st.binary(max_size=200),
+        st.sampled_from([b"{}", b'{"image_uri": "s3://b/k", "sha256": "x"}', b"[" * 5000]),
+    ),
 )
 def test_parse_request_raises_only_request_error(headers: list[tuple[str, bytes | None]], value: bytes | None) -> None:
     TRIED["parse"] += 1
     base = corpus.headers_for("fuzz")
-    for hdrs in (headers, base + headers, [h for h in base if h[0] != headers[0][0]] + headers[:1] if headers else base):
+    for hdrs in (
+        headers,
+        base + headers,
+        [h for h in base if h[0] != headers[0][0]] + headers[:1] if headers else base,
+    ):
         try:
             parse_request(hdrs, value)
         except RequestError as exc:
@@ -115,7 +128,10 @@ def test_tiff_whose_probe_and_decoder_would_disagree_is_refused(real_width: int,
     data = corpus.tiff_repeated_width(real_width, fake_width, 1000)
     with pytest.raises(DecodeError) as info:
         decode_image(data, "image/tiff", **LIMITS)
-    assert (info.value.reason, info.value.detail) == ("corrupt-image", "tiff: the first IFD repeats tag 256 (ImageWidth)")
+    assert (info.value.reason, info.value.detail) == (
+        "corrupt-image",
+        "tiff: the first IFD repeats tag 256 (ImageWidth)",
+    )
 
 
 def test_zz_report_fuzz_counts() -> None:
@@ -154,7 +170,11 @@ def test_hostile_records_end_as_precise_dead_letters_or_results(make_settings, t
     probe = request_record(None, line=trained_model.line, camera="after", message_id="still-serving", data=good)
 
     with running_worker(settings) as app:
-        produce(settings, topics.requests, [request_record(None, line=trained_model.line, camera="w", message_id="warm", data=good)])
+        produce(
+            settings,
+            topics.requests,
+            [request_record(None, line=trained_model.line, camera="w", message_id="warm", data=good)],
+        )
         collect(settings, topics.results, expected=1, timeout_s=60)
         rss_before = rss_bytes()
         produce(settings, topics.requests, [(b"cam-h", c.value, c.headers) for c in cases])
@@ -216,14 +236,18 @@ class _RawName(str):
 
 @pytest.mark.kafka
 @pytest.mark.redis
-def test_a_header_name_that_is_not_utf8_neither_stops_the_partition_nor_the_worker(make_settings, topics, trained_model) -> None:
+def test_a_header_name_that_is_not_utf8_neither_stops_the_partition_nor_the_worker(
+    make_settings, topics, trained_model
+) -> None:
     # Before the fix kafka-python raised CorruptRecordError from every poll at that offset: the worker exited,
     # and each worker that took the partition over did the same.
     good = corpus.png(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     settings = make_settings(topics, models={"root": str(trained_model.root), "preload": (trained_model.line,)})
     records = []
     for message_id, data in (("odd-name-ok", good), ("odd-name-corrupt", good[:40]), ("after", good)):
-        key, value, headers = request_record(None, line=trained_model.line, camera="c1", message_id=message_id, data=data)
+        key, value, headers = request_record(
+            None, line=trained_model.line, camera="c1", message_id=message_id, data=data
+        )
         records.append((key, value, [*headers, (_RawName("x-vendor"), b"1")] if message_id != "after" else headers))
     with running_worker(settings) as app:
         produce(settings, topics.requests, records)
@@ -235,3 +259,30 @@ def test_a_header_name_that_is_not_utf8_neither_stops_the_partition_nor_the_work
     assert sorted(json.loads(r.value)["message_id"] for r in results) == ["after", "odd-name-ok"]
     assert header(letters[0], "ce_id") == "odd-name-corrupt" and header(letters[0], "error-reason") == "corrupt-image"
     assert ("\ufffd\ufffdx-vendor", b"1") in letters[0].headers  # kept, as the Java client would read it
+
+
+@pytest.mark.kafka
+@pytest.mark.redis
+def test_snappy_compressed_requests_are_scored(make_settings, topics, trained_model) -> None:
+    # kafka-python reads snappy batches only with python-snappy installed; without it poll() raised
+    # UnsupportedCodecError at that offset, for every worker that took the partition over.
+    from kafka import KafkaProducer
+
+    good = corpus.png(np.random.default_rng(4).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    settings = make_settings(topics, models={"root": str(trained_model.root), "preload": (trained_model.line,)})
+    producer = KafkaProducer(**settings.kafka.client_kwargs(), acks="all", compression_type="snappy")
+    try:
+        for i in range(3):
+            key, value, headers = request_record(
+                None, line=trained_model.line, camera="c1", message_id=f"snappy-{i}", data=good
+            )
+            producer.send(topics.requests, key=key, value=value, headers=headers)
+        producer.flush(30)
+    finally:
+        producer.close(timeout=5)
+    with running_worker(settings) as app:
+        results = collect(settings, topics.results, expected=3, timeout_s=60)
+        assert app.worker._fatal is None
+    import json
+
+    assert sorted(json.loads(r.value)["message_id"] for r in results) == ["snappy-0", "snappy-1", "snappy-2"]

@@ -76,6 +76,13 @@ def test_settings_are_frozen() -> None:
         ("SPACE_THRESHOLDS__MIN_VALUE", "nan", "SPACE_THRESHOLDS__MIN_VALUE: Input should be a finite number"),
         ("SPACE_THRESHOLDS__MAX_VALUE", "inf", "SPACE_THRESHOLDS__MAX_VALUE: Input should be a finite number"),
         ("SPACE_THRESHOLDS__MAX_VALUE", "-inf", "SPACE_THRESHOLDS__MAX_VALUE: Input should be a finite number"),
+        # Brokers refuse sessions under group.min.session.timeout.ms (6 s): the worker exited naming nothing.
+        ("SPACE_KAFKA__SESSION_TIMEOUT_MS", "5000", "SPACE_KAFKA__SESSION_TIMEOUT_MS: Input should be greater than or"),
+        ("SPACE_KAFKA__REQUEST_TIMEOUT_MS", "600000", "SPACE_KAFKA__REQUEST_TIMEOUT_MS: Input should be less than or"),
+        ("SPACE_KAFKA__ISOLATION_LEVEL", "dirty", "SPACE_KAFKA__ISOLATION_LEVEL:"),
+        # TLS and SASL options the protocol ignored: a client that believed it encrypted or authenticated.
+        ("SPACE_KAFKA__SSL_CAFILE", "/etc/ca.pem", "SPACE_KAFKA: ssl_cafile set, but security_protocol is PLAINTEXT"),
+        ("SPACE_KAFKA__SASL_USERNAME", "worker", "SPACE_KAFKA: sasl_username set, but security_protocol is PLAINTEXT"),
     ],
 )
 def test_bad_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str, needle: str) -> None:
@@ -186,3 +193,13 @@ def test_credentials_in_the_redis_url_are_refused_without_echoing_them(
     message = str(info.value)
     assert message.startswith("SPACE_REDIS__URL: put credentials in SPACE_REDIS__USERNAME/PASSWORD")
     assert "S3cr" not in message and "etPass" not in message and "Pass" not in message
+
+
+def test_a_client_key_without_its_certificate_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # kafka-python ignored ssl_keyfile without ssl_certfile: no client certificate was presented, silently.
+    monkeypatch.setenv("SPACE_KAFKA__SECURITY_PROTOCOL", "SSL")
+    monkeypatch.setenv("SPACE_KAFKA__SSL_KEYFILE", "/etc/space/client.key")
+    with pytest.raises(ConfigError, match="ssl_keyfile and ssl_password need ssl_certfile"):
+        load_settings()
+    monkeypatch.setenv("SPACE_KAFKA__SSL_CERTFILE", "/etc/space/client.crt")
+    assert load_settings().kafka.ssl_certfile == Path("/etc/space/client.crt")
