@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import structlog
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka import codec as kafka_codec
 from kafka.admin import NewTopic
@@ -24,6 +25,8 @@ from kafka.structs import TopicPartition
 import worker.kafka_patches  # noqa: F401 - kafka-python fixes, installed before any consumer exists
 from worker.errors import ConfigError
 from worker.settings import KafkaSettings
+
+log = structlog.get_logger(__name__)
 
 
 class CooperativeStickyAssignor(_KafkaPythonCooperativeSticky):
@@ -53,6 +56,15 @@ class CooperativeStickyAssignor(_KafkaPythonCooperativeSticky):
         if self._current is not None:
             self.member_assignment = sorted(self._current() or ())
         return super().metadata(topics)
+
+
+def _warn_unused_security_options(settings: KafkaSettings) -> None:
+    unused = settings.unused_security_options()
+    if unused:
+        log.warning(
+            "kafka_security_options_unused", security_protocol=settings.security_protocol, options=unused,
+            detail="set, but the protocol ignores them: the client neither encrypts nor authenticates with them",
+        )  # fmt: skip
 
 
 def _open(client_class: Any, kwargs: dict[str, Any]) -> Any:
@@ -101,6 +113,7 @@ def make_consumer(settings: KafkaSettings, *, client_id: str | None = None, **ov
         "partition_assignment_strategy": [assignor],
     }
     kwargs.update(overrides)
+    _warn_unused_security_options(settings)
     consumer = _open(KafkaConsumer, kwargs)
     assignor.track(consumer.assignment)
     return consumer

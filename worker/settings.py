@@ -201,24 +201,21 @@ class KafkaSettings(_Section):
                 raise ValueError("sasl_mechanism is required when security_protocol is SASL_*")
             if not self.sasl_username or self.sasl_password is None:
                 raise ValueError("sasl_username and sasl_password are required for SASL")
-        # Options the protocol would silently ignore: a client that believes it authenticates, or encrypts,
-        # and does not.
-        unused = [
-            name
-            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password")
-            if not self.security_protocol.endswith("SSL") and getattr(self, name) is not None
-        ] + [
-            name
-            for name in ("sasl_mechanism", "sasl_username", "sasl_password")
-            if not self.security_protocol.startswith("SASL") and getattr(self, name) is not None
-        ]
-        if unused:
-            raise ValueError(
-                f"{', '.join(unused)} set, but security_protocol is {self.security_protocol}, which ignores them"
-            )
         if (self.ssl_keyfile is not None or self.ssl_password is not None) and self.ssl_certfile is None:
             raise ValueError("ssl_keyfile and ssl_password need ssl_certfile (the client certificate)")
         return self
+
+    def unused_security_options(self) -> list[str]:
+        """Options set that ``security_protocol`` ignores (the client neither encrypts nor authenticates with them).
+
+        Not refused: the deployment mounts its Kafka secret files in every overlay, and a PLAINTEXT overlay
+        may find them present; the clients log ``kafka_security_options_unused`` instead.
+        """
+        ssl = [n for n in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_password") if getattr(self, n) is not None]
+        sasl = [n for n in ("sasl_mechanism", "sasl_username", "sasl_password") if getattr(self, n) is not None]
+        return (ssl if not self.security_protocol.endswith("SSL") else []) + (
+            sasl if not self.security_protocol.startswith("SASL") else []
+        )
 
     def client_kwargs(self) -> dict[str, Any]:
         """Connection and security arguments shared by kafka-python consumers, producers and admins."""

@@ -42,3 +42,23 @@ def test_the_consumer_gets_the_request_timeout_and_isolation_level(monkeypatch) 
     assert seen["request_timeout_ms"] == 45_000 and seen["isolation_level"] == "read_committed"
     kafka_clients.make_admin(settings.kafka)
     assert seen["request_timeout_ms"] == 45_000
+
+
+def test_security_options_the_protocol_ignores_are_logged(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # A client that believes it encrypts or authenticates and does not. Logged, not refused: the deployment
+    # mounts its Kafka secret files in every overlay, PLAINTEXT ones included.
+    from structlog.testing import capture_logs
+
+    class Opened:
+        def assignment(self) -> set[Any]:
+            return set()
+
+    monkeypatch.setattr(kafka_clients, "_open", lambda cls, kwargs: Opened())
+    settings = load_settings(kafka={"ssl_cafile": "/etc/ca.pem", "sasl_username": "worker"})
+    with capture_logs() as logs:
+        kafka_clients.make_consumer(settings.kafka)
+    (event,) = [e for e in logs if e["event"] == "kafka_security_options_unused"]
+    assert event["options"] == ["ssl_cafile", "sasl_username"] and event["log_level"] == "warning"
+    with capture_logs() as logs:
+        kafka_clients.make_consumer(load_settings().kafka)
+    assert not [e for e in logs if e["event"] == "kafka_security_options_unused"]

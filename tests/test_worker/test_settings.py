@@ -80,9 +80,6 @@ def test_settings_are_frozen() -> None:
         ("SPACE_KAFKA__SESSION_TIMEOUT_MS", "5000", "SPACE_KAFKA__SESSION_TIMEOUT_MS: Input should be greater than or"),
         ("SPACE_KAFKA__REQUEST_TIMEOUT_MS", "600000", "SPACE_KAFKA__REQUEST_TIMEOUT_MS: Input should be less than or"),
         ("SPACE_KAFKA__ISOLATION_LEVEL", "dirty", "SPACE_KAFKA__ISOLATION_LEVEL:"),
-        # TLS and SASL options the protocol ignored: a client that believed it encrypted or authenticated.
-        ("SPACE_KAFKA__SSL_CAFILE", "/etc/ca.pem", "SPACE_KAFKA: ssl_cafile set, but security_protocol is PLAINTEXT"),
-        ("SPACE_KAFKA__SASL_USERNAME", "worker", "SPACE_KAFKA: sasl_username set, but security_protocol is PLAINTEXT"),
     ],
 )
 def test_bad_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str, needle: str) -> None:
