@@ -201,7 +201,8 @@ class KafkaSettings(_Section):
                 raise ValueError("sasl_mechanism is required when security_protocol is SASL_*")
             if not self.sasl_username or self.sasl_password is None:
                 raise ValueError("sasl_username and sasl_password are required for SASL")
-        if (self.ssl_keyfile is not None or self.ssl_password is not None) and self.ssl_certfile is None:
+        key_alone = (self.ssl_keyfile is not None or self.ssl_password is not None) and self.ssl_certfile is None
+        if self.security_protocol.endswith("SSL") and key_alone:
             raise ValueError("ssl_keyfile and ssl_password need ssl_certfile (the client certificate)")
         return self
 

@@ -150,9 +150,9 @@ def test_claim_check_fetch_from_s3_then_decode(s3_settings, image_object, bucket
 
     created: list[float] = []
 
-    def counting_make_s3_client(settings: S3Settings, *, timeout_s: float, max_attempts: int) -> Any:
+    def counting_make_s3_client(settings: S3Settings, *, timeout_s: float, max_attempts: int, **kwargs: Any) -> Any:
         created.append(timeout_s)
-        return make_s3_client(settings, timeout_s=timeout_s, max_attempts=max_attempts)
+        return make_s3_client(settings, timeout_s=timeout_s, max_attempts=max_attempts, **kwargs)
 
     monkeypatch.setattr(worker.decode, "make_s3_client", counting_make_s3_client)
     uri, data = image_object
