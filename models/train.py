@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from models import data as dataset
 from models.artifact import ModelCard, Quantiles, ScoreStats, TeacherInfo, TrainingSummary, save_artifact
 from models.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from models.hardware import cpu_has_native_bf16, cuda_has_native_bf16
+from models.detector import native_precision
 from models.losses import (
     ae_loss,
     color_augment,
@@ -160,8 +160,7 @@ def pick_precision(precision: str, device: torch.device) -> torch.dtype | None:
         if not supported:
             raise ValueError(f"bf16 is not supported on {device}")
         return torch.bfloat16
-    native = cuda_has_native_bf16(device) if device.type == "cuda" else cpu_has_native_bf16()
-    return torch.bfloat16 if native else None
+    return torch.bfloat16 if native_precision("bf16", device) else None  # the rule serving uses
 
 
 def _load_images(paths: list[Path], size: tuple[int, int]) -> np.ndarray:
