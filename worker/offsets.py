@@ -19,9 +19,16 @@ import threading
 from collections import deque
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 P = TypeVar("P", bound=Hashable)  # a partition key (kafka's TopicPartition in the worker)
+
+
+class Tracked(NamedTuple):
+    """A polled copy of a record, as the tracker holds it."""
+
+    token: int  # what its acknowledgement must carry
+    reread: bool  # its offset is at or below one still pending: the partition's position moved back
 
 
 @dataclass
@@ -63,18 +70,19 @@ class OffsetTracker(Generic[P]):
         with self._lock:
             return list(self._parts)
 
-    def track(self, tp: P, offset: int) -> int | None:
+    def track(self, tp: P, offset: int) -> Tracked | None:
         """Record a polled offset.
 
         Returns:
-            The token its acknowledgement must carry (a positive int), or None when the partition is not
-            owned (the record must be ignored).
+            Its token (a positive int its acknowledgement must carry) and whether it re-reads offsets
+            still pending; None when the partition is not owned (the record must be ignored).
         """
         with self._lock:
             state = self._parts.get(tp)
             if state is None:
                 return None
-            if state.pending and offset <= state.pending[-1]:
+            reread = bool(state.pending) and offset <= state.pending[-1]
+            if reread:
                 # A seek back re-delivers records: restart from here; copies in flight no longer count.
                 state.pending = deque(o for o in state.pending if o < offset)
                 state.acked = {o for o in state.acked if o < offset}
@@ -83,7 +91,7 @@ class OffsetTracker(Generic[P]):
             self._next_token += 1
             state.pending.append(offset)
             state.tokens[offset] = token
-            return token
+            return Tracked(token, reread)
 
     def ack(self, tp: P, offset: int, token: int | None = None) -> bool:
         """Mark a record answered; advances the committable offset over the contiguous prefix.

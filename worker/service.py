@@ -248,7 +248,6 @@ class Worker:
         # The lock makes "forget + finish" and "complete + release" of one item mutually exclusive.
         self._seq_lock = threading.Lock()
         self._registered: dict[TopicPartition, dict[int, Item]] = {}
-        self._last_polled: dict[TopicPartition, int] = {}  # consumer thread only
         self._decode_pool = ThreadPoolExecutor(settings.decode.workers, thread_name_prefix="decode")
         self._heatmap_pool = ThreadPoolExecutor(settings.heatmaps.threads, thread_name_prefix="heatmap")
         self._scored: queue.Queue[_Publishing | None] = queue.Queue(maxsize=2)
@@ -434,18 +433,17 @@ class Worker:
                 self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
 
     def _accept(self, tp: TopicPartition, rec: Any) -> None:
-        token = self.tracker.track(tp, rec.offset)
-        if token is None:
+        tracked = self.tracker.track(tp, rec.offset)
+        if tracked is None:
             return  # a record of a partition we no longer own
-        last = self._last_polled.get(tp)
-        self._last_polled[tp] = rec.offset
-        if last is not None and rec.offset <= last:
-            self._drop_from(tp, rec.offset, last)
+        if tracked.reread:
+            self._drop_from(tp, rec.offset)
         value = rec.value
         nbytes = len(value) if value else 0
         item = Item(
             tp=tp, offset=rec.offset, key=rec.key, value=value, headers=list(rec.headers or []),
-            timestamp_ms=self._record_timestamp_ms(tp, rec), polled_at=self._clock(), nbytes=nbytes, token=token,
+            timestamp_ms=self._record_timestamp_ms(tp, rec), polled_at=self._clock(), nbytes=nbytes,
+            token=tracked.token,
         )  # fmt: skip
         with self._inflight_lock:
             self._inflight_count += 1
@@ -456,7 +454,7 @@ class Worker:
             self.sequencer.register(tp, rec.offset)
         self._decode_pool.submit(self._decode, item)
 
-    def _drop_from(self, tp: TopicPartition, offset: int, last: int) -> None:
+    def _drop_from(self, tp: TopicPartition, offset: int) -> None:
         """The partition's position moved back (kafka-python re-reads it after log truncation, or resets it
         to the earliest offset): earlier copies of the records from ``offset`` on are polled again.
 
@@ -464,16 +462,18 @@ class Worker:
         usual, but their acknowledgements no longer count (the tracker's tokens), since after an unclean
         leader election the record now at an offset may be another message.
         """
-        log.warning("partition_position_moved_back", partition=f"{tp.topic}/{tp.partition}", offset=offset,
-                    last_polled=last)  # fmt: skip
+        log.warning("partition_position_moved_back", partition=f"{tp.topic}/{tp.partition}", offset=offset)
         with self._seq_lock:
             self.sequencer.drop_from(tp, offset)
             registered = self._registered.get(tp, {})
-            for stale in [o for o in registered if o >= offset]:
-                item = registered.pop(stale)
-                item._dropped = True  # its decode may still run: it must not be released, nor finished again
-                self._finish(item)
+            self._abandon([registered.pop(o) for o in list(registered) if o >= offset])
         for item in self.batcher.remove(lambda it: it.tp == tp and it.offset >= offset):
+            self._finish(item)
+
+    def _abandon(self, items: list[Item]) -> None:
+        """Finish items still decoding or waiting in the sequencer (call with ``_seq_lock`` held)."""
+        for item in items:
+            item._dropped = True  # its decode may still run: it must not be released, nor finished again
             self._finish(item)
 
     def _record_timestamp_ms(self, tp: TopicPartition, rec: Any) -> int:
@@ -657,10 +657,7 @@ class Worker:
         with self._seq_lock:
             for tp in gone:
                 self.sequencer.forget(tp)
-                self._last_polled.pop(tp, None)
-                for item in self._registered.pop(tp, {}).values():
-                    item._dropped = True  # its decode may still run: it must not be released, nor finished again
-                    self._finish(item)
+                self._abandon(list(self._registered.pop(tp, {}).values()))
         for item in self.batcher.remove(lambda it: it.tp in gone):
             self._finish(item)
         self._assigned.difference_update(gone)
