@@ -270,9 +270,11 @@ def truncate_dead_letter_value(value: bytes | None, max_value_bytes: int) -> tup
 def record_size_bytes(key: bytes | None, value: bytes | None, headers: Sequence[tuple[str, bytes | None]]) -> int:
     """An upper bound of the bytes a record takes in a producer request (what ``max_request_size`` limits)."""
     size = RECORD_FRAMING_BYTES + len(key or b"") + len(value or b"")
-    return size + sum(
-        len(name.encode("utf-8", "replace")) + len(v or b"") + HEADER_FRAMING_BYTES for name, v in headers
-    )
+    return size + sum(_header_bytes(name, v) for name, v in headers)
+
+
+def _header_bytes(name: str, value: bytes | None) -> int:
+    return len(name.encode("utf-8", "replace")) + len(value or b"") + HEADER_FRAMING_BYTES
 
 
 def build_dead_letter(
@@ -302,7 +304,7 @@ def build_dead_letter(
         return DeadLetter(headers, kept_value)
     # Too large for the producer: leave out original headers, largest first, then cut the value.
     originals = [(name, v) for name, v in original_headers if not is_error_header(name)]
-    sizes = [record_size_bytes(None, None, [h]) - RECORD_FRAMING_BYTES for h in originals]
+    sizes = [_header_bytes(name, v) for name, v in originals]
     excess = record_size_bytes(key, kept_value, headers) + _COUNT_HEADER_BYTES - max_record_bytes
     dropped: set[int] = set()
     for i in sorted(range(len(originals)), key=sizes.__getitem__, reverse=True):

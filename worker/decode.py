@@ -606,26 +606,21 @@ class ClaimCheckFetcher:
                 response["Body"].close()
                 raise self._too_large(uri, size)
             body = response["Body"]
-            chunks: list[bytes] = []
-            received = 0
+
+            def in_time(received: int) -> None:
+                if time.monotonic() > deadline:
+                    raise DecodeError(
+                        "claim-check-fetch-failed",
+                        f"{uri}: {received} bytes after {2 * self._settings.fetch_timeout_ms} ms "
+                        "(twice SPACE_DECODE__FETCH_TIMEOUT_MS): too slow",
+                    )
+
             try:
-                while received <= limit:
-                    chunk = body.read(min(_FETCH_CHUNK_BYTES, limit + 1 - received))
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
-                    received += len(chunk)
-                    if time.monotonic() > deadline:
-                        raise DecodeError(
-                            "claim-check-fetch-failed",
-                            f"{uri}: {received} bytes after {2 * self._settings.fetch_timeout_ms} ms "
-                            "(twice SPACE_DECODE__FETCH_TIMEOUT_MS): too slow",
-                        )
+                data = _read_up_to(body.read, limit + 1, after_chunk=in_time)
             finally:
                 body.close()
         except (BotoCoreError, ClientError) as exc:
             raise DecodeError("claim-check-fetch-failed", f"{uri}: {exc}") from exc
-        data = b"".join(chunks)
         if len(data) > limit:
             raise self._too_large(uri, len(data))
         if announced is not None and len(data) != size:  # the connection ended early: not a checksum problem
@@ -663,7 +658,7 @@ class ClaimCheckFetcher:
                 raise DecodeError("claim-check-denied", f"{path} is not a regular file")
             if info.st_size > limit:
                 raise self._too_large(uri, info.st_size)
-            data = _read_up_to(fd, limit + 1)
+            data = _read_up_to(lambda size: os.read(fd, size), limit + 1)
         except OSError as exc:
             raise DecodeError("claim-check-fetch-failed", f"{uri}: {exc.strerror or exc}") from exc
         finally:
@@ -681,13 +676,20 @@ def _opened_path(fd: int) -> Path | None:
         return None
 
 
-def _read_up_to(fd: int, size: int) -> bytes:
+def _read_up_to(
+    read: Callable[[int], bytes], size: int, *, after_chunk: Callable[[int], None] = lambda received: None
+) -> bytes:
+    """At most ``size`` bytes from ``read`` (a file descriptor's or an HTTP body's), in chunks.
+
+    ``after_chunk`` sees the bytes received so far after each chunk (a deadline check raises there).
+    """
     chunks: list[bytes] = []
-    left = size
-    while left > 0:
-        chunk = os.read(fd, min(left, _FETCH_CHUNK_BYTES))
+    received = 0
+    while received < size:
+        chunk = read(min(size - received, _FETCH_CHUNK_BYTES))
         if not chunk:
             break
         chunks.append(chunk)
-        left -= len(chunk)
+        received += len(chunk)
+        after_chunk(received)
     return b"".join(chunks)

@@ -108,7 +108,6 @@ def make_consumer(settings: KafkaSettings, *, client_id: str | None = None, **ov
         "max_poll_records": settings.max_poll_records,
         "max_partition_fetch_bytes": settings.max_partition_fetch_bytes,
         "fetch_max_bytes": settings.fetch_max_bytes,
-        "request_timeout_ms": settings.request_timeout_ms,
         "isolation_level": settings.isolation_level,
         "partition_assignment_strategy": [assignor],
     }
@@ -147,7 +146,6 @@ def make_producer(settings: KafkaSettings, *, client_id: str | None = None, **ov
         "linger_ms": settings.linger_ms,
         "max_request_size": settings.max_request_size,
         "delivery_timeout_ms": settings.delivery_timeout_ms,
-        "request_timeout_ms": settings.request_timeout_ms,
         "max_block_ms": settings.max_block_ms,
         "compression_type": None if settings.compression_type == "none" else settings.compression_type,
     }
@@ -156,11 +154,7 @@ def make_producer(settings: KafkaSettings, *, client_id: str | None = None, **ov
 
 
 def make_admin(settings: KafkaSettings, **overrides: Any) -> KafkaAdminClient:
-    """An admin client (topic creation for the embedded stack, tests and the demo).
-
-    ``request_timeout_ms`` is the setting (kafka-python's admin default is 30 s).
-    """
-    overrides = {"request_timeout_ms": settings.request_timeout_ms, **overrides}
+    """An admin client (topic creation for the embedded stack, tests and the demo)."""
     kwargs = {**settings.client_kwargs(), "client_id": f"{settings.client_id}-admin", **overrides}
     return _open(KafkaAdminClient, kwargs)
 

@@ -190,12 +190,7 @@ class _S3Backend:
         return f"s3://{self.bucket}/{self._key(key)}"
 
     def read_text(self, key: str) -> str | None:
-        with _io("read", self._uri(key)):
-            try:
-                obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-            except self.client.exceptions.NoSuchKey:
-                return None
-            return str(obj["Body"].read().decode("utf-8"))
+        return self.read_versioned(key)[0]
 
     def write_text(self, key: str, text: str) -> None:
         with _io("write", self._uri(key)):

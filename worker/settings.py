@@ -219,10 +219,11 @@ class KafkaSettings(_Section):
         )
 
     def client_kwargs(self) -> dict[str, Any]:
-        """Connection and security arguments shared by kafka-python consumers, producers and admins."""
+        """Connection, request timeout and security arguments shared by kafka-python consumers, producers and admins."""
         kwargs: dict[str, Any] = {
             "bootstrap_servers": self.bootstrap_servers.split(","),
             "bootstrap_timeout_ms": self.bootstrap_timeout_ms,
+            "request_timeout_ms": self.request_timeout_ms,
             "security_protocol": self.security_protocol,
         }
         if self.sasl_mechanism:
