@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.gpu import DTYPES, build, images_per_s
+from bench.gpu import DTYPES, build, images_per_s, latency_ms
 from models.gpu import TORCH_COMPILE_MODES, BucketedRunner
 from models.model import SpaceModel
 
@@ -70,19 +70,9 @@ def measure(model: SpaceModel, args: argparse.Namespace, batch: int, graphs: boo
         "runs": {k: [round(v, 2) for v in vs] for k, vs in runs.items()},
     }  # fmt: skip
     if batch == 1:  # the latency target (<= 1 ms) is one call's, not 1 / pipelined throughput
-        row["eager_latency_ms"] = call_latency_ms(eager, x)
-        row["compiled_latency_ms"] = call_latency_ms(compiled, x)
+        row["eager_latency_ms"] = round(latency_ms(eager, x=x), 3)
+        row["compiled_latency_ms"] = round(latency_ms(compiled, x=x), 3)
     return row
-
-
-def call_latency_ms(runner: BucketedRunner, x: np.ndarray, calls: int = 200) -> float:
-    """Median wall time of one ``submit(x).result()`` (upload, forward, download), nothing else in flight."""
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        runner.submit(x).result()
-        times.append(time.perf_counter() - start)
-    return round(statistics.median(times) * 1000, 3)
 
 
 def device_name(device: str) -> str:
