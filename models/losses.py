@@ -202,10 +202,12 @@ def sample_spatial_aug(
 def scl_mask(
     aug: SpatialAug, t_aug: torch.Tensor, t_clean: torch.Tensor, use_consistency: bool = True, q: float = 0.9
 ) -> torch.Tensor:
-    """M = V_g ∧ (r < quantile_q(r)) on the augmented grid, (N, 1, g, g) bool (§2.4c).
+    """M = V_g ∧ (r ≤ quantile_q(r)) on the augmented grid, (N, 1, g, g) bool (§2.4c).
 
     r(p) = ‖T̂(g(x))_p − W_g(T̂(x))_p‖² / C: where the frozen teacher is not equivariant the augmentation
-    made unnatural content, and SCL stays away from it.
+    made unnatural content, and SCL stays away from it. Ties at the quantile are kept: a PDN teacher is
+    exactly equivariant to shifts by whole cells, so there r is 0 at every valid cell, and the spec's
+    strict ``r < quantile`` kept none (SCL and the masked hard loss were 0 on every shift step).
     """
     n, _, gh, gw = t_aug.shape
     valid = aug.valid_mask((gh, gw), t_aug.device).expand(n, 1, gh, gw)
@@ -217,7 +219,7 @@ def scl_mask(
         for i in range(n):
             vals = r[i][valid[i]]
             if vals.numel():
-                out[i] = valid[i] & (r[i] < torch.quantile(vals, q))
+                out[i] = valid[i] & (r[i] <= torch.quantile(vals, q))
     return out
 
 

@@ -19,6 +19,7 @@ import math
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Final
 
 import numpy as np
 import structlog
@@ -255,6 +256,39 @@ def _distill_target(backbone: Callable[[torch.Tensor], torch.Tensor], x: torch.T
     return f
 
 
+#: Batches the distillation target's per-channel mean and std are taken over before training.
+DISTILL_STAT_BATCHES: Final = 32
+#: A channel's std is at least this fraction of the median channel's: a channel that is (nearly) silent
+#: in the statistics batches would otherwise blow its later activations up to ~1e6 sigma.
+DISTILL_STD_FLOOR: Final = 0.1
+
+
+def distill_target_statistics(
+    backbone: Callable[[torch.Tensor], torch.Tensor], batches: Iterator[torch.Tensor], n_batches: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std (1, 384, 1, 1) of the distillation target over ``n_batches`` batches.
+
+    Accumulated in float64 over every position (§1.4 takes them over ~10,000 images; one batch of 16
+    is too few: a channel silent in it gets std ~0). The std is floored at :data:`DISTILL_STD_FLOOR`
+    times the median channel's.
+    """
+    if n_batches < 1:
+        raise ValueError(f"n_batches must be >= 1, got {n_batches}")
+    total = torch.zeros(TEACHER_CHANNELS, dtype=torch.float64)
+    total_sq = torch.zeros(TEACHER_CHANNELS, dtype=torch.float64)
+    count = 0
+    for _ in range(n_batches):
+        x = next(batches)
+        f = _distill_target(backbone, x, pdn_out_size(x.shape[-1], padding=True)).double()
+        total += f.sum(dim=(0, 2, 3))
+        total_sq += f.pow(2).sum(dim=(0, 2, 3))
+        count += f.numel() // f.shape[1]
+    mean = total / count
+    std = (total_sq / count - mean.pow(2)).clamp_min(0.0).sqrt()
+    std = std.clamp_min(max(DISTILL_STD_FLOOR * float(std.median()), 1e-6))
+    return mean.float().view(1, -1, 1, 1), std.float().view(1, -1, 1, 1)
+
+
 def distill_teacher(
     backbone: Callable[[torch.Tensor], torch.Tensor],
     batches: Iterator[torch.Tensor],
@@ -262,6 +296,7 @@ def distill_teacher(
     steps: int,
     lr: float = 1e-4,
     seed: int = 0,
+    stat_batches: int = DISTILL_STAT_BATCHES,
 ) -> PDN:
     """Distil a backbone into a PDN teacher (§1.4 with the user's backbone instead of WRN-101).
 
@@ -272,6 +307,8 @@ def distill_teacher(
         steps: optimiser steps (the paper uses 60 000 at batch 16).
         lr: Adam learning rate (weight decay 1e-5 as in §1.4).
         seed: initialisation seed.
+        stat_batches: batches drawn first for the target's normalisation
+            (:func:`distill_target_statistics`).
 
     Returns:
         A frozen unpadded PDN (the padded training layout shares all weights, §1.4).
@@ -280,13 +317,11 @@ def distill_teacher(
         torch.manual_seed(seed)
         pdn = PDN(size, TEACHER_CHANNELS, padding=True)
     opt = torch.optim.Adam(pdn.parameters(), lr=lr, weight_decay=1e-5, fused=True)
-    stats: tuple[torch.Tensor, torch.Tensor] | None = None
+    mean, std = distill_target_statistics(backbone, batches, stat_batches)
     for step in range(steps):
         x = next(batches)
         target = _distill_target(backbone, x, pdn_out_size(x.shape[-1], padding=True))
-        if stats is None:  # per-channel target normalisation from the first batch
-            stats = (target.mean(dim=(0, 2, 3), keepdim=True), target.std(dim=(0, 2, 3), keepdim=True) + 1e-6)
-        loss = F.mse_loss(pdn(x), (target - stats[0]) / stats[1])
+        loss = F.mse_loss(pdn(x), (target - mean) / std)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -146,7 +146,9 @@ class Timings(WireModel):
     decode_ms: Milliseconds = Field(description="Fetch (claim check) and decode.")
     infer_ms: Milliseconds = Field(description="Model time of the batch this image was in.")
     publish_ms: Milliseconds | None = Field(
-        default=None, description="Heatmap store and threshold lookup, when measured before publishing."
+        default=None,
+        description="The publish step's time on the batch until this result was built: waiting for heatmaps "
+        "and sending the batch's earlier results.",
     )
     total_ms: Milliseconds = Field(description="Poll that returned the record to result produced.")
 

@@ -314,8 +314,11 @@ class FileHeatmapStore:
         the directory needs resolving. A directory removed while cached (a retention job) is created
         again on the next attempt.
         """
-        directory, name = self._split(key)
-        parent = self._directory(directory)
+        directory, name = self._split(key)  # a bad key is the caller's bug: ValueError, not retried
+        try:
+            parent = self._directory(directory)
+        except ValueError as exc:  # the key is fine; a directory on its way is a symlink leading out
+            raise HeatmapStoreError(f"{exc} (symlinks out of the store root are refused)") from exc
         path = parent / name
         tmp = parent / f".tmp-{secrets.token_hex(8)}"
         try:

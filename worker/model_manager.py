@@ -305,8 +305,12 @@ class ModelManager:
             return False
         self._failed_swaps.pop(line, None)
         with self._lock:
-            if line in self._models:
+            kept = line in self._models
+            if kept:
                 self._models[line] = new
+        if not kept:  # evicted while the new version loaded: the next get() loads the active version
+            log.info("model_swap_dropped", product_line=line, old_version=model.version, new_version=version)
+            return False
         log.info("model_swapped", product_line=line, old_version=model.version, new_version=version)
         return True
 

@@ -126,6 +126,7 @@ class _Publishing:
     scored: _Scored
     model: LoadedModel
     threshold: ResolvedThreshold
+    threshold_s: float  # the lookup's time on the infer thread (a Redis read once per TTL)
     verdicts: list[Verdict]
     heatmaps: dict[int, Future[StoredHeatmap]]
 
@@ -929,7 +930,9 @@ class Worker:
         """
         model = scored.items[0].model
         assert model is not None
+        lookup_start = time.monotonic()
         threshold = self.thresholds.resolve(model.line, model.version, model.default_threshold)
+        threshold_s = time.monotonic() - lookup_start
         self.metrics.threshold_source.labels(threshold.source).inc(len(scored.items))
         age = self.thresholds.age_s(model.line)
         if age is not None:
@@ -950,7 +953,7 @@ class Worker:
                     threshold.value,
                     self.settings.heatmaps.max_side_px,
                 )
-        return _Publishing(scored, model, threshold, verdicts, futures)
+        return _Publishing(scored, model, threshold, threshold_s, verdicts, futures)
 
     def _publish(self, publishing: _Publishing) -> None:
         """Wait for a prepared batch's heatmaps and send its results and alerts (batch order)."""
@@ -986,6 +989,10 @@ class Worker:
                     self.metrics.heatmap_failures.inc()
                     heatmap_error = str(exc)[:1000]
                     log.warning("heatmap_not_stored", message_id=it.request.message_id, error=heatmap_error)
+                except Exception as exc:  # a bug, or a reference the result schema refuses: the result still goes out
+                    self.metrics.heatmap_failures.inc()
+                    heatmap_error = f"{type(exc).__name__}: {exc}"[:1000]
+                    log.error("heatmap_failed", message_id=it.request.message_id, error=heatmap_error, exc_info=True)
             score = float(scored.scores[i])
             now_wall = datetime.now(UTC)
             total_ms = (self._clock() - it.polled_at) * 1000
@@ -1048,6 +1055,7 @@ class Worker:
             threshold=threshold.value,
             threshold_version=threshold.version,
             threshold_source=threshold.source,
+            threshold_ms=round(publishing.threshold_s * 1000, 2),
             partitions=sorted({it.tp.partition for it in scored.items}),
             first_offset=min(it.offset for it in scored.items),
         )

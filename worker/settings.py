@@ -380,7 +380,13 @@ class ModelSettings(_Section):
         "floor (docs/performance.md); system keeps glibc's defaults. No effect on other C libraries.",
     )
     preload: StrList = Field((), description="Lines loaded and warmed at start-up; /readyz waits for them.")
-    negative_ttl_s: float = Field(5.0, ge=0, le=3_600, description="Remember an unknown or failing line this long.")
+    negative_ttl_s: float = Field(
+        5.0,
+        ge=0,
+        le=3_600,
+        description="Remember a failing line this long; an unknown line at most this long (each refresh, "
+        "every REFRESH_INTERVAL_S, forgets unknown lines so newly published ones are found).",
+    )
     swap_retry_s: float = Field(30.0, ge=0, le=86_400, description="Retry a failed promoted version after this.")
     warmup_batch_sizes: IntList = Field(
         (1,), description=f"Batch sizes run once before a model serves (each 1 to {MAX_BATCH_SIZE})."
@@ -453,6 +459,13 @@ class HeatmapSettings(_Section):
         elif value.startswith("s3://"):
             if not urlsplit(value).netloc:  # what worker.s3.parse_s3_uri requires
                 raise ValueError("s3:// names no bucket (s3://bucket or s3://bucket/prefix)")
+            # Results carry s3://bucket/prefix/key as it is; the result schema (StorageUri) refuses
+            # whitespace and control characters there. (file:// results are percent-encoded.)
+            bad = next((c for c in value if ord(c) <= 0x20 or 0x7F <= ord(c) <= 0x9F), None)
+            if bad is not None:
+                raise ValueError(
+                    f"s3:// prefix contains {bad!r}; results cannot carry whitespace or control characters"
+                )
         else:
             raise ValueError("must start with file:// or s3://")
         return value

@@ -376,10 +376,17 @@ class _Entry:
     # Model version -> the newest history write that applies to it (None: none), for versions the
     # current record does not apply to; read once per load of the line.
     earlier: dict[str, ThresholdRecord | None] = field(default_factory=dict)
+    # Set while Redis answers that the line has no record although it had one: the record kept from
+    # then (served as ``cache``), and when it was last read.
+    kept_since: float | None = None
 
 
 def _applies(record: ThresholdRecord | None, model_version: str) -> bool:
     return record is not None and record.model_version in (None, model_version)
+
+
+def _source(entry: _Entry) -> ThresholdSource:
+    return "redis" if entry.kept_since is None else "cache"
 
 
 class ThresholdCache:
@@ -392,8 +399,11 @@ class ThresholdCache:
             (``ThresholdStore.latest_for``), asked only when the current record names another
             version; None: such versions get the model default.
         clock: monotonic seconds (injected in tests).
-        retry_interval_s: after a failed load, Redis is not asked again for this long; meanwhile the
-            last known good record is served with ``source="cache"``.
+        retry_interval_s: after a failed load, Redis is not asked again for this long (counted from
+            the failure); meanwhile the last known good record is served with ``source="cache"``.
+            A record that disappears (Redis restarted without persistence, evicted, deleted by hand:
+            no command of this project deletes one) is kept and served the same way, with a
+            ``threshold_record_missing`` warning at every reload, until the line is written again.
         max_entries: lines kept (least recently used evicted), so odd product-line headers cannot
             grow memory without bound.
     """
@@ -443,7 +453,7 @@ class ThresholdCache:
                 if not entry.stale and now - entry.loaded_at < self._ttl_s:
                     known, found = self._lookup(entry, model_version)
                     if known:
-                        return self._apply(found, "redis", model_version, default)
+                        return self._apply(found, _source(entry), model_version, default)
                     fresh = entry
             if self._retry_at.get(None, -math.inf) > now or self._retry_at.get(line, -math.inf) > now:
                 return self._fallback(entry, model_version, default)
@@ -456,12 +466,12 @@ class ThresholdCache:
                 assert self._load_earlier is not None
                 earlier = self._load_earlier(line, model_version)
         except CONNECTION_ERRORS as exc:
-            return self._load_failed(None, line, exc, now, model_version, default)
+            return self._load_failed(None, line, exc, model_version, default)
         except (
             redis.exceptions.RedisError,
             ValueError,
         ) as exc:  # e.g. WRONGTYPE, a corrupt record: this line only
-            return self._load_failed(line, line, exc, now, model_version, default)
+            return self._load_failed(line, line, exc, model_version, default)
         if record is not None and not _applies(record, model_version):
             log.warning(
                 "threshold_model_version_mismatch",
@@ -477,13 +487,38 @@ class ThresholdCache:
             elif fresh is None:
                 # An invalidation that raced with this load leaves the entry stale: the next call reloads.
                 new = _Entry(record, now, stale=generation != self._generation)
-                if asked:
+                previous = self._entries.get(line)
+                if record is None and previous is not None and previous.record is not None:
+                    new = self._keep_lost(line, previous, new)
+                elif asked:
                     new.earlier[model_version] = earlier
                 self._entries[line] = new
                 self._entries.move_to_end(line)
                 while len(self._entries) > self._max_entries:
                     self._entries.popitem(last=False)
-        return self._apply(record if _applies(record, model_version) else earlier, "redis", model_version, default)
+                if new.kept_since is not None:
+                    found = self._lookup(new, model_version)[1]
+                    return self._apply(found, "cache", model_version, default)
+        source = _source(fresh) if fresh is not None else "redis"
+        return self._apply(record if _applies(record, model_version) else earlier, source, model_version, default)
+
+    @staticmethod
+    def _keep_lost(line: str, previous: _Entry, new: _Entry) -> _Entry:
+        """``new`` (Redis: no record) carrying the record ``previous`` had, served as ``cache``."""
+        assert previous.record is not None
+        log.warning(
+            "threshold_record_missing",
+            product_line=line,
+            kept_value=previous.record.value,
+            kept_version=previous.record.version,
+            kept_model_version=previous.record.model_version,
+            hint="Redis lost the line's record (restart without persistence, eviction, a manual delete); "
+            "serving the last value read until the line is written again",
+        )
+        new.record = previous.record
+        new.earlier = previous.earlier
+        new.kept_since = previous.kept_since if previous.kept_since is not None else previous.loaded_at
+        return new
 
     def invalidate(self, line: str | None = None) -> None:
         """Force a reload of one line (or of all lines with None) on its next use.
@@ -506,14 +541,16 @@ class ThresholdCache:
         """Seconds since the line's record was last read from Redis; None if it never was."""
         with self._lock:
             entry = self._entries.get(line)
-            return None if entry is None else max(0.0, self._clock() - entry.loaded_at)
+            if entry is None:
+                return None
+            read_at = entry.loaded_at if entry.kept_since is None else entry.kept_since
+            return max(0.0, self._clock() - read_at)
 
     def _load_failed(
         self,
         scope: str | None,
         line: str,
         exc: BaseException,
-        now: float,
         model_version: str,
         default: float,
     ) -> ResolvedThreshold:
@@ -524,7 +561,9 @@ class ThresholdCache:
             retry_in_s=self._retry_interval_s,
         )
         with self._lock:
-            self._retry_at[scope] = now + self._retry_interval_s
+            # From the failure, not from the start of the read: a read that times out after its
+            # retries can take longer than the pause, which would then never hold.
+            self._retry_at[scope] = self._clock() + self._retry_interval_s
             return self._fallback(self._entries.get(line), model_version, default)
 
     def _lookup(self, entry: _Entry, model_version: str) -> tuple[bool, ThresholdRecord | None]:

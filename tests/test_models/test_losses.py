@@ -116,6 +116,17 @@ def test_scl_mask_drops_positions_where_teacher_is_not_equivariant() -> None:
     assert scl_mask(aug, t_aug, t_clean, use_consistency=False).all()
 
 
+def test_scl_mask_keeps_every_valid_cell_where_the_teacher_is_exactly_equivariant() -> None:
+    # A PDN teacher shifted by whole cells: r = 0 at every valid cell. r < quantile(r) kept none, so
+    # SCL did nothing on shift steps (every step with --scl-augment label_preserving).
+    aug = SpatialAug("shift", dy=1, dx=0)
+    t = torch.randn(2, 4, 6, 6)
+    t_aug = aug.warp(t)
+    mask = scl_mask(aug, t_aug, t)
+    valid = aug.valid_mask((6, 6), t.device).expand(2, 1, 6, 6)
+    assert valid.any() and torch.equal(mask, valid)
+
+
 def test_scl_weight_has_a_five_percent_warmup() -> None:
     assert scl_weight(0, 100, 1.0) == 0.0
     assert scl_weight(4, 100, 1.0) == 0.0

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from models import teacher as teacher_module
 from models.networks import PDN, pdn_out_size
 from models.teacher import (
+    DISTILL_STD_FLOOR,
     FilterBankTeacher,
     TeacherError,
     build_offline_teacher,
+    distill_target_statistics,
     distill_teacher,
     load_backbone,
     load_published_teacher,
@@ -141,7 +146,7 @@ def test_distillation_from_a_user_backbone_lowers_the_loss() -> None:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # the initialisation distill_teacher(seed=0) starts from
         untrained = PDN("s", padding=True)
-    trained = distill_teacher(backbone, batches(), "s", steps=20, lr=2e-3)
+    trained = distill_teacher(backbone, batches(), "s", steps=40, lr=2e-3)
     assert not trained.padding and trained(torch.zeros(1, 3, 128, 128)).shape == (1, 384, 24, 24)
     padded = PDN("s", padding=True)
     padded.load_state_dict(trained.state_dict())
@@ -162,3 +167,43 @@ def test_load_backbone_errors() -> None:
         load_backbone("no_colon")
     with pytest.raises(TeacherError, match="cannot import"):
         load_backbone("tests.test_models.test_teacher:missing")
+
+
+def _late_channel_backbone(x: torch.Tensor) -> torch.Tensor:
+    """384 channels; channel 0 fires only on bright images, channel 1 never."""
+    f = torch.nn.functional.avg_pool2d(x, 8).mean(1, keepdim=True).repeat(1, 384, 1, 1)
+    f[:, 0] = torch.relu(f[:, 0] - 1.5)
+    f[:, 1] = 0.0
+    return f
+
+
+def _dark_then_bright() -> Iterator[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    for i in itertools.count():
+        x = torch.randn(4, 3, 64, 64, generator=gen) * 0.2
+        if i > 0:
+            x[0] += 3.0  # a bright image in every batch after the first
+        yield x
+
+
+def test_target_statistics_floor_a_silent_channel_at_a_tenth_of_the_median_std() -> None:
+    mean, std = distill_target_statistics(_late_channel_backbone, _dark_then_bright(), 4)
+    assert mean.shape == std.shape == (1, 384, 1, 1)
+    median = float(std.flatten()[2:].median())
+    assert float(std[0, 1]) == pytest.approx(DISTILL_STD_FLOOR * median, rel=1e-5)  # never fires
+    assert float(std[0, 0]) > 0.1 * median  # fires in batches 2-4: its own spread, not the first batch's ~0
+
+
+def test_distillation_loss_stays_bounded_when_a_channel_is_silent_in_the_first_batch(monkeypatch) -> None:
+    # Normalised with the first batch's std (+1e-6), the channel's later targets were ~1e6 sigma: loss 1e9.
+    losses: list[float] = []
+    mse = torch.nn.functional.mse_loss
+
+    def spy(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        loss = mse(a, b)
+        losses.append(loss.item())
+        return loss
+
+    monkeypatch.setattr(teacher_module.F, "mse_loss", spy)
+    distill_teacher(_late_channel_backbone, _dark_then_bright(), "s", steps=3, stat_batches=4)
+    assert len(losses) == 3 and max(losses) < 100, losses

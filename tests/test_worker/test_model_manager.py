@@ -184,6 +184,28 @@ def test_refresh_swaps_only_after_the_new_version_loaded_and_warmed(
     assert manager.get("brick").version == "v1"
 
 
+def test_a_line_evicted_while_its_new_version_loads_is_not_reported_swapped(
+    manager: ModelManager, registry: ModelRegistry, loader: FakeLoader, threads: list[threading.Thread]
+) -> None:
+    manager.get("brick")
+    registry.promote("brick", "v2")
+    evicted = threading.Event()
+    loader.on_warmup = lambda det: det.path.parent.name == "brick" and det.version == "v2" and evicted.wait(5)
+    loader.started.clear()
+    swapped: list[list[str]] = []
+    with capture_logs() as logs:
+        _start(threads, lambda: swapped.append(manager.refresh()))
+        assert loader.started.wait(5)  # brick v2 is loading (held in its warm-up)
+        manager.get("tile")
+        manager.get("wood")  # max_loaded=2: brick (least recently used) is evicted meanwhile
+        evicted.set()
+        threads[0].join(5)
+    assert swapped == [[]]
+    assert "brick" not in manager.loaded()
+    events = [e["event"] for e in logs if e.get("product_line") == "brick"]
+    assert "model_swapped" not in events and "model_swap_dropped" in events
+
+
 def test_failed_swap_keeps_the_old_version_and_retries_with_backoff(
     manager: ModelManager, registry: ModelRegistry, loader: FakeLoader, clock: FakeClock, loads: list[tuple[str, str]]
 ) -> None:

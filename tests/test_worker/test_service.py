@@ -28,6 +28,7 @@ from kafka.structs import MemberState
 from structlog.testing import capture_logs
 
 from schemas.request import InspectionRequest, build_request_headers
+from worker.heatmaps import FileHeatmapStore, RetryingHeatmapStore
 from worker.model_manager import LoadedModel
 from worker.service import Worker, _Listener
 from worker.settings import load_settings
@@ -550,6 +551,54 @@ def test_inference_held_up_by_a_slow_heatmap_store_is_waiting_not_stalled(tmp_pa
             assert "infer" not in w.heartbeats.waiting_on()
     finally:
         store.gate.set()
+
+
+class _BrokenStore:
+    """A store that fails with something other than a store error (a bug, an odd URI)."""
+
+    def __init__(self, uri: str | None = None) -> None:
+        self.uri = uri
+
+    def put(self, key: str, data: bytes, content_type: str) -> str:
+        if self.uri is None:
+            raise RuntimeError("boom")
+        return self.uri
+
+
+@pytest.mark.parametrize(
+    ("store", "error"),
+    [
+        (_BrokenStore(), "RuntimeError: boom"),
+        # Stored, but the reference is one the result schema refuses: the result goes out without it.
+        (_BrokenStore("s3://bucket/line heatmaps/k.png"), "ValidationError"),
+    ],
+    ids=["store-raises", "reference-refused"],
+)
+def test_any_heatmap_failure_gives_a_result_with_heatmap_error_not_a_fatal_stop(tmp_path, store, error) -> None:
+    # Only HeatmapStoreError/OSError were caught: anything else from the heatmap stage stopped the worker
+    # without committing, and the redelivered records stopped every restart the same way.
+    w = make_worker(tmp_path, [request(i) for i in range(3)], heatmap_store=store)
+    with running(w):
+        assert wait_for(lambda: committed(w)[-1:] == [3], timeout_s=5)
+    assert w._fatal is None
+    results = w.producer.results()
+    assert [r["message_id"] for r in results] == ["m0", "m1", "m2"]
+    assert all(r["heatmap"] is None and r["heatmap_error"].startswith(error) for r in results)
+
+
+def test_a_symlinked_line_directory_leading_out_of_the_store_gives_results_with_heatmap_error(tmp_path) -> None:
+    root, elsewhere = tmp_path / "heatmaps", tmp_path / "bigdisk"
+    root.mkdir()
+    elsewhere.mkdir()
+    (root / "brick").symlink_to(elsewhere)
+    store = RetryingHeatmapStore(FileHeatmapStore(root), retries=1, backoff_ms=1)
+    w = make_worker(tmp_path, [request(i) for i in range(3)], heatmap_store=store)
+    with running(w):
+        assert wait_for(lambda: committed(w)[-1:] == [3], timeout_s=5)
+    assert w._fatal is None
+    results = w.producer.results()
+    assert len(results) == 3 and all("escapes the store root" in r["heatmap_error"] for r in results)
+    assert list(elsewhere.iterdir()) == []
 
 
 # -- review 2026-12-01: shutdown races and a dead letter that fails after scoring ------------------

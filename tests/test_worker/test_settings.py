@@ -48,6 +48,7 @@ def test_settings_are_frozen() -> None:
         ("SPACE_HEATMAPS__STORE_URI", "s3://", "SPACE_HEATMAPS__STORE_URI: s3:// names no bucket"),
         ("SPACE_HEATMAPS__STORE_URI", "s3:///prefix", "SPACE_HEATMAPS__STORE_URI: s3:// names no bucket"),
         ("SPACE_HEATMAPS__STORE_URI", "file://", "SPACE_HEATMAPS__STORE_URI: file:// names no directory"),
+        ("SPACE_HEATMAPS__STORE_URI", "s3://plant-a/line heatmaps", "SPACE_HEATMAPS__STORE_URI: s3:// prefix contains ' '"),
         (
             "SPACE_DECODE__CLAIM_CHECK_SCHEMES",
             "http",
@@ -95,7 +96,7 @@ def test_claim_check_schemes_and_store_uris_that_load(monkeypatch: pytest.Monkey
     assert load_settings().decode.claim_check_schemes == ("s3", "file")  # the fetcher compares lowercase schemes
     monkeypatch.setenv("SPACE_DECODE__CLAIM_CHECK_SCHEMES", "")
     assert load_settings().decode.claim_check_schemes == ()
-    for uri in ("s3://bucket", "s3://bucket/prefix/", "file:///var/lib/space/heatmaps", "file://.space/heatmaps"):
+    for uri in ("s3://bucket", "s3://bucket/prefix/", "file:///var/lib/space/heatmaps", "file://.space/heatmaps", "file:///srv/heat maps"):
         monkeypatch.setenv("SPACE_HEATMAPS__STORE_URI", uri)
         assert load_settings().heatmaps.store_uri == uri
 

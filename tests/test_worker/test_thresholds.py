@@ -140,6 +140,56 @@ def test_recovers_to_redis_after_outage(cache, loader, clock):
     assert (resolved.value, resolved.version, resolved.source) == (0.9, 2, "redis")
 
 
+def test_the_back_off_counts_from_the_failure_not_from_the_start_of_the_read(cache, loader, clock):
+    # A read against a hung Redis can outlast the pause (timeouts x retries); counted from its start,
+    # the pause would be over when the read fails and every batch would wait for Redis again.
+    loader.records["L1"] = record(0.7)
+    cache.resolve("L1", "v1", 0.5)
+    clock.advance(11)
+
+    def slow_failure(line: str) -> ThresholdRecord | None:
+        loader.calls.append(line)
+        clock.advance(1.5)  # longer than retry_interval_s = 1.0
+        raise redis.exceptions.TimeoutError("no answer")
+
+    cache._load = slow_failure  # type: ignore[method-assign]
+    for _ in range(5):
+        assert cache.resolve("L1", "v1", 0.5).source == "cache"
+        clock.advance(0.2)  # batches keep coming, within the second after the failure
+    assert loader.calls == ["L1", "L1"]
+
+
+def test_a_record_redis_lost_is_kept_until_the_line_is_written_again(cache, loader, clock, capsys):
+    loader.records["L1"] = record(0.7, version=3)
+    assert cache.resolve("L1", "v1", 0.5).source == "redis"
+    clock.advance(5)
+    assert cache.age_s("L1") == 5
+    del loader.records["L1"]  # Redis restarted without persistence, or evicted the key
+    clock.advance(6)
+    resolved = cache.resolve("L1", "v1", 0.5)
+    assert (resolved.value, resolved.version, resolved.source) == (0.7, 3, "cache")
+    assert "threshold_record_missing" in capsys.readouterr().out
+    assert cache.age_s("L1") == 11  # since the record was last read, not since Redis said "none"
+    clock.advance(5)
+    assert cache.resolve("L1", "v1", 0.5).source == "cache"  # within the TTL: not asked again
+    assert loader.calls == ["L1", "L1"]
+    clock.advance(10)
+    assert cache.resolve("L1", "v1", 0.5).value == 0.7  # still missing at the next reload: still kept
+    assert cache.age_s("L1") == 26
+    loader.records["L1"] = record(0.8, version=1)  # written again (the version counter restarted)
+    cache.invalidate("L1")  # the write's notice
+    resolved = cache.resolve("L1", "v1", 0.5)
+    assert (resolved.value, resolved.version, resolved.source) == (0.8, 1, "redis")
+    assert cache.age_s("L1") == 0
+
+
+def test_a_line_that_never_had_a_record_is_not_warned_about(cache, loader, clock, capsys):
+    assert cache.resolve("L1", "v1", 0.5).source == "model-default"
+    clock.advance(11)
+    assert cache.resolve("L1", "v1", 0.5).source == "model-default"
+    assert "threshold_record_missing" not in capsys.readouterr().out
+
+
 class FakeHistory:
     """Newest-first writes per line; ``latest_for`` like ``ThresholdStore.latest_for``; counts calls."""
 
