@@ -122,7 +122,8 @@ class ThresholdInfo(WireModel):
         default=None, ge=1, description="Version of the Redis record; None for the model default."
     )
     source: ThresholdSource = Field(
-        description="redis: read now; cache: last known good (Redis unreachable); model-default: none set."
+        description="redis: read now; cache: last known good (Redis unreachable, or it lost the record); "
+        "model-default: none set."
     )
     model_version: Identifier | None = Field(
         default=None, description="Model version the threshold was calibrated for, if recorded."

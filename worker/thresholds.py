@@ -356,7 +356,7 @@ class ResolvedThreshold:
     Attributes:
         value: the threshold.
         version: the record's version; None for the model default.
-        source: ``redis`` (read from Redis within the TTL), ``cache`` (Redis failed: last known good)
+        source: ``redis`` (read from Redis within the TTL), ``cache`` (Redis failed or lost the record: last known good)
             or ``model-default`` (no applicable record).
         model_version: the record's model version (None = written for any version); for
             ``model-default``, the active model version whose card supplied the value.
