@@ -10,6 +10,8 @@ One caller at a time: a lock serialises :meth:`Detector.predict`.
 from __future__ import annotations
 
 import functools
+import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -134,6 +136,22 @@ def resolve_compile_mode(compile_mode: str) -> str | None:
     return TORCH_COMPILE_MODES[compile_mode]
 
 
+def check_compile_toolchain(compile_mode: str, device: torch.device) -> None:
+    """Raise :class:`DetectorError` when torch.compile on a CPU device has no C++ compiler to call.
+
+    Inductor compiles CPU kernels with the C++ compiler in ``$CXX`` or on the PATH; without one
+    (slim runtime images) every load would fail at warm-up with a long inductor trace.
+    """
+    if compile_mode == "off" or device.type != "cpu":
+        return
+    candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    if not any(shutil.which(name) for name in candidates):
+        raise DetectorError(
+            f"{COMPILE_SETTING}={compile_mode} on CPU needs a C++ compiler (tried {', '.join(candidates)}; "
+            f"the shipped CPU image has none): install g++ or set {COMPILE_SETTING}=off"
+        )
+
+
 def compile_failure(compile_mode: str, exc: BaseException) -> DetectorError:
     """A :class:`DetectorError` naming the setting and the first line of the innermost error."""
     root = exc
@@ -192,6 +210,7 @@ class Detector:
         self.channels_last = channels_last
         self.compile_mode = compile_mode
         torch_mode = resolve_compile_mode(compile_mode)
+        check_compile_toolchain(compile_mode, device)
         self._lock = threading.Lock()
         self._runner: BucketedRunner | None = None
         if device.type == "cuda":

@@ -17,6 +17,7 @@ import structlog
 
 from worker.decode import ClaimCheckFetcher
 from worker.device_decode import DeviceJpegDecoder
+from worker.errors import ConfigError
 from worker.heatmaps import open_heatmap_store
 from worker.http import HealthServer, Heartbeats
 from worker.kafka_clients import make_consumer, make_producer
@@ -80,7 +81,7 @@ class App:
         self._refresher.start()
         try:
             if self.settings.models.preload:
-                self.models.preload(self.settings.models.preload)
+                self.models.preload(self.settings.models.preload, stop=self.worker.stop_requested)
             self.publish_serving()
             return self.worker.run()
         finally:
@@ -137,11 +138,23 @@ class App:
 
 
 def build_app(settings: Settings, *, detector_loader: Any | None = None) -> App:
-    """Wire a worker from settings (connects lazily; nothing is consumed until :meth:`App.run`)."""
+    """Wire a worker from settings (connects lazily; nothing is consumed until :meth:`App.run`).
+
+    Raises:
+        ConfigError: settings the model runtime cannot honour here (torch.compile on a CPU without a
+            C++ compiler, or on a device that is not there), named before anything starts.
+    """
     if settings.models.threads:
         import torch
 
         torch.set_num_threads(settings.models.threads)
+    if settings.models.compile != "off" and detector_loader is None:
+        from models.detector import DetectorError, check_compile_toolchain, resolve_device
+
+        try:
+            check_compile_toolchain(settings.models.compile, resolve_device(settings.models.device))
+        except DetectorError as exc:
+            raise ConfigError(str(exc)) from None
     metrics = WorkerMetrics()
     heartbeats = Heartbeats()
     metrics.watch_loops(

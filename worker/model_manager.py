@@ -129,6 +129,7 @@ class ModelManager:
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
         # line -> (retry_at, message, unknown_line): lines that cannot serve right now.
         self._unavailable: dict[str, tuple[float, str, bool]] = {}
+        self._preload_failed: dict[str, str] = {}
         # line -> a promoted version that failed to load (kept across eviction of the line).
         self._failed_swaps: dict[str, _FailedSwap] = {}
         self._lock = threading.Lock()
@@ -319,7 +320,35 @@ class ModelManager:
         with self._lock:
             return dict(self._models)
 
-    def preload(self, lines: Sequence[str]) -> None:
-        """Load (and warm) these lines now, so the first image does not pay for it."""
+    def preload(self, lines: Sequence[str], *, stop: Callable[[], bool] = lambda: False) -> dict[str, str]:
+        """Load (and warm) these lines now, so the first image does not pay for it.
+
+        A line that does not load (no active version, a version that fails its checks, a store that
+        is down) is logged (``model_preload_failed``) and skipped: one bad line must not keep a new
+        pod from serving the others (a crash here crash-looped every new pod of the fleet). Its
+        images are dead-lettered as ``model-unavailable`` and it loads on first use once it can.
+
+        Args:
+            lines: product lines, in order.
+            stop: checked before each line; True ends the preload early (SIGTERM while warming up).
+
+        Returns:
+            The lines that failed, with why.
+        """
+        failed: dict[str, str] = {}
         for line in lines:
-            self.get(line)
+            if stop():
+                break
+            try:
+                self.get(line)
+            except ModelUnavailable as exc:
+                failed[line] = exc.detail
+                log.error("model_preload_failed", product_line=line, error=exc.detail)
+        with self._lock:
+            self._preload_failed.update(failed)
+        return failed
+
+    def preload_failures(self) -> dict[str, str]:
+        """Preloaded lines that failed to load and have not loaded since, with why."""
+        with self._lock:
+            return {line: why for line, why in self._preload_failed.items() if line not in self._models}

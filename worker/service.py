@@ -268,6 +268,7 @@ class Worker:
         # Assigned partitions not yet checked for a committed offset (see _commit_start_positions).
         self._unchecked: set[TopicPartition] = set()
         self._joined = False
+        self._polled = False  # the consumer was polled once (it may be in the group)
         self._threads: list[threading.Thread] = []
         self.worker_id = settings.worker.id
 
@@ -280,6 +281,10 @@ class Worker:
             self._shutdown_deadline = time.monotonic() + self.settings.worker.shutdown_grace_s
         self._stop.set()
 
+    def stop_requested(self) -> bool:
+        """Whether a stop was asked for (also before :meth:`run`)."""
+        return self._stop.is_set()
+
     @property
     def assigned(self) -> set[TopicPartition]:
         return set(self._assigned)
@@ -288,13 +293,17 @@ class Worker:
         """/readyz: preloaded models warm, the group joined (with or without partitions), not stopping.
 
         A member the group gives no partition (more pods than partitions, e.g. the surge pod of a
-        rollout at full scale) is ready too: otherwise the rollout waits on it forever.
+        rollout at full scale) is ready too: otherwise the rollout waits on it forever. So is a pod
+        whose preload of a line failed (``failed_models``): it serves the other lines, and a startup
+        probe waiting on that line would restart it for nothing.
         """
         loaded = self.models.loaded()
-        missing = [line for line in self.settings.models.preload if line not in loaded]
+        failed = self.models.preload_failures()
+        missing = [line for line in self.settings.models.preload if line not in loaded and line not in failed]
         detail = {
             "models": {line: m.version for line, m in loaded.items()},
             "missing_models": missing,
+            "failed_models": failed,
             "joined": self._joined,
             "assigned_partitions": len(self._assigned),
             "stopping": self._stop.is_set(),
@@ -379,7 +388,9 @@ class Worker:
         to the rebalance timeout on Kafka). Polling here completes the round; records it returns are
         dropped uncommitted (partitions assigned now are paused at once, see :meth:`_on_assigned`).
         """
-        if self._group_stable():
+        if not self._polled or self._group_stable():
+            # Never polled (stopped before it started, e.g. SIGTERM during preload): no join to finish,
+            # and polling here would join the group only to leave it (two rebalances for the others).
             return
         start = time.monotonic()
         try:
@@ -401,6 +412,7 @@ class Worker:
     def _poll_once(self) -> None:
         k, b = self.settings.kafka, self.settings.batching
         room = b.max_inflight_images - self._inflight_count
+        self._polled = True
         records = self.consumer.poll(timeout_ms=k.poll_timeout_ms, max_records=max(1, min(k.max_poll_records, room)))
         self.heartbeats.beat("poll")
         if not self._joined and self._group_stable():

@@ -360,7 +360,8 @@ class ModelSettings(_Section):
         "off",
         description="torch.compile the model, one graph per batch bucket (on CPU too); the first batch of "
         "each bucket compiles, so warm-up takes longer (minutes on a small CPU). Needs a C++ compiler "
-        "(CPU) or triton (CUDA); a failed compile is an error, never a silent fallback to eager.",
+        "(CPU; the shipped CPU image has none, so serve refuses it at start there) or triton (CUDA); a failed "
+        "compile is an error, never a silent fallback to eager.",
     )
     concurrent_branches: bool = Field(
         False,

@@ -53,3 +53,25 @@ def test_partitions_the_group_never_committed_get_their_start_committed(make_set
             assert time.monotonic() < deadline, f"not every partition committed: {committed}"
             time.sleep(0.2)
     assert sorted(committed.values()) == [0, 0, 0, 1], committed
+
+
+def test_a_preloaded_line_that_does_not_load_leaves_the_worker_serving_the_others(
+    make_settings, topics, trained_model
+) -> None:
+    # A preload failure used to end App.run before the worker started: with one line without a model
+    # (a typo in SPACE_MODELS__PRELOAD, a promotion that does not load), every new pod crash-looped.
+    from tests.kafka_helpers import produce
+    from tests.reliability.helpers import TopicTail
+    from tests.worker_harness import request_record
+
+    settings = make_settings(topics, models={"root": str(trained_model.root), "preload": ("glass", trained_model.line)})
+    image = next((trained_model.data / "test" / "good").glob("*.png"))
+    with running_worker(settings) as app, TopicTail(settings, topics.results) as results:
+        ready, detail = app.worker.readiness()
+        assert ready, detail
+        assert list(detail["failed_models"]) == ["glass"] and detail["missing_models"] == []
+        assert list(detail["models"]) == [trained_model.line]
+        produce(
+            settings, topics.requests, [request_record(image, line=trained_model.line, camera="c", message_id="m0")]
+        )
+        results.wait(lambda r: len(r) >= 1, 60, "a result for the line that loaded")

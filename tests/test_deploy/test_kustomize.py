@@ -178,6 +178,40 @@ def test_grace_period_exceeds_the_drain_budget(docs: list[dict[str, Any]]) -> No
     assert termination_s >= grace_s + 10, f"{termination_s} s leaves no margin over {grace_s} s of drain"
 
 
+def test_a_read_write_once_volume_keeps_every_worker_on_one_node(docs: list[dict[str, Any]]) -> None:
+    # RWO attaches a volume to one node at a time: pods KEDA adds (or a rollout's surge pod) on another
+    # node hang in ContainerCreating with Multi-Attach. A hostname spread even prefers other nodes.
+    pod = find(docs, "Deployment")["spec"]["template"]
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v}
+    rwo = [
+        d["metadata"]["name"]
+        for d in docs
+        if d["kind"] == "PersistentVolumeClaim"
+        and d["metadata"]["name"] in claims
+        and "ReadWriteOnce" in d["spec"]["accessModes"]
+    ]
+    if not rwo:
+        return
+    spreads = pod["spec"].get("topologySpreadConstraints", [])
+    assert not [c for c in spreads if c["topologyKey"] == "kubernetes.io/hostname"], rwo
+    terms = pod["spec"]["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert any(
+        t["topologyKey"] == "kubernetes.io/hostname"
+        and t["labelSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+        for t in terms
+    ), rwo
+
+
+def test_the_rollout_deadline_leaves_room_beyond_the_startup_budget(docs: list[dict[str, Any]]) -> None:
+    # Kubernetes counts progressDeadlineSeconds (default 600) from pod creation; scheduling, image pulls
+    # and the startup probe's whole budget come out of it, or `kubectl rollout status` fails a rollout
+    # that would have finished.
+    deployment = find(docs, "Deployment")
+    probe = worker_container(docs)["startupProbe"]
+    budget_s = probe.get("initialDelaySeconds", 0) + probe["periodSeconds"] * probe["failureThreshold"]
+    assert deployment["spec"].get("progressDeadlineSeconds", 600) >= budget_s + 300, budget_s
+
+
 def test_selectors_select_the_pods(docs: list[dict[str, Any]]) -> None:
     deployment = find(docs, "Deployment")
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]

@@ -303,3 +303,15 @@ def test_inductor_maps_match_eager_at_and_between_buckets(
         # spread leaves 10x headroom and is far below any threshold decision.
         assert diff <= 1e-4 * spread
         np.testing.assert_allclose(got.scores, want.scores, rtol=0, atol=1e-4 * spread)
+
+
+def test_compile_on_a_cpu_without_a_cxx_compiler_is_refused_at_load(
+    artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The shipped CPU image has no g++: refused when the model loads (and, in space serve, at start:
+    # tests/test_worker/test_settings.py), not minutes later with an inductor trace at warm-up.
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    with pytest.raises(DetectorError, match=f"{COMPILE_SETTING}=default on CPU needs a C\\+\\+ compiler"):
+        Detector.load(artifact, device="cpu", max_batch=1, compile_mode="default")
+    Detector.load(artifact, device="cpu", max_batch=1, compile_mode="off")  # eager needs none

@@ -322,3 +322,27 @@ def test_a_card_naming_another_version_is_served_but_logged(manager: ModelManage
     with capture_logs() as logs:
         manager.get("tile")
     assert not any(e["event"] == "model_card_version_mismatch" for e in logs)
+
+
+def test_a_line_that_fails_to_preload_is_skipped_and_reported_not_raised(
+    manager: ModelManager, registry: ModelRegistry, loader: FakeLoader, clock: FakeClock
+) -> None:
+    # A raise here ended App.run before the worker started: one bad line crash-looped every new pod.
+    registry.promote("brick", "v2")
+    loader.broken.add("v2")
+    with capture_logs() as logs:
+        failed = manager.preload(["brick", "tile", "glass"])
+    assert set(failed) == {"brick", "glass"} and "sha256" in failed["brick"]
+    assert list(manager.loaded()) == ["tile"]
+    assert {e["product_line"] for e in logs if e["event"] == "model_preload_failed"} == {"brick", "glass"}
+    assert set(manager.preload_failures()) == {"brick", "glass"}
+    loader.broken.clear()  # fixed; the line loads on first use after the negative TTL
+    clock.now += 6
+    manager.get("brick")
+    assert set(manager.preload_failures()) == {"glass"}
+
+
+def test_preload_stops_between_lines_when_asked(manager: ModelManager, loader: FakeLoader) -> None:
+    asked: list[int] = []
+    assert manager.preload(["brick", "tile", "wood"], stop=lambda: asked.append(1) or len(asked) > 1) == {}
+    assert loader.calls == ["brick/v1"]

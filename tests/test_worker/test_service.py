@@ -785,3 +785,63 @@ def test_a_copy_scored_before_the_position_moved_back_does_not_commit_the_new_re
         # At-least-once: offset 3 is committed only once the record now at 2 (4: at 3) was answered.
         assert offset <= 2 or "m2-after-truncation" in answered_then, (offset, answered_then)
         assert offset <= 3 or "m3-after-truncation" in answered_then, (offset, answered_then)
+
+
+# -- review 2026-12-02: a pod stopped while warming up; a preloaded line that failed ----------------
+class _UnjoinedConsumer(FakeConsumer):
+    """Not in the group until polled (kafka-python joins inside poll)."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.polls = 0
+
+    def poll(self, timeout_ms: int = 0, max_records: int | None = None) -> dict[TopicPartition, list[Rec]]:
+        self.polls += 1
+        return super().poll(timeout_ms, max_records)
+
+    def group_metadata(self) -> Any:
+        return SimpleNamespace(state=MemberState.STABLE if self.polls else MemberState.UNJOINED)
+
+
+def test_a_worker_stopped_before_it_ran_never_joins_the_group(tmp_path) -> None:
+    # SIGTERM during preload: _settle_join polled the never-joined consumer until the group settled,
+    # i.e. joined it (taking partitions from the others) only to leave at once: two rebalances.
+    w = make_worker(tmp_path, [])
+    consumer = _UnjoinedConsumer()
+    w.consumer = consumer  # type: ignore[assignment]
+    w.request_stop()
+    assert w.stop_requested()
+    assert w.run() == 0
+    assert consumer.polls == 0
+
+
+class _PreloadModels(FakeModels):
+    def __init__(self, loaded: list[str], failed: dict[str, str]) -> None:
+        super().__init__()
+        self._loaded, self._failed = loaded, failed
+
+    def loaded(self) -> dict[str, LoadedModel]:
+        return {line: LoadedModel(line, "v1", self.detector, 0.0) for line in self._loaded}
+
+    def preload_failures(self) -> dict[str, str]:
+        return dict(self._failed)
+
+
+@pytest.mark.parametrize(
+    ("loaded", "failed", "ready", "missing"),
+    [
+        (["brick", "tile"], {}, True, []),
+        (["brick"], {}, False, ["tile"]),  # still loading
+        (["brick"], {"tile": "no active version"}, True, []),  # failed: serve brick, report tile
+    ],
+)
+def test_readiness_waits_for_preloaded_lines_but_not_for_one_that_failed(
+    tmp_path, loaded, failed, ready, missing
+) -> None:
+    w = make_worker(tmp_path, [], models=_PreloadModels(loaded, failed))
+    w.settings = w.settings.model_copy(
+        update={"models": w.settings.models.model_copy(update={"preload": ("brick", "tile")})}
+    )
+    w._joined = True
+    ok, detail = w.readiness()
+    assert (ok, detail["missing_models"], detail["failed_models"]) == (ready, missing, failed)

@@ -48,7 +48,11 @@ def test_settings_are_frozen() -> None:
         ("SPACE_HEATMAPS__STORE_URI", "s3://", "SPACE_HEATMAPS__STORE_URI: s3:// names no bucket"),
         ("SPACE_HEATMAPS__STORE_URI", "s3:///prefix", "SPACE_HEATMAPS__STORE_URI: s3:// names no bucket"),
         ("SPACE_HEATMAPS__STORE_URI", "file://", "SPACE_HEATMAPS__STORE_URI: file:// names no directory"),
-        ("SPACE_HEATMAPS__STORE_URI", "s3://plant-a/line heatmaps", "SPACE_HEATMAPS__STORE_URI: s3:// prefix contains ' '"),
+        (
+            "SPACE_HEATMAPS__STORE_URI",
+            "s3://plant-a/line heatmaps",
+            "SPACE_HEATMAPS__STORE_URI: s3:// prefix contains ' '",
+        ),
         (
             "SPACE_DECODE__CLAIM_CHECK_SCHEMES",
             "http",
@@ -96,7 +100,13 @@ def test_claim_check_schemes_and_store_uris_that_load(monkeypatch: pytest.Monkey
     assert load_settings().decode.claim_check_schemes == ("s3", "file")  # the fetcher compares lowercase schemes
     monkeypatch.setenv("SPACE_DECODE__CLAIM_CHECK_SCHEMES", "")
     assert load_settings().decode.claim_check_schemes == ()
-    for uri in ("s3://bucket", "s3://bucket/prefix/", "file:///var/lib/space/heatmaps", "file://.space/heatmaps", "file:///srv/heat maps"):
+    for uri in (
+        "s3://bucket",
+        "s3://bucket/prefix/",
+        "file:///var/lib/space/heatmaps",
+        "file://.space/heatmaps",
+        "file:///srv/heat maps",
+    ):
         monkeypatch.setenv("SPACE_HEATMAPS__STORE_URI", uri)
         assert load_settings().heatmaps.store_uri == uri
 
@@ -201,3 +211,13 @@ def test_a_client_key_without_its_certificate_is_refused(monkeypatch: pytest.Mon
         load_settings()
     monkeypatch.setenv("SPACE_KAFKA__SSL_CERTFILE", "/etc/space/client.crt")
     assert load_settings().kafka.ssl_certfile == Path("/etc/space/client.crt")
+
+
+def test_serve_refuses_compile_on_a_cpu_without_a_cxx_compiler_at_start(tmp_path, monkeypatch) -> None:
+    from worker.app import build_app
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    settings = load_settings(models={"compile": "default", "device": "cpu"}, worker={"state_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match="SPACE_MODELS__COMPILE=default on CPU needs a C\\+\\+ compiler"):
+        build_app(settings)
