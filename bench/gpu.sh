@@ -6,13 +6,14 @@
 # Usage on a CUDA host, from the repo root:  bash bench/gpu.sh [OUT_DIR]
 #
 # GPU_SECTIONS picks sections (their limits in seconds, override with the *_S variables):
-#   tests (75)  breakdown (55)  branches (45)  model (220)  compile (120)  processes (195)  e2e-fast (75)
-#   e2e (200)  e2e-large (100)  precision (60)
-# The default, "tests breakdown branches processes compile" (490 s of limits), runs within
-# GPU_TOTAL_S=480 (the last section's limit is cut to what is left; tests/test_bench_scripts.py checks
-# the sums), so one 600 s device command ends by itself with its archive, leaving device time for a
+#   tests (75)  breakdown (55)  branches (45)  precision (60)  model (220)  compile (120)  processes (195)
+#   e2e-fast (75)  e2e (200)  e2e-large (100)      (listed in the order they run)
+# The default, "tests breakdown branches compile processes" (490 s of limits), runs within
+# GPU_TOTAL_S=480 (the last section's limit, processes', is cut to what is left; tests/test_bench_scripts.py
+# checks the sums), so one 600 s device command ends by itself with its archive, leaving device time for a
 # second command: GPU_SECTIONS=e2e GPU_TOTAL_S=200 (latency at 50/90 % load, heatmaps for every image),
-# or e2e-fast when less is left. GPU_SECTIONS=all runs every section (~1,145 s: split it over two
+# or e2e-fast when less is left. Send it at once: a warm machine goes back after 30 s idle, and no
+# fresh one starts with less than 4 minutes of device time left. GPU_SECTIONS=all runs every section (~1,145 s: split it over two
 # commands, each with a GPU_TOTAL_S under the device limit).
 #
 # Output: the device returns at most 8 files from $OUT, so every result file goes to a scratch
@@ -98,7 +99,7 @@ else
 fi
 refresh
 
-SECTIONS=" ${GPU_SECTIONS:-tests breakdown branches processes compile} "
+SECTIONS=" ${GPU_SECTIONS:-tests breakdown branches compile processes} "
 [ "$SECTIONS" = " all " ] && SECTIONS=" tests breakdown branches model compile processes e2e-fast e2e e2e-large precision "
 HOST_WORK=/tmp/space-host-gpu  # bench/host.py's folder (registry, stack, worker logs) for section processes
 
@@ -171,7 +172,15 @@ section precision gpu-precision "${GPU_PRECISION_S:-60}" python3 bench/precision
 # 2. Model throughput: efficientad/space x s/m x fp32/bf16/fp16, batch 1..128, graphs on/off (bf16).
 section model gpu-model "${GPU_MODEL_S:-220}" python3 bench/gpu.py --out "$WORK" --seconds "${GPU_BENCH_SECONDS:-0.3}"
 
-# 2a. Worker processes sharing the card (bench/host.py --real-model): the model alone with two batches
+# 2a. torch.compile vs eager side by side (SPACE_MODELS__COMPILE=default), before the processes section so that
+#     it gets its whole limit (last, it was cut to ~80 s of the 120 four cold compiles need): efficientad-s and space-s,
+#     256 px bf16, batch 64 then batch 1, without and with CUDA graphs. Each new shape compiles first
+#     (the batch-64 rows come first, so a timeout still leaves them in compile.json).
+section compile gpu-compile "${GPU_COMPILE_S:-120}" python3 bench/compile.py --device cuda --precision bf16 --px 256 \
+  --variant efficientad,space --size s --batch 64,1 --cuda-graphs both --seconds 0.3 --repeats 3 \
+  --out "$WORK/compile.json"
+
+# 2b. Worker processes sharing the card (bench/host.py --real-model): the model alone with two batches
 #     in flight, then 1, 2 and 4 `space serve` processes in one group draining a backlog of 256 px
 #     JPEGs without heatmaps, then 4 processes with a heatmap per image (on the first run's model, without
 #     timing the model alone again). One process is bound by its interpreter lock (~1 ms of CPU per image,
@@ -180,20 +189,13 @@ section model gpu-model "${GPU_MODEL_S:-220}" python3 bench/gpu.py --out "$WORK"
 #     would fail); the workers' log tails are appended to the section's log.
 if ! redis-cli ping >/dev/null 2>&1; then export SPACE_REDIS__URL="redis://127.0.0.1:1/0"; fi  # stack starts its own
 HOST=(python3 bench/host.py --real-model --device cuda --precision bf16 --cuda-graphs --px 256 --batch 64
-      --max-wait-ms 5 --images 16000 --heatmap-threads 8 --decode-workers 4 --steps 5 --model-seconds 2
+      --max-wait-ms 5 --images 12000 --heatmap-threads 8 --decode-workers 4 --steps 5 --model-seconds 2
       --worker-env SPACE_MODELS__MALLOC=system)  # as the gpu-prod overlay ships it
 section processes gpu-processes "${GPU_PROCESSES_S:-195}" bash -c \
   "rm -rf $HOST_WORK $HOST_WORK-heatmaps;
    ${HOST[*]} --processes 1,2,4 --heatmaps none --work $HOST_WORK --out $WORK/processes.json;
    ${HOST[*]} --processes 4 --heatmaps all --model-seconds 0 --model-root $HOST_WORK/registry \
      --work $HOST_WORK-heatmaps --out $WORK/processes-heatmaps.json"
-
-# 2b. torch.compile vs eager side by side (SPACE_MODELS__COMPILE=default): efficientad-s and space-s,
-#     256 px bf16, batch 64 then batch 1, without and with CUDA graphs. Each new shape compiles first
-#     (the batch-64 rows come first, so a timeout still leaves them in compile.json).
-section compile gpu-compile "${GPU_COMPILE_S:-120}" python3 bench/compile.py --device cuda --precision bf16 --px 256 \
-  --variant efficientad,space --size s --batch 64,1 --cuda-graphs both --seconds 0.3 --repeats 3 \
-  --out "$WORK/compile.json"
 
 # 3. End-to-end worker on the embedded broker, 256 px JPEG camera images, bf16, batch 64, graphs:
 #    without heatmaps; with a heatmap per image (8 heatmap threads) and latency at 50/90 % load;

@@ -9,7 +9,14 @@ decides throughput. This module keeps the device busy:
 * **Pinned buffers + copy streams.** Each bucket owns a page-locked host buffer; the host->device
   copy runs ``non_blocking`` on a side stream, so the copy of batch n+1 overlaps compute of batch n,
   and the maps come back on another, so the forward of batch n+1 does not wait for that copy
-  (:meth:`BucketedRunner.submit` returns a handle, :meth:`Pending.result` waits).
+  (:meth:`BucketedRunner.submit` returns a handle, :meth:`Pending.result` waits, sleeping on a
+  blocking-sync event instead of spinning a core).
+* **One capture at a time, and nothing else meanwhile.** ``torch.cuda.Stream()`` hands out streams
+  from a pool of 32 per device, round robin, and ``torch.cuda.graph`` takes its capture stream from
+  the same pool: past 32 streams, the stream a graph is captured on can be the very stream another
+  thread is queueing work on (a runner's copy stream, a decode thread's, a side branch's), and that
+  work would be recorded into the graph or break the capture. So every piece of device work holds
+  :data:`device_gate` shared, and a capture holds it exclusive (:func:`device_work`).
 * **uint8 on the wire.** Images cross PCIe as uint8 NHWC (4x fewer bytes than fp32); the
   conversion to float and the NCHW view (channels_last strides for free) run on the device.
 * **CUDA graphs** (optional) replay the whole forward of a bucket with one launch.
@@ -24,9 +31,11 @@ where ``torch.cuda.is_available()``. On CPU :class:`BucketedRunner` runs synchro
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,10 +54,64 @@ _GRAPH_CAPTURING_MODES = ("reduce-overhead", "max-autotune")
 _compiled_shapes_lock = threading.Lock()
 _compiled_shapes = 0  # bucket shapes of every forward compiled in this process
 
-#: One CUDA graph capture at a time in this process (CUDA and PyTorch allow no more, and every
-#: ``torch.cuda.graph`` shares one class-level capture stream). Models load on decode and refresh
-#: threads, so two lines' warm-ups can meet; the infer thread captures lazily with warm-up off.
-_capture_lock = threading.Lock()
+
+class SharedExclusiveLock:
+    """A readers-writer lock that prefers writers: once a writer waits, new readers wait behind it.
+
+    Not reentrant: a thread holding it (either way) must not take it again.
+    """
+
+    def __init__(self) -> None:
+        """Start free."""
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        """Hold it with other readers (no writer holds or waits)."""
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold it alone."""
+        with self._cond:
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+#: Device work of this process (copies, forwards, read-backs, nvJPEG decodes) holds it shared; a CUDA
+#: graph capture holds it exclusive, so nothing is queued on any stream while a graph is captured
+#: (see the module docstring: streams come from a pool, the capture stream may alias a busy one).
+#: Models load on decode and refresh threads, so captures meet serving and each other.
+device_gate = SharedExclusiveLock()
+
+
+def device_work() -> contextlib.AbstractContextManager[None]:
+    """Hold :data:`device_gate` shared around queueing device work outside :class:`BucketedRunner`."""
+    return device_gate.shared()
 
 
 def raise_recompile_limit(limit: int) -> None:
@@ -151,9 +214,14 @@ class BranchStreams:
 
     Memory: tensors cross streams only along that order. The image read by a side stream was
     queued before the fork, and whatever the current stream allocates after the join runs after
-    the side streams finished; a side stream's outputs are freed into its own pool, which its next
-    use reaches only after the next fork, behind the current stream's reads. So no ``record_stream``.
-    One caller at a time (the detector's lock).
+    the side streams finished. A side stream's outputs are read by the current stream and freed
+    into the side stream's pool: :meth:`join` marks them used by the current stream
+    (``record_stream``), because streams come from a pool of 32 that other threads draw from too
+    (a decode thread, another line's warm-up), and one of them allocating on the same stream could
+    otherwise get an output's block while the current stream's reads of it are still queued. Not
+    during graph capture: captured work allocates from the graph's private pool. Intermediates
+    stay on their side stream, where any reuse is ordered behind them. One caller at a time (the
+    detector's lock).
     """
 
     def __init__(self, device: torch.device, count: int = 2) -> None:
@@ -163,6 +231,7 @@ class BranchStreams:
         self.device = device
         self.streams = [torch.cuda.Stream(device=device) for _ in range(count)]
         self._started: list[Any] = []
+        self._outputs: list[torch.Tensor] = []
 
     def start(self, index: int, fn: Callable[[], Any]) -> Any:
         """Queue ``fn`` on side stream ``index`` after everything queued so far; valid after :meth:`join`."""
@@ -170,14 +239,29 @@ class BranchStreams:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         self._started.append(stream)
         with torch.cuda.stream(stream):
-            return fn()
+            result = fn()
+        self._outputs.extend(tensors_in(result))
+        return result
 
     def join(self) -> None:
         """Make the current stream wait for every side stream started since the last join."""
         current = torch.cuda.current_stream(self.device)
         for stream in self._started:
             current.wait_stream(stream)
+        if not torch.cuda.is_current_stream_capturing():
+            for tensor in self._outputs:
+                tensor.record_stream(current)
         self._started.clear()
+        self._outputs.clear()
+
+
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    """The tensors in ``value``: itself, or those of a (nested) tuple or list."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, tuple | list):
+        return [t for item in value for t in tensors_in(item)]
+    return []
 
 
 @dataclass
@@ -197,8 +281,9 @@ class Pending:
         out = self._host if self._host is not None else self._maps
         assert out is not None
         maps = out[: self.n].float().numpy().copy()
-        if self._done is not None:
-            self._done()
+        done, self._done = self._done, None  # the closure refers to this handle: no cycle left behind
+        if done is not None:
+            done()
         return maps
 
     def detach(self) -> None:
@@ -256,6 +341,7 @@ class BucketedRunner:
     _turn: dict[int, int] = field(init=False, default_factory=dict)
     _copy_stream: Any = field(init=False, default=None)
     _readback_stream: Any = field(init=False, default=None)
+    _warm_stream: Any = field(init=False, default=None)
     _graph_pool: Any = field(init=False, default=None)
 
     def __post_init__(self) -> None:
@@ -274,6 +360,8 @@ class BucketedRunner:
         if self.is_cuda:
             self._copy_stream = torch.cuda.Stream(device=self.device)
             self._readback_stream = torch.cuda.Stream(device=self.device)
+            if self.cuda_graphs:  # one per runner, not one per capture: the pool has 32
+                self._warm_stream = torch.cuda.Stream(device=self.device)
 
     # -- bookkeeping -----------------------------------------------------------------------------
     @property
@@ -335,40 +423,27 @@ class BucketedRunner:
     def _submit_cuda(
         self, slot: _Bucket, images: np.ndarray | Sequence[np.ndarray], n: int
     ) -> Pending:  # pragma: no cover - needs CUDA
+        failed_before = slot.pending is None and slot.busy  # a submit that raised part way
         if slot.pending is not None:
             # The batch submitted two turns ago still owns these buffers (its maps were not read yet):
             # wait for it and move its maps out of host_out, where this batch's maps will land.
             slot.pending.detach()
             slot.pending = None
-        elif slot.busy and slot.done_event is not None:
-            slot.done_event.synchronize()  # a submit that failed part way left work on these buffers
+        elif failed_before and slot.done_event is not None:
+            slot.done_event.synchronize()
         slot.busy = True
         fill_batch(slot.host_in.numpy(), images)
         compute = torch.cuda.current_stream(self.device)
         with torch.inference_mode():
-            if slot.dev_in is None:
-                slot.dev_in = torch.empty(slot.host_in.shape, dtype=torch.uint8, device=self.device)
-            with torch.cuda.stream(self._copy_stream):
-                self._copy_stream.wait_stream(compute)  # do not overwrite dev_in while it is read
-                slot.dev_in.copy_(slot.host_in, non_blocking=True)
-            compute.wait_stream(self._copy_stream)
-            if self.cuda_graphs:
-                if slot.graph is None:
-                    self._capture(slot)
-                slot.graph.replay()
-            else:
-                slot.dev_out = self._compute(slot.dev_in)
-            out = slot.dev_out
-            assert out is not None
-            if slot.host_out is None or slot.host_out.shape != out.shape or slot.host_out.dtype != out.dtype:
-                slot.host_out = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
-            # The maps go back on their own stream, so the next batch's forward does not queue behind
-            # this copy. dev_out is rewritten only when this slot runs again, after done_event (below).
-            self._readback_stream.wait_stream(compute)
-            with torch.cuda.stream(self._readback_stream):
-                slot.host_out.copy_(out, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self._readback_stream)
+            fresh = slot.dev_in is None
+            if fresh:
+                with device_gate.shared():
+                    slot.dev_in = torch.empty(slot.host_in.shape, dtype=torch.uint8, device=self.device)
+            if self.cuda_graphs and slot.graph is None:
+                self._capture(slot)  # takes the gate exclusive: not inside a shared section
+            with device_gate.shared():
+                # After a failed submit, kernels it queued may still read dev_in: wait for them too.
+                event = self._enqueue(slot, compute, wait_for_compute=fresh or failed_before)
         slot.done_event = event
         slot.warm = True
         pending = Pending(n, _event=event, _host=slot.host_out)
@@ -382,15 +457,45 @@ class BucketedRunner:
         slot.pending = pending
         return pending
 
+    def _enqueue(self, slot: _Bucket, compute: Any, *, wait_for_compute: bool) -> Any:  # pragma: no cover - CUDA
+        """Queue upload, forward and read-back of a filled slot; returns the event that ends them."""
+        assert slot.dev_in is not None
+        with torch.cuda.stream(self._copy_stream):
+            if wait_for_compute:
+                # A new dev_in may be a block the compute stream's queued kernels still read. A reused
+                # one is not: the slot's last batch was waited for (done_event, after its forward and
+                # read-back) before this submit, so the upload need not wait for batch n-1's forward.
+                self._copy_stream.wait_stream(compute)
+            slot.dev_in.copy_(slot.host_in, non_blocking=True)
+        compute.wait_stream(self._copy_stream)
+        if self.cuda_graphs:
+            slot.graph.replay()
+        else:
+            slot.dev_out = self._compute(slot.dev_in)
+        out = slot.dev_out
+        assert out is not None
+        if slot.host_out is None or slot.host_out.shape != out.shape or slot.host_out.dtype != out.dtype:
+            slot.host_out = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        # The maps go back on their own stream, so the next batch's forward does not queue behind
+        # this copy. dev_out is rewritten only when this slot runs again, after done_event.
+        self._readback_stream.wait_stream(compute)
+        with torch.cuda.stream(self._readback_stream):
+            slot.host_out.copy_(out, non_blocking=True)
+        # Blocking sync: the waiting thread sleeps instead of spinning a core for the whole batch.
+        event = torch.cuda.Event(blocking=True)
+        event.record(self._readback_stream)
+        return event
+
     def _capture(self, slot: _Bucket) -> None:  # pragma: no cover - needs CUDA
         assert slot.dev_in is not None
         compute = torch.cuda.current_stream(self.device)
-        side = torch.cuda.Stream(device=self.device)
-        side.wait_stream(compute)
-        with torch.cuda.stream(side):
-            for _ in range(3):  # warm cuDNN/autotuning outside the graph
-                warm = self._compute(slot.dev_in)
-        compute.wait_stream(side)
+        side = self._warm_stream
+        with device_gate.shared():
+            side.wait_stream(compute)
+            with torch.cuda.stream(side):
+                for _ in range(3):  # warm cuDNN/autotuning outside the graph
+                    warm = self._compute(slot.dev_in)
+            compute.wait_stream(side)
         # The maps land in a buffer of their own, outside the graphs' pool, and the graph copies its
         # output there. One memory pool serves all buckets' graphs (without sharing, 16 graphs of an
         # M model at batch <= 128 held 47 GiB on the H100), so one graph's scratch may be memory a
@@ -402,9 +507,12 @@ class BucketedRunner:
         graph = torch.cuda.CUDAGraph()
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
-        # thread_local: the other threads' CUDA work (the infer thread serving another line, nvJPEG
-        # decodes) goes on during the capture; "global" would fail their allocations and syncs.
-        with _capture_lock, torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
+        # Exclusive: no thread queues device work while the graph is captured (module docstring).
+        # thread_local: other threads may still wait on events and free memory meanwhile.
+        with (
+            device_gate.exclusive(),
+            torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"),
+        ):
             slot.dev_out.copy_(self._compute(slot.dev_in))
         slot.graph = graph
 

@@ -15,6 +15,24 @@ import torch
 #: Compute capability from which CUDA devices have bf16 tensor cores (Ampere).
 CUDA_BF16_CAPABILITY = (8, 0)
 
+#: What torch raises for errors the accelerator reports (torch >= 2.8; before: RuntimeError("CUDA error: ...")).
+_ACCELERATOR_ERROR: type[BaseException] | None = getattr(torch, "AcceleratorError", None)
+
+
+def is_device_fault(exc: BaseException) -> bool:
+    """``exc`` is a CUDA error: the process's CUDA context is unusable from here on.
+
+    CUDA errors (an illegal address, a device-side assert, a launch failure, an uncorrectable ECC
+    error, the GPU falling off the bus) are sticky: every later call in the context fails the same
+    way, so scoring on would fail every batch; only a new process gets a new context. Running out of
+    memory is not one (``torch.OutOfMemoryError``): the context survives it.
+    """
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    if _ACCELERATOR_ERROR is not None and isinstance(exc, _ACCELERATOR_ERROR):
+        return True
+    return isinstance(exc, RuntimeError) and str(exc).startswith("CUDA error")
+
 
 def cuda_has_native_bf16(device: torch.device | int | None = None) -> bool:
     """The CUDA device has bf16 tensor cores (compute capability 8.0 or later)."""

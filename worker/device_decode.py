@@ -14,9 +14,13 @@ declared pixels: bombs are refused from the header first), and only 8-bit gray o
 PNG, BMP, TIFF and CMYK JPEGs take the CPU path. A JPEG nvJPEG refuses is decoded again on the
 CPU, which gives the precise dead-letter reason when it is corrupt; the fallbacks are counted.
 
-Each decode thread owns a CUDA stream: the caching allocator then never hands the decoder a block
-that kernels on the model's stream are still reading (torchvision's decoder writes on a private
-stream, pytorch/vision#9606), and the thread waits for its image before decoding the next one.
+Each decode thread has a CUDA stream of its own: the caching allocator then never hands the decoder
+a block that kernels on the model's stream are still reading (torchvision's decoder writes on a
+private stream, pytorch/vision#9606), and the thread waits for its image before decoding the next
+one. Streams come from torch's pool of 32, so past 32 a thread's stream may be one that others use
+too: its work then queues behind theirs, and the model's side streams mark their outputs as read
+elsewhere (:class:`models.gpu.BranchStreams`), so no block is handed over early. The decode holds
+:func:`models.gpu.device_work`: it never runs while a CUDA graph is captured.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import numpy as np
 import structlog
 import torch
 
+from models.gpu import device_work
 from models.preprocess import resize_on_device
 from worker.decode import DecodeError, ImageInfo, probe_image
 from worker.errors import ConfigError
@@ -135,7 +140,7 @@ class DeviceJpegDecoder:
             probed_hw = (info.height, info.width)
         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         try:
-            with self._on_own_stream():
+            with device_work(), self._on_own_stream():  # no decode while a CUDA graph is captured
                 image = self._decode(encoded)
                 if image.ndim != 3 or image.shape[0] != 3:
                     raise DeviceDecodeError(f"nvJPEG returned shape {tuple(image.shape)}")

@@ -891,6 +891,22 @@ class Worker:
                 self._scored.put(publishing)
 
     def _fail_inference(self, model: LoadedModel, items: list[Item], exc: Exception) -> None:
+        """Dead-letter a batch the model failed on; a lost device instead stops the worker uncommitted.
+
+        After a CUDA error every later batch fails the same way (the error is sticky): dead-lettering
+        would drain the whole topic into the dead-letter topic while /healthz stayed green. Raising
+        ends the infer loop as a fatal error; nothing more is committed, the process exits 1, and the
+        group re-delivers these records to a process with a fresh CUDA context.
+        """
+        from models.hardware import is_device_fault
+
+        if is_device_fault(exc):
+            log.error(
+                "device_failed", product_line=model.line, model_version=model.version, size=len(items),
+                error=f"{type(exc).__name__}: {exc}"[:1000],
+                hint="CUDA errors are sticky: stopping without committing; the records are re-delivered",
+            )  # fmt: skip
+            raise exc
         log.exception("inference_failed", product_line=model.line, model_version=model.version, size=len(items))
         for it in items:
             self._dead_letter(it, DeadLetterReason.INFERENCE_FAILED, type(exc).__name__, str(exc))

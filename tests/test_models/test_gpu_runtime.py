@@ -10,10 +10,13 @@ from models.gpu import (
     BranchStreams,
     BucketedRunner,
     Pending,
+    SharedExclusiveLock,
     bucket_for,
     bucket_sizes,
+    device_work,
     fill_batch,
     split_to_buckets,
+    tensors_in,
 )
 from tests.test_models.model_fixtures import SIZE, make_model
 
@@ -239,3 +242,118 @@ def test_branch_streams_give_the_serial_maps(variant: str, graphs: bool) -> None
     want = serial.run(images)
     for _ in range(3):  # replays after other buckets ran: nothing left over from an earlier batch
         np.testing.assert_allclose(aside.run(images), want, rtol=1e-5, atol=1e-6)
+
+
+# -- review 2026-12-02: streams come from a pool of 32; one capture and nothing else meanwhile --------
+def test_shared_holders_run_together_and_an_exclusive_holder_alone() -> None:
+    import threading
+    import time
+
+    lock = SharedExclusiveLock()
+    inside: list[str] = []
+    seen: list[tuple[str, ...]] = []
+    guard = threading.Lock()
+
+    def hold(kind: str, seconds: float) -> None:
+        with lock.shared() if kind == "r" else lock.exclusive():
+            with guard:
+                inside.append(kind)
+                seen.append(tuple(inside))
+            time.sleep(seconds)
+            with guard:
+                inside.remove(kind)
+
+    readers = [threading.Thread(target=hold, args=("r", 0.2)) for _ in range(3)]
+    for t in readers:
+        t.start()
+    time.sleep(0.05)
+    writer = threading.Thread(target=hold, args=("w", 0.05))
+    writer.start()
+    time.sleep(0.05)
+    late_reader = threading.Thread(target=hold, args=("r", 0.0))  # arrives while the writer waits
+    late_reader.start()
+    for t in [*readers, writer, late_reader]:
+        t.join(5)
+    assert max(len(s) for s in seen) == 3  # the three readers overlapped
+    assert all(s == ("w",) for s in seen if "w" in s)  # the writer was alone
+    order = [s[-1] for s in seen]
+    assert order.index("w") < len(order) - 1 and order[-1] == "r"  # the late reader waited behind it
+
+
+def test_tensors_in_finds_the_tensors_of_a_branch_result() -> None:
+    a, b, c = torch.zeros(1), torch.ones(1), torch.full((1,), 2.0)
+    assert [t.item() for t in tensors_in((a, (b, [c]), "x", None))] == [0.0, 1.0, 2.0]
+    assert tensors_in(a) == [a] and tensors_in(3) == []
+
+
+def test_a_read_result_lets_go_of_its_release_callback() -> None:
+    # The CUDA path's release closure refers to the handle that holds it: a cycle that kept a swapped-out
+    # line's slot (graph, private pool, pinned buffers) alive until the cyclic collector ran.
+    import gc
+    import weakref
+
+    class Slot:
+        pending: Pending | None = None
+
+    def submitted() -> tuple[weakref.ref[Slot], Pending]:
+        slot = Slot()
+        pending = Pending(1, _maps=torch.zeros(1, 2, 2))
+
+        def release() -> None:  # as BucketedRunner._submit_cuda's: it refers to the slot and the handle
+            if slot.pending is pending:
+                slot.pending = None
+
+        pending._done = release
+        slot.pending = pending
+        return weakref.ref(slot), pending
+
+    gone, pending = submitted()
+    pending.result()
+    assert pending._done is None
+    gc.disable()
+    try:
+        del pending
+        assert gone() is None  # freed by reference counting alone
+    finally:
+        gc.enable()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_work_on_a_stream_that_aliases_the_capture_stream_waits_for_the_capture() -> None:  # pragma: no cover
+    # torch.cuda.Stream() hands out 32 streams per device round robin, and torch.cuda.graph takes its
+    # capture stream from the same pool: 32 streams later another thread can be queueing on it.
+    import threading
+
+    device = torch.device("cuda")
+    images = np.random.default_rng(7).integers(0, 255, (8, 8, 8, 3), dtype=np.uint8)
+    want = images.astype(np.float32).mean(axis=3) / 255
+    first = BucketedRunner(_forward, (8, 8), max_batch=8, device=device, cuda_graphs=True)
+    first.warmup()  # the class-level capture stream exists from here on
+    aliased = [torch.cuda.Stream(device=device) for _ in range(32)]  # one of these is the capture stream
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def other_thread() -> None:
+        x = torch.ones(256, 256, device=device)
+        try:
+            while not stop.is_set():
+                for stream in aliased:
+                    with device_work(), torch.cuda.stream(stream):
+                        y = x @ x
+                    stream.synchronize()
+                    assert float(y[0, 0]) == 256.0
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    try:
+        for _ in range(3):  # several loads, each capturing every bucket twice
+            runner = BucketedRunner(_forward, (8, 8), max_batch=8, device=device, cuda_graphs=True)
+            runner.warmup()
+            np.testing.assert_allclose(runner.run(images), want, rtol=1e-5)
+    finally:
+        stop.set()
+        worker.join()
+    assert errors == []

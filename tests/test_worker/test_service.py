@@ -22,6 +22,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+import torch
 from kafka import TopicPartition
 from kafka.errors import CommitFailedError, KafkaTimeoutError, RebalanceInProgressError
 from kafka.structs import MemberState
@@ -845,3 +846,49 @@ def test_readiness_waits_for_preloaded_lines_but_not_for_one_that_failed(
     w._joined = True
     ok, detail = w.readiness()
     assert (ok, detail["missing_models"], detail["failed_models"]) == (ready, missing, failed)
+
+
+class _LostDevice(FakeDetector):
+    """The GPU fell off the bus after the first batch: every later call raises a CUDA error."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.calls = 0
+
+    def submit(self, images: list[np.ndarray]) -> Any:
+        self.calls += 1
+        if self.calls > 1:
+            raise self.error
+        return super().submit(images)
+
+
+@pytest.mark.parametrize(
+    ("error", "fatal"),
+    [
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), True),
+        (torch.AcceleratorError("CUDA error: device-side assert triggered"), True),
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), False),
+        (ValueError("images are (128, 128, 3) uint8, expected (256, 256, 3)"), False),
+    ],
+    ids=["cuda-error-message", "accelerator-error", "out-of-memory", "other"],
+)
+def test_a_lost_device_stops_the_worker_uncommitted_instead_of_dead_lettering_the_backlog(
+    tmp_path, error, fatal
+) -> None:
+    # A sticky CUDA error fails every later batch: each was dead-lettered and committed while /healthz
+    # stayed green, draining the topic into the DLQ. Now the worker stops; the group re-delivers.
+    models = FakeModels()
+    models.detector = _LostDevice(error)
+    w = make_worker(tmp_path, [request(i) for i in range(6)], models=models, batching={"max_batch_size": 2})
+    with running(w) as rc:
+        if fatal:
+            assert wait_for(lambda: "rc" in rc, timeout_s=10)
+        else:
+            assert wait_for(lambda: committed(w)[-1:] == [6], timeout_s=10)
+    dead = [value for topic, value in w.producer.sent if topic == "inspection.dlq"]
+    if fatal:
+        assert rc["rc"] == 1 and dead == []
+        assert max(committed(w), default=0) <= 2  # at most the first batch, answered before the fault
+        assert isinstance(w._fatal, type(error))
+    else:
+        assert len(dead) == 4 and rc["rc"] == 0  # other failures dead-letter their batch and go on
