@@ -109,6 +109,13 @@ class SharedExclusiveLock:
 device_gate = SharedExclusiveLock()
 
 
+#: One loader at a time warms up and captures (:meth:`BucketedRunner._capture`). A second loader waits
+#: here, not as a writer on :data:`device_gate`: the lock prefers writers, so a writer waiting behind a
+#: first loader's long warm-up (torch.compile on a bucket's first call, under the gate shared) would hold
+#: every new reader, serving included, until that warm-up ended. Taken before the gate, never after.
+_capture_lock = threading.Lock()
+
+
 def device_work() -> contextlib.AbstractContextManager[None]:
     """Hold :data:`device_gate` shared around queueing device work outside :class:`BucketedRunner`."""
     return device_gate.shared()
@@ -487,6 +494,10 @@ class BucketedRunner:
         return event
 
     def _capture(self, slot: _Bucket) -> None:  # pragma: no cover - needs CUDA
+        with _capture_lock:
+            self._warm_and_capture(slot)
+
+    def _warm_and_capture(self, slot: _Bucket) -> None:  # pragma: no cover - needs CUDA
         assert slot.dev_in is not None
         compute = torch.cuda.current_stream(self.device)
         side = self._warm_stream

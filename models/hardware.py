@@ -15,23 +15,38 @@ import torch
 #: Compute capability from which CUDA devices have bf16 tensor cores (Ampere).
 CUDA_BF16_CAPABILITY = (8, 0)
 
-#: What torch raises for errors the accelerator reports (torch >= 2.8; before: RuntimeError("CUDA error: ...")).
-_ACCELERATOR_ERROR: type[BaseException] | None = getattr(torch, "AcceleratorError", None)
+
+def cuda_context_lost() -> bool:
+    """Probe the CUDA context: False when it still runs work (or CUDA was never used here).
+
+    CUDA errors such as an illegal address, a device-side assert, a launch failure, an uncorrectable
+    ECC error or the GPU falling off the bus are sticky: every later call fails the same way. Which
+    exception carries one depends on who called CUDA (``torch.AcceleratorError``, cuDNN, cuBLAS and
+    Triton wrappers, a compile error around it), and the same classes also carry recoverable errors
+    (a failed pinned allocation, a capture refused), so the context is asked instead: a device-wide
+    synchronize and a one-element round trip.
+    """
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return False
+    from models.gpu import device_work  # not at import: models.gpu is the heavier module
+
+    try:
+        with device_work():  # a synchronize during another thread's graph capture would break it
+            torch.cuda.synchronize()
+            torch.ones(1, device="cuda").item()
+    except RuntimeError:
+        return True
+    return False
 
 
 def is_device_fault(exc: BaseException) -> bool:
-    """``exc`` is a CUDA error: the process's CUDA context is unusable from here on.
+    """``exc`` came with (or after) a sticky CUDA error: :func:`cuda_context_lost` says so.
 
-    CUDA errors (an illegal address, a device-side assert, a launch failure, an uncorrectable ECC
-    error, the GPU falling off the bus) are sticky: every later call in the context fails the same
-    way, so scoring on would fail every batch; only a new process gets a new context. Running out of
-    memory is not one (``torch.OutOfMemoryError``): the context survives it.
+    Out of memory (``torch.cuda.OutOfMemoryError``) never is one: the context survives it.
     """
-    if isinstance(exc, torch.OutOfMemoryError):
+    if isinstance(exc, torch.cuda.OutOfMemoryError):  # = torch.OutOfMemoryError where that exists
         return False
-    if _ACCELERATOR_ERROR is not None and isinstance(exc, _ACCELERATOR_ERROR):
-        return True
-    return isinstance(exc, RuntimeError) and str(exc).startswith("CUDA error")
+    return cuda_context_lost()
 
 
 def cuda_has_native_bf16(device: torch.device | int | None = None) -> bool:

@@ -14,6 +14,7 @@ registry per image.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -34,6 +35,22 @@ _MAX_REMEMBERED = 1024  # unknown / failed lines remembered at once
 
 Waiting = Callable[[str], AbstractContextManager[object]]
 """Wraps a step that waits on something outside the process (``on`` says what), for liveness."""
+
+
+class DeviceLost(RuntimeError):
+    """The process's CUDA context is unusable (a sticky CUDA error); its argument names the stage.
+
+    Only a new process gets a new context: the worker stops without committing (records re-delivered).
+    """
+
+
+def _device_lost(exc: BaseException) -> bool:
+    """A load failed with (or after) a sticky CUDA error; only asked when torch is already loaded."""
+    if "torch" not in sys.modules:
+        return False
+    from models.hardware import is_device_fault
+
+    return is_device_fault(exc)
 
 
 def _not_tracked(on: str) -> AbstractContextManager[object]:
@@ -219,6 +236,9 @@ class ModelManager:
         except Exception as exc:  # any load failure: counted, logged, the old model (if any) kept
             self._on_load(line, "failed")
             log.error("model_load_failed", product_line=line, model_version=version, error=str(exc))
+            if _device_lost(exc):
+                # Not this version's fault, and no later load in this process will work: the caller stops.
+                raise DeviceLost("model load") from exc
             self._discard(line, version)
             detail = f"model version {version!r} failed to load: {exc}"
             raise ModelUnavailable(line, detail, unknown_line=False) from exc

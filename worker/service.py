@@ -64,7 +64,7 @@ from worker.heatmaps import HeatmapStore, HeatmapStoreError, StoredHeatmap, save
 from worker.http import Heartbeats
 from worker.kafka_clients import network_sleep
 from worker.metrics import WorkerMetrics
-from worker.model_manager import LoadedModel, ModelManager, ModelUnavailable
+from worker.model_manager import DeviceLost, LoadedModel, ModelManager, ModelUnavailable
 from worker.offsets import OffsetTracker
 from worker.sequencer import Sequencer
 from worker.settings import Settings
@@ -706,6 +706,17 @@ class Worker:
             item.failure = (DeadLetterReason(exc.reason.value), type(exc).__name__, str(exc))
         except DecodeError as exc:
             item.failure = (DeadLetterReason(exc.reason), type(exc).__name__, str(exc))
+        except DeviceLost as exc:
+            # Nothing on this device will work again in this process: stop uncommitted (re-delivered).
+            log.error(
+                "device_failed", stage=exc.args[0] if exc.args else "decode", topic=item.tp.topic,
+                partition=item.tp.partition, offset=item.offset, error=str(exc.__cause__ or exc)[:1000],
+                hint="CUDA errors are sticky: stopping without committing; if every restart fails on the "
+                "same record during decode, set SPACE_DECODE__DEVICE=cpu",
+            )  # fmt: skip
+            self._fatal = exc
+            self._stop.set()
+            return
         except ModelUnavailable as exc:
             reason = DeadLetterReason.UNKNOWN_PRODUCT_LINE if exc.unknown_line else DeadLetterReason.MODEL_UNAVAILABLE
             item.failure = (reason, type(exc).__name__, str(exc))
@@ -729,6 +740,10 @@ class Worker:
         try:
             image = decoder.decode_prepared(data, model.detector.input_size, probed_hw=(info.height, info.width))
         except DeviceDecodeError as exc:
+            from models.hardware import is_device_fault
+
+            if is_device_fault(exc):  # nvJPEG left the context broken: the CPU path would only hide it
+                raise DeviceLost("decode") from exc.__cause__ or exc
             self.metrics.decode_fallbacks.inc()
             log.info("device_decode_fallback", error=str(exc)[:200])
             return None
@@ -902,8 +917,8 @@ class Worker:
 
         if is_device_fault(exc):
             log.error(
-                "device_failed", product_line=model.line, model_version=model.version, size=len(items),
-                error=f"{type(exc).__name__}: {exc}"[:1000],
+                "device_failed", stage="inference", product_line=model.line, model_version=model.version,
+                size=len(items), error=f"{type(exc).__name__}: {exc}"[:1000],
                 hint="CUDA errors are sticky: stopping without committing; the records are re-delivered",
             )  # fmt: skip
             raise exc

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -250,34 +252,58 @@ def test_shared_holders_run_together_and_an_exclusive_holder_alone() -> None:
     import time
 
     lock = SharedExclusiveLock()
-    inside: list[str] = []
-    seen: list[tuple[str, ...]] = []
+    release_readers, release_writer = threading.Event(), threading.Event()
+    readers_in, writer_in, late_in = threading.Barrier(4), threading.Event(), threading.Event()
     guard = threading.Lock()
+    state = {"readers": 0}
+    seen_by_writer: list[int] = []
 
-    def hold(kind: str, seconds: float) -> None:
-        with lock.shared() if kind == "r" else lock.exclusive():
+    def reader() -> None:
+        with lock.shared():
             with guard:
-                inside.append(kind)
-                seen.append(tuple(inside))
-            time.sleep(seconds)
+                state["readers"] += 1
+            readers_in.wait(10)  # all three hold it at once
+            release_readers.wait(10)
             with guard:
-                inside.remove(kind)
+                state["readers"] -= 1
 
-    readers = [threading.Thread(target=hold, args=("r", 0.2)) for _ in range(3)]
-    for t in readers:
+    def writer() -> None:
+        with lock.exclusive():
+            with guard:
+                seen_by_writer.append(state["readers"])
+            writer_in.set()
+            release_writer.wait(10)
+
+    def late_reader() -> None:
+        with lock.shared():
+            late_in.set()
+
+    def wait_until(condition: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + 10
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+
+    threads = [threading.Thread(target=reader) for _ in range(3)]
+    for t in threads:
         t.start()
+    readers_in.wait(10)
+    threads.append(threading.Thread(target=writer))
+    threads[-1].start()
+    wait_until(lambda: lock._writers_waiting == 1)
+    threads.append(threading.Thread(target=late_reader))  # arrives while the writer waits
+    threads[-1].start()
     time.sleep(0.05)
-    writer = threading.Thread(target=hold, args=("w", 0.05))
-    writer.start()
-    time.sleep(0.05)
-    late_reader = threading.Thread(target=hold, args=("r", 0.0))  # arrives while the writer waits
-    late_reader.start()
-    for t in [*readers, writer, late_reader]:
-        t.join(5)
-    assert max(len(s) for s in seen) == 3  # the three readers overlapped
-    assert all(s == ("w",) for s in seen if "w" in s)  # the writer was alone
-    order = [s[-1] for s in seen]
-    assert order.index("w") < len(order) - 1 and order[-1] == "r"  # the late reader waited behind it
+    assert not writer_in.is_set() and not late_in.is_set()  # readers hold it; the late one queues
+    release_readers.set()
+    assert writer_in.wait(10)
+    assert not late_in.is_set()  # the writer is alone
+    release_writer.set()
+    assert late_in.wait(10)
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive()
+    assert seen_by_writer == [0]
 
 
 def test_tensors_in_finds_the_tensors_of_a_branch_result() -> None:
@@ -322,38 +348,52 @@ def test_a_read_result_lets_go_of_its_release_callback() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_device_work_on_a_stream_that_aliases_the_capture_stream_waits_for_the_capture() -> None:  # pragma: no cover
     # torch.cuda.Stream() hands out 32 streams per device round robin, and torch.cuda.graph takes its
-    # capture stream from the same pool: 32 streams later another thread can be queueing on it.
+    # capture stream from the same pool: 32 streams later another thread can be queueing on it. Without
+    # device_gate that thread's matmul lands inside the capture (the forward sleeps there to make sure).
     import threading
+    import time
 
     device = torch.device("cuda")
     images = np.random.default_rng(7).integers(0, 255, (8, 8, 8, 3), dtype=np.uint8)
     want = images.astype(np.float32).mean(axis=3) / 255
-    first = BucketedRunner(_forward, (8, 8), max_batch=8, device=device, cuda_graphs=True)
-    first.warmup()  # the class-level capture stream exists from here on
-    aliased = [torch.cuda.Stream(device=device) for _ in range(32)]  # one of these is the capture stream
+    BucketedRunner(_forward, (8, 8), max_batch=8, device=device, cuda_graphs=True).warmup()
+    capture_stream = torch.cuda.graph.default_capture_stream  # made by the first capture
+    pool = [torch.cuda.Stream(device=device) for _ in range(32)]
+    aliased = [s for s in pool if s.cuda_stream == capture_stream.cuda_stream]
+    assert aliased, "no pool stream aliases the capture stream: torch changed how it hands them out"
+    capturing = threading.Event()
+
+    def slow_forward(x: torch.Tensor) -> torch.Tensor:
+        if torch.cuda.is_current_stream_capturing():
+            capturing.set()
+            time.sleep(0.05)  # the other thread tries to queue work meanwhile
+        return _forward(x)
+
+    x = torch.ones(256, 256, device=device)
+    torch.cuda.synchronize()
     errors: list[BaseException] = []
-    stop = threading.Event()
+    done: list[float] = []
 
     def other_thread() -> None:
-        x = torch.ones(256, 256, device=device)
         try:
-            while not stop.is_set():
-                for stream in aliased:
-                    with device_work(), torch.cuda.stream(stream):
-                        y = x @ x
-                    stream.synchronize()
+            assert capturing.wait(30)
+            for _ in range(20):
+                with device_work(), torch.cuda.stream(aliased[0]):
+                    y = x @ x
+                    aliased[0].synchronize()
                     assert float(y[0, 0]) == 256.0
+                done.append(time.monotonic())
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
     worker = threading.Thread(target=other_thread)
     worker.start()
     try:
-        for _ in range(3):  # several loads, each capturing every bucket twice
-            runner = BucketedRunner(_forward, (8, 8), max_batch=8, device=device, cuda_graphs=True)
-            runner.warmup()
-            np.testing.assert_allclose(runner.run(images), want, rtol=1e-5)
+        runner = BucketedRunner(slow_forward, (8, 8), max_batch=8, device=device, cuda_graphs=True)
+        runner.warmup()  # 4 buckets x 2 buffer sets: 8 captures of >= 50 ms each
+        np.testing.assert_allclose(runner.run(images), want, rtol=1e-5)
     finally:
-        stop.set()
-        worker.join()
-    assert errors == []
+        capturing.set()
+        worker.join(60)
+    assert not worker.is_alive()
+    assert errors == [] and len(done) == 20

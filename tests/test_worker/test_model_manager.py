@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from worker.model_manager import ModelManager, ModelUnavailable
+from worker.model_manager import DeviceLost, ModelManager, ModelUnavailable
 from worker.registry import ModelRegistry
 
 
@@ -346,3 +346,19 @@ def test_preload_stops_between_lines_when_asked(manager: ModelManager, loader: F
     asked: list[int] = []
     assert manager.preload(["brick", "tile", "wood"], stop=lambda: asked.append(1) or len(asked) > 1) == {}
     assert loader.calls == ["brick/v1"]
+
+
+def test_a_load_that_lost_the_device_raises_device_lost_not_model_unavailable(
+    manager: ModelManager, loader: FakeLoader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ModelUnavailable dead-letters the line's images (committed) although no load in this process can
+    # work again; DeviceLost stops the worker uncommitted instead. Nothing is remembered for the line.
+    import torch  # noqa: F401 - the check runs only where torch is loaded
+
+    monkeypatch.setattr("models.hardware.cuda_context_lost", lambda: True)
+    loader.broken.add("v1")
+    with pytest.raises(DeviceLost, match="model load"):
+        manager.get("brick")
+    monkeypatch.setattr("models.hardware.cuda_context_lost", lambda: False)
+    with pytest.raises(ModelUnavailable):  # the context works: an ordinary failed load
+        manager.get("brick")

@@ -29,6 +29,7 @@ from kafka.structs import MemberState
 from structlog.testing import capture_logs
 
 from schemas.request import InspectionRequest, build_request_headers
+from worker.device_decode import DeviceDecodeError
 from worker.heatmaps import FileHeatmapStore, RetryingHeatmapStore
 from worker.model_manager import LoadedModel
 from worker.service import Worker, _Listener
@@ -863,20 +864,24 @@ class _LostDevice(FakeDetector):
 
 
 @pytest.mark.parametrize(
-    ("error", "fatal"),
+    ("error", "context_lost", "fatal"),
     [
-        (RuntimeError("CUDA error: an illegal memory access was encountered"), True),
-        (torch.AcceleratorError("CUDA error: device-side assert triggered"), True),
-        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), False),
-        (ValueError("images are (128, 128, 3) uint8, expected (256, 256, 3)"), False),
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), True, True),
+        (RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"), True, True),
+        # Recoverable: the context still runs (a failed pinned allocation, a refused capture).
+        (getattr(torch, "AcceleratorError", RuntimeError)("CUDA error: out of memory"), False, False),
+        (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True, False),
+        (ValueError("images are (128, 128, 3) uint8, expected (256, 256, 3)"), False, False),
     ],
-    ids=["cuda-error-message", "accelerator-error", "out-of-memory", "other"],
+    ids=["illegal-address", "cudnn-wrapper", "recoverable-accelerator-error", "out-of-memory", "other"],
 )
 def test_a_lost_device_stops_the_worker_uncommitted_instead_of_dead_lettering_the_backlog(
-    tmp_path, error, fatal
+    tmp_path, monkeypatch, error, context_lost, fatal
 ) -> None:
     # A sticky CUDA error fails every later batch: each was dead-lettered and committed while /healthz
-    # stayed green, draining the topic into the DLQ. Now the worker stops; the group re-delivers.
+    # stayed green, draining the topic into the DLQ. Now the worker stops; the group re-delivers. Which
+    # errors are sticky is asked of the context (models.hardware.cuda_context_lost), not read from the type.
+    monkeypatch.setattr("models.hardware.cuda_context_lost", lambda: context_lost)
     models = FakeModels()
     models.detector = _LostDevice(error)
     w = make_worker(tmp_path, [request(i) for i in range(6)], models=models, batching={"max_batch_size": 2})
@@ -889,6 +894,38 @@ def test_a_lost_device_stops_the_worker_uncommitted_instead_of_dead_lettering_th
     if fatal:
         assert rc["rc"] == 1 and dead == []
         assert max(committed(w), default=0) <= 2  # at most the first batch, answered before the fault
-        assert isinstance(w._fatal, type(error))
+        assert w._fatal is error
     else:
         assert len(dead) == 4 and rc["rc"] == 0  # other failures dead-letter their batch and go on
+
+
+class _FaultingDecoder:
+    """A GPU JPEG decoder whose decode broke the CUDA context."""
+
+    @staticmethod
+    def accepts(info: Any) -> bool:
+        return True
+
+    def decode_prepared(self, data: bytes, size_hw: Any, probed_hw: Any = None) -> np.ndarray:
+        raise DeviceDecodeError("CUDA error: unspecified launch failure")
+
+
+@pytest.mark.parametrize("context_lost", [True, False])
+def test_a_decode_that_broke_the_device_stops_the_worker_and_names_the_record(
+    tmp_path, monkeypatch, context_lost
+) -> None:
+    monkeypatch.setattr("models.hardware.cuda_context_lost", lambda: context_lost)
+    monkeypatch.setattr(FakeDetector, "input_size", (16, 16), raising=False)
+    w = make_worker(tmp_path, [request(i) for i in range(3)])
+    w.device_decoder = _FaultingDecoder()  # type: ignore[assignment]
+    with capture_logs() as logs, running(w) as rc:
+        if context_lost:
+            assert wait_for(lambda: "rc" in rc, timeout_s=10)
+        else:  # an ordinary nvJPEG refusal: the CPU decodes it
+            assert wait_for(lambda: committed(w)[-1:] == [3], timeout_s=10)
+    if context_lost:
+        assert rc["rc"] == 1 and w.producer.sent == [] and committed(w) in ([], [0])
+        failed = next(e for e in logs if e["event"] == "device_failed")
+        assert (failed["stage"], failed["offset"]) == ("decode", 0)
+    else:
+        assert len(w.producer.results()) == 3
