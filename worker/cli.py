@@ -41,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"space-worker {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in sorted(_command_modules(), key=lambda m: m.NAME):
-        child = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        child = sub.add_parser(
+            module.NAME, help=module.HELP, description=module.HELP, epilog=getattr(module, "EPILOG", None)
+        )
         module.configure(child)
         child.set_defaults(_run=module.run)
     return parser

@@ -80,11 +80,12 @@ def configure_logging(level: str = "INFO", fmt: str = "auto", *, force: bool = F
     numeric = logging.getLevelNamesMapping()[level.upper()]
     use_console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     renderer: Any = structlog.dev.ConsoleRenderer(colors=True) if use_console else structlog.processors.JSONRenderer()
+    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            stamp,
             _redact_secrets,
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
@@ -95,9 +96,27 @@ def configure_logging(level: str = "INFO", fmt: str = "auto", *, force: bool = F
         # No caching: loggers stay reconfigurable (tests' capture_logs, a later configure_logging).
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(
-        level=max(numeric, logging.WARNING), handlers=[_LineHandler()], format="%(levelname)s %(name)s %(message)s"
+    # Library records (kafka-python, botocore, redis) in the same format as the worker's own: a log
+    # collector reading JSON lines would otherwise choke on plain-text ones in between.
+    handler = _LineHandler()
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_log_level,
+                structlog.stdlib.add_logger_name,
+                stamp,
+                _redact_secrets,
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
     )
-    # kafka-python logs every reconnect at WARNING/ERROR; keep them, but not its INFO chatter.
+    logging.basicConfig(level=max(numeric, logging.WARNING), handlers=[handler])
+    # kafka-python logs every reconnect at WARNING/ERROR; keep them, but not its INFO chatter, nor its
+    # event loop's "task ran for 0.108s" warnings (a busy host, not something an operator can act on).
     logging.getLogger("kafka").setLevel(max(numeric, logging.WARNING))
+    logging.getLogger("kafka.net.selector").setLevel(max(numeric, logging.ERROR))
     _configured = True

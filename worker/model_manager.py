@@ -61,7 +61,8 @@ class ModelUnavailable(SpaceError):
     """No model can serve this product line (unknown line, or its model fails to load)."""
 
     def __init__(self, line: str, detail: str, *, unknown_line: bool) -> None:
-        super().__init__(f"product line {line!r}: {detail}")
+        prefix = f"product line {line!r}"
+        super().__init__(detail if detail.startswith(prefix) else f"{prefix}: {detail}")
         self.line = line
         self.detail = detail
         self.unknown_line = unknown_line

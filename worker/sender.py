@@ -108,9 +108,13 @@ class SentRequest:
 
 
 def image_files(directory: Path, *, recursive: bool = True) -> list[Path]:
-    """Image files under ``directory`` with a known extension, sorted."""
+    """Image files under ``directory`` with a known extension, sorted; a single image file is itself."""
+    if directory.is_file():
+        if directory.suffix.lower() not in CONTENT_TYPES:
+            raise SpaceError(f"{directory} is not an image (.jpg .png .bmp .tif)")
+        return [directory]
     if not directory.is_dir():
-        raise SpaceError(f"{directory} is not a directory")
+        raise SpaceError(f"{directory} is neither a folder nor an image file")
     pattern = "**/*" if recursive else "*"
     files = sorted(p for p in directory.glob(pattern) if p.is_file() and p.suffix.lower() in CONTENT_TYPES)
     if not files:

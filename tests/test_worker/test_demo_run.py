@@ -142,3 +142,18 @@ def test_the_redis_url_is_printed_redacted(tmp_path: Path, monkeypatch: pytest.M
     text = out.getvalue()
     assert "redis://***@h:6379/0" in text and "export SPACE_REDIS__URL=redis://***@h:6379/0" in text
     assert "s3cretpw" not in text
+
+
+def test_the_live_table_in_a_log_names_its_columns_once() -> None:
+    # Redirected to a file or a pipe the rows came without their header.
+    from worker.demo.live import LineStats
+
+    stream = io.StringIO()
+    clock = iter([0.0, 5.0, 10.0, 15.0])
+    table = LiveTable(("brick",), stream, clock=lambda: next(clock))
+    stats = {"brick": LineStats("brick")}
+    table.update(stats)
+    table.update(stats)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3 and lines[0].split() == LiveTable.HEADER.split()
+    assert lines[1].startswith("[") and lines[2].startswith("[") and "brick" in lines[2]

@@ -125,3 +125,21 @@ def test_paced_sender_keeps_a_fixed_schedule_without_drift() -> None:
         sent_at.append(round(clock.now, 6))
         clock.now += 0.03  # work per item shorter than the 0.1 s period
     assert sent_at == [0.0, 0.1, 0.2, 0.3, 0.4]
+
+
+def test_send_takes_one_image_file_as_well_as_a_folder(tmp_path) -> None:
+    # A newcomer's first try is one image: `space send --dir part.png` said "is not a directory".
+    from worker.errors import SpaceError
+    from worker.sender import image_files
+
+    (tmp_path / "a").mkdir()
+    one, other = tmp_path / "a" / "part.png", tmp_path / "a" / "b.jpg"
+    one.write_bytes(b"png")
+    other.write_bytes(b"jpg")
+    (tmp_path / "notes.txt").write_text("x")
+    assert image_files(one) == [one]
+    assert image_files(tmp_path) == [other, one]
+    with pytest.raises(SpaceError, match="is not an image"):
+        image_files(tmp_path / "notes.txt")
+    with pytest.raises(SpaceError, match="neither a folder nor an image file"):
+        image_files(tmp_path / "missing")

@@ -221,3 +221,31 @@ def test_serve_refuses_compile_on_a_cpu_without_a_cxx_compiler_at_start(tmp_path
     settings = load_settings(models={"compile": "default", "device": "cpu"}, worker={"state_dir": str(tmp_path)})
     with pytest.raises(ConfigError, match="SPACE_MODELS__COMPILE=default on CPU needs a C\\+\\+ compiler"):
         build_app(settings)
+
+
+def test_serve_refuses_a_models_root_that_does_not_exist_at_start(tmp_path) -> None:
+    # It used to start and dead-letter every image as unknown-product-line, advising a promotion that
+    # could not work: a typo in the path turned a pod into a silent dead-letter machine.
+    from worker.app import build_app
+
+    missing = tmp_path / "no-such-registry"
+    settings = load_settings(models={"root": str(missing)}, worker={"state_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match=f"SPACE_MODELS__ROOT={missing}: no such directory"):
+        build_app(settings)
+
+
+def test_serve_with_unreachable_brokers_ends_with_one_line(tmp_path, monkeypatch, capsys) -> None:
+    from worker.cli import main
+
+    monkeypatch.setenv("SPACE_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:1")
+    monkeypatch.setenv("SPACE_KAFKA__BOOTSTRAP_TIMEOUT_MS", "1000")
+    monkeypatch.setenv("SPACE_MODELS__ROOT", str(tmp_path))
+    monkeypatch.setenv("SPACE_WORKER__STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("SPACE_HTTP__ENABLED", "false")
+    monkeypatch.setenv("SPACE_MODELS__MALLOC", "system")  # no mallopt in the test process
+    assert main(["serve"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("space:")]
+    assert errors == [
+        "space: error: starting the worker at 127.0.0.1:1 failed: KafkaTimeoutError: Unable to bootstrap from "
+        "['127.0.0.1:1'] (tried for SPACE_KAFKA__BOOTSTRAP_TIMEOUT_MS=1000 ms)"
+    ]

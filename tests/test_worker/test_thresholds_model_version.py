@@ -97,3 +97,24 @@ def test_without_a_configured_registry_nothing_is_checked(
     monkeypatch.chdir(tmp_path)  # no ./.space/models either
     assert main(["thresholds", "set", "brick", "0.5", "--model-version", "v9", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model_version"] == "v9"
+
+
+def test_set_refuses_a_line_the_registry_has_no_model_for(cli_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A typo in the line name wrote a threshold no worker would ever use, silently.
+    assert main(["thresholds", "set", "brik", "0.5"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("space: error: line brik has no model in ") and "(lines there: brick)" in err
+    assert main(["thresholds", "set", "brik", "0.5", "--allow-unknown-version", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["product_line"] == "brik"
+    assert main(["thresholds", "set", "brick", "0.5", "--json"]) == 0
+
+
+def test_set_without_a_registry_says_nothing_was_checked(
+    cli_env: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("SPACE_MODELS__ROOT")
+    monkeypatch.chdir(tmp_path)  # no .space/models here either
+    assert main(["thresholds", "set", "glass", "0.5", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["product_line"] == "glass"
+    assert "space: warning: line glass and its model version were not checked" in captured.err

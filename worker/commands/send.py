@@ -6,11 +6,16 @@ import argparse
 
 NAME = "send"
 HELP = "Publish images from a folder as inspection requests (inline or as claim checks)."
+EPILOG = (
+    "Prints one tab-separated line per image once the broker acknowledged it: the request's message id "
+    "(ce_id), partition, offset and file. The verdict arrives on the results topic (SPACE_KAFKA__RESULTS_TOPIC) "
+    "with the same message_id."
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the sender's options."""
-    parser.add_argument("--dir", required=True, help="Folder of images (searched recursively).")
+    parser.add_argument("--dir", required=True, help="Folder of images (searched recursively), or one image file.")
     parser.add_argument("--product-line", required=True, help="ce_productline of every request.")
     parser.add_argument("--camera", default="camera-1", help="ce_cameraid and record key (default camera-1).")
     parser.add_argument("--rate", type=float, default=None, help="Images per second (default: as fast as possible).")

@@ -6,6 +6,12 @@ import argparse
 
 NAME = "serve"
 HELP = "Run a worker: consume inspection requests, batch them for the model, publish verdicts."
+EPILOG = (
+    "Everything else is set with SPACE_* environment variables (sections joined by __, e.g. "
+    "SPACE_KAFKA__BOOTSTRAP_SERVERS, SPACE_REDIS__URL, SPACE_MODELS__ROOT), secret files or a config file; "
+    "the full list with defaults and limits is docs/configuration.md. A bad value stops the worker at start "
+    "with one line naming the variable."
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +55,14 @@ def run(args: argparse.Namespace) -> int:
     structlog.get_logger("worker.malloc").info(
         "malloc_configured", malloc=malloc.mode, applied=malloc.applied, reason=malloc.reason or None
     )
-    app = build_app(settings)
+    from kafka.errors import KafkaError
+
+    from worker.errors import SpaceError
+    from worker.kafka_clients import describe_kafka_error
+
+    try:
+        app = build_app(settings)
+    except KafkaError as exc:  # unreachable brokers, refused credentials: one line, as space send says it
+        raise SpaceError(describe_kafka_error(exc, settings.kafka, "starting the worker")) from None
     app.install_signal_handlers()
     return app.run()

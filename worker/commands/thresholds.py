@@ -3,9 +3,10 @@
 Writes go through :class:`worker.thresholds.ThresholdStore`, so they are versioned, kept in the
 line's history and announced to every worker at once. ``--if-version`` makes a write conditional on
 the version the operator read (optimistic concurrency): of two engineers editing the same line, the
-second gets a clear conflict instead of silently overwriting the first. ``set --model-version`` is
-checked against the model registry (``SPACE_MODELS__ROOT``, when set or present): a version the line
-does not have would never be applied by any worker, so it is refused unless ``--allow-unknown-version``.
+second gets a clear conflict instead of silently overwriting the first. ``set`` is checked against
+the model registry (``SPACE_MODELS__ROOT``, when set or present): a line without models (a typo) or a
+``--model-version`` the line does not have would never be applied by any worker, so it is refused
+unless ``--allow-unknown-version``; without a registry to ask, stderr says nothing was checked.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     put.add_argument(
         "--allow-unknown-version",
         action="store_true",
-        help="Write a --model-version the model registry does not have (yet) for the line.",
+        help="Write for a line, or a --model-version, the model registry does not have (yet).",
     )
 
     sub.add_parser("list", parents=[common], help="Show every line's current threshold.")
@@ -85,8 +86,8 @@ def run(args: argparse.Namespace) -> int:
     settings = load_settings()
     # The table (or JSON) on stdout is the output; only warnings and errors go to stderr.
     configure_logging("WARNING" if settings.log.level in ("DEBUG", "INFO") else settings.log.level, settings.log.format)
-    if args.action == "set" and args.model_version is not None:
-        _require_model_version(args, settings)
+    if args.action == "set":
+        _check_against_registry(args, settings)
     client = make_redis(settings.redis)
     store = ThresholdStore.from_settings(client, settings)
     try:
@@ -97,20 +98,34 @@ def run(args: argparse.Namespace) -> int:
         client.close()
 
 
-def _require_model_version(args: argparse.Namespace, settings: Settings) -> None:
-    """Refuse a ``--model-version`` the registry lacks for the line: no worker would ever apply it."""
+def _check_against_registry(args: argparse.Namespace, settings: Settings) -> None:
+    """Refuse a line, or a ``--model-version``, the registry lacks: no worker would ever apply it.
+
+    Without a registry to ask (``SPACE_MODELS__ROOT`` unset and the default folder absent) it writes,
+    and says on stderr that nothing was checked.
+    """
+    import sys
     from pathlib import Path
 
     from worker.errors import SpaceError
     from worker.registry import ModelRegistry, RegistryError, check_name
     from worker.s3 import make_s3_client
 
-    check_name("version", args.model_version)
+    if args.model_version is not None:
+        check_name("version", args.model_version)
     root = settings.models.root
     configured = "root" in settings.models.model_fields_set or Path(root).is_dir()
-    if not configured or args.allow_unknown_version:
+    if args.allow_unknown_version:
+        return
+    if not configured:
+        print(
+            f"space: warning: line {args.line} and its model version were not checked against a model registry "
+            "(SPACE_MODELS__ROOT is not set)",
+            file=sys.stderr,
+        )
         return
     check_name("product line", args.line)
+    checked = f"--model-version {args.model_version}" if args.model_version is not None else f"line {args.line}"
     try:
         registry = ModelRegistry(
             root,
@@ -118,11 +133,20 @@ def _require_model_version(args: argparse.Namespace, settings: Settings) -> None
             cache_dir=settings.worker.state_dir / "model-cache",
         )
         versions = registry.versions(args.line)
+        lines = registry.lines() if not versions else []
     except RegistryError as exc:
         raise SpaceError(
-            f"cannot check --model-version {args.model_version} against the model registry: {exc}; "
+            f"cannot check {checked} against the model registry: {exc}; "
             "--allow-unknown-version writes without the check"
         ) from exc
+    if args.model_version is None:
+        if not versions:
+            raise SpaceError(
+                f"line {args.line} has no model in {root} (lines there: {', '.join(lines) or 'none'}): no worker "
+                "would apply this threshold; fix the line name, or --allow-unknown-version to write it anyway "
+                "(e.g. before the line's first model)"
+            )
+        return
     if args.model_version not in versions:
         raise SpaceError(
             f"line {args.line} has no model version {args.model_version} in {root} "

@@ -185,6 +185,7 @@ class LiveTable:
         self._t0 = clock()
         self._last = -float("inf")
         self._drawn = 0
+        self._header_written = False
 
     def rows(self, stats: Mapping[str, LineStats], now: float) -> list[str]:
         """The table as text rows (header first)."""
@@ -211,9 +212,11 @@ class LiveTable:
                 self.stream.write(f"\x1b[{self._drawn}F")
             self.stream.write("".join(f"{_ERASE_LINE}{row}\n" for row in rows))
             self._drawn = len(rows)
-        else:
+        else:  # a log (a file, a pipe, CI): the header once, then time-stamped rows
             elapsed = now - self._t0
-            self.stream.write("".join(f"[{elapsed:6.1f}s] {row}\n" for row in rows[1:]))
+            header = "" if self._header_written else f"{'':9}{rows[0]}\n"
+            self._header_written = True
+            self.stream.write(header + "".join(f"[{elapsed:6.1f}s] {row}\n" for row in rows[1:]))
         self.stream.flush()
 
 

@@ -655,8 +655,9 @@ def run_demo(cfg: DemoConfig, *, out: TextIO | None = None, clock: Callable[[], 
     env: dict[str, str] = {}
     with _sigterm_as_interrupt():
         try:
-            if stack.status():
-                stack.down()  # a stack kept by an earlier run: start with empty topics
+            if stack.status():  # a stack kept by an earlier run: start with empty topics
+                _say(stream, f"stopping the stack an earlier --keep-stack run left running ({dirs['stack']})")
+                stack.down()
             stack.up()
             env = stack.env()
             _say(
@@ -791,10 +792,22 @@ def run_demo(cfg: DemoConfig, *, out: TextIO | None = None, clock: Callable[[], 
                 worker.stop(timeout_s=15)
                 pid_file.unlink(missing_ok=True)
             if cfg.keep_stack and env:
-                _say(stream, "stack kept running; use it with:")
-                for key, value in {**env, "SPACE_REDIS__KEY_PREFIX": key_prefix}.items():
+                _say(stream, "stack kept running; to use it, with the demo's models, thresholds and consumer group:")
+                kept = {
+                    **env,
+                    "SPACE_REDIS__KEY_PREFIX": key_prefix,
+                    "SPACE_KAFKA__GROUP_ID": f"space-demo-{run_id}",
+                    "SPACE_MODELS__ROOT": str(dirs["registry"]),
+                    "SPACE_HEATMAPS__STORE_URI": f"file://{dirs['heatmaps']}",
+                }
+                for key, value in kept.items():
                     shown = redact_url(value) if key == "SPACE_REDIS__URL" else value
                     _say(stream, f"  export {key}={shown}")
+                line = cfg.lines[0]
+                _say(stream, "then: space serve (a worker; it starts after the demo's images),")
+                _say(stream, f"  space thresholds set {line} VALUE,")
+                _say(stream, f"  space send --dir {dirs['stream'] / line} --product-line {line} --limit 5;")
+                _say(stream, "each result's verdict and threshold: the worker's batch_done lines, inspection.results")
                 _say(stream, f"stop it with: space stack --state-dir {dirs['stack']} down")
             else:
                 _cleanup_redis(env, key_prefix)
