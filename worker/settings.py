@@ -698,4 +698,19 @@ def load_settings(**overrides: Any) -> Settings:
         if isinstance(value, dict | list) or sensitive or (isinstance(value, str) and _may_hold_secret(value)):
             shown = ""  # never echo a secret, nor a URL that may carry credentials
         more = f"; and {len(exc.errors()) - 1} more" if len(exc.errors()) > 1 else ""
+        if first["type"] == "extra_forbidden":  # a misspelled variable: say which ones exist
+            message = "no such setting" + _close_setting(loc)
+            shown = ""
         raise ConfigError(f"{env_name(loc)}: {message}{shown}{more}") from None
+
+
+def _close_setting(loc: tuple[int | str, ...]) -> str:
+    """``"; did you mean SPACE_X__Y?"`` for the settings names closest to an unknown one, or ``""``."""
+    import difflib
+
+    parts = [str(p) for p in loc if not isinstance(p, int)]
+    section = Settings.model_fields.get(parts[0]) if len(parts) == 2 else None
+    model = getattr(section, "annotation", None) if section is not None else None
+    names = list(getattr(model, "model_fields", {})) if model is not None else list(Settings.model_fields)
+    close = difflib.get_close_matches(parts[-1], names, n=1, cutoff=0.6)
+    return f"; did you mean {env_name((*parts[:-1], close[0]))}?" if close else ""

@@ -157,3 +157,18 @@ def test_the_live_table_in_a_log_names_its_columns_once() -> None:
     lines = stream.getvalue().splitlines()
     assert len(lines) == 3 and lines[0].split() == LiveTable.HEADER.split()
     assert lines[1].startswith("[") and lines[2].startswith("[") and "brick" in lines[2]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"lines": ("nosuchline",)}, "--lines must name distinct lines from brick, coins, grass, gravel, retina, got nosuchline"),
+        ({"target_fpr": 2.0}, "--target-fpr must be in [0, 1), got 2"),
+    ],
+)
+def test_demo_options_are_refused_in_the_options_words(changes, message) -> None:
+    from worker.demo.run import DemoConfig, DemoError
+
+    with pytest.raises(DemoError) as info:
+        DemoConfig(**changes).check()
+    assert str(info.value) == message

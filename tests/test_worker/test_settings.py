@@ -85,6 +85,13 @@ def test_settings_are_frozen() -> None:
         ("SPACE_KAFKA__SESSION_TIMEOUT_MS", "5000", "SPACE_KAFKA__SESSION_TIMEOUT_MS: Input should be greater than or"),
         ("SPACE_KAFKA__REQUEST_TIMEOUT_MS", "600000", "SPACE_KAFKA__REQUEST_TIMEOUT_MS: Input should be less than or"),
         ("SPACE_KAFKA__ISOLATION_LEVEL", "dirty", "SPACE_KAFKA__ISOLATION_LEVEL:"),
+        # A misspelled name said "Extra inputs are not permitted (got 'kafka:9092')".
+        (
+            "SPACE_KAFKA__BOOTSTRAP_SERVRES",
+            "kafka:9092",
+            "SPACE_KAFKA__BOOTSTRAP_SERVRES: no such setting; did you mean SPACE_KAFKA__BOOTSTRAP_SERVERS?",
+        ),
+        ("SPACE_MODELS__PRELOADS", "brick", "SPACE_MODELS__PRELOADS: no such setting; did you mean SPACE_MODELS__PRELOAD?"),
     ],
 )
 def test_bad_values_name_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str, needle: str) -> None:

@@ -115,14 +115,17 @@ class DemoConfig:
         unknown = [line for line in self.lines if line not in PRODUCT_LINES]
         if not self.lines or unknown or len(set(self.lines)) != len(self.lines):
             raise DemoError(
-                f"--lines must name distinct lines from {', '.join(sorted(PRODUCT_LINES))}, got {self.lines}"
+                f"--lines must name distinct lines from {', '.join(sorted(PRODUCT_LINES))}, "
+                f"got {','.join(self.lines) or 'none'}"
             )
         if self.steps < 1 or self.images < 2 or self.rate_hz <= 0:
             raise DemoError("--steps must be >= 1, --images >= 2 and --rate > 0")
         if self.size < 128 or self.size % 32:
             raise DemoError(f"--size must be a multiple of 32 and >= 128, got {self.size}")
-        if not 0 < self.defect_fraction < 1 or not 0 <= self.target_fpr < 1:
-            raise DemoError("defect_fraction must be in (0, 1) and target_fpr in [0, 1)")
+        if not 0 <= self.target_fpr < 1:
+            raise DemoError(f"--target-fpr must be in [0, 1), got {self.target_fpr:g}")
+        if not 0 < self.defect_fraction < 1:
+            raise DemoError(f"defect_fraction must be in (0, 1), got {self.defect_fraction:g}")
 
 
 @dataclass
