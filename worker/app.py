@@ -160,17 +160,16 @@ def build_app(settings: Settings, *, detector_loader: Any | None = None) -> App:
     metrics.watch_loops(
         heartbeats.ages, lambda: {loop: float(w["for_s"]) for loop, w in heartbeats.waiting_on().items()}
     )
-    root = settings.models.root
-    if not root.startswith("s3://") and not Path(root.removeprefix("file://")).is_dir():
-        # Every image would be dead-lettered as unknown-product-line, with advice that cannot work.
-        raise ConfigError(
-            f"SPACE_MODELS__ROOT={root}: no such directory (train and promote a model into it with "
-            "`space train` and `space models promote`, or point SPACE_MODELS__ROOT at the registry)"
-        )
     s3_factory = lambda: make_s3_client(settings.s3)  # noqa: E731 - a lazily called factory
     registry = ModelRegistry(
         settings.models.root, s3_client_factory=s3_factory, cache_dir=settings.worker.state_dir / "model-cache"
     )
+    if registry.local_root is not None and not registry.local_root.is_dir():
+        # Every image would be dead-lettered as unknown-product-line, with advice that cannot work.
+        raise ConfigError(
+            f"SPACE_MODELS__ROOT={settings.models.root}: no such directory (train and promote a model into it "
+            "with `space train` and `space models promote`, or point SPACE_MODELS__ROOT at the registry)"
+        )
     models = ModelManager(
         registry,
         detector_loader or load_detector(settings),

@@ -44,8 +44,11 @@ class DeviceLost(RuntimeError):
     """
 
 
-def _device_lost(exc: BaseException) -> bool:
-    """A load failed with (or after) a sticky CUDA error; only asked when torch is already loaded."""
+def device_lost(exc: BaseException) -> bool:
+    """``exc`` came with (or after) a sticky CUDA error (:func:`models.hardware.is_device_fault`).
+
+    Only asked where torch is already loaded: without it no CUDA work can have failed.
+    """
     if "torch" not in sys.modules:
         return False
     from models.hardware import is_device_fault
@@ -237,7 +240,7 @@ class ModelManager:
         except Exception as exc:  # any load failure: counted, logged, the old model (if any) kept
             self._on_load(line, "failed")
             log.error("model_load_failed", product_line=line, model_version=version, error=str(exc))
-            if _device_lost(exc):
+            if device_lost(exc):
                 # Not this version's fault, and no later load in this process will work: the caller stops.
                 raise DeviceLost("model load") from exc
             self._discard(line, version)

@@ -302,6 +302,11 @@ class ModelRegistry:
         else:
             self._backend = _FileBackend(Path(root.removeprefix("file://")))
 
+    @property
+    def local_root(self) -> Path | None:
+        """The registry's folder for a file root; None for s3://."""
+        return self._backend.root if isinstance(self._backend, _FileBackend) else None
+
     def lines(self) -> list[str]:
         """Product lines that have at least one version."""
         return [d for d in self._backend.list_dirs("") if _NAME.fullmatch(d) and self.versions(d)]

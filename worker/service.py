@@ -64,7 +64,7 @@ from worker.heatmaps import HeatmapStore, HeatmapStoreError, StoredHeatmap, save
 from worker.http import Heartbeats
 from worker.kafka_clients import network_sleep
 from worker.metrics import WorkerMetrics
-from worker.model_manager import DeviceLost, LoadedModel, ModelManager, ModelUnavailable
+from worker.model_manager import DeviceLost, LoadedModel, ModelManager, ModelUnavailable, device_lost
 from worker.offsets import OffsetTracker
 from worker.sequencer import Sequencer
 from worker.settings import Settings
@@ -740,9 +740,7 @@ class Worker:
         try:
             image = decoder.decode_prepared(data, model.detector.input_size, probed_hw=(info.height, info.width))
         except DeviceDecodeError as exc:
-            from models.hardware import is_device_fault
-
-            if is_device_fault(exc):  # nvJPEG left the context broken: the CPU path would only hide it
+            if device_lost(exc):  # nvJPEG left the context broken: the CPU path would only hide it
                 raise DeviceLost("decode") from exc.__cause__ or exc
             self.metrics.decode_fallbacks.inc()
             log.info("device_decode_fallback", error=str(exc)[:200])
@@ -913,9 +911,7 @@ class Worker:
         ends the infer loop as a fatal error; nothing more is committed, the process exits 1, and the
         group re-delivers these records to a process with a fresh CUDA context.
         """
-        from models.hardware import is_device_fault
-
-        if is_device_fault(exc):
+        if device_lost(exc):
             log.error(
                 "device_failed", stage="inference", product_line=model.line, model_version=model.version,
                 size=len(items), error=f"{type(exc).__name__}: {exc}"[:1000],
